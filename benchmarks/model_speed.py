@@ -1,0 +1,183 @@
+"""Training-step and inference throughput of DETR (images/s), printed as one table.
+
+    python benchmarks/model_speed.py                       # tiny and R50 800x1066, batch 2
+    python benchmarks/model_speed.py --official ~/detr     # + the official code, side by side
+
+Rows: our model in fp32 (the official release's precision), our model with the fast path this
+device supports (bf16 autocast, channels_last), and, with ``--official PATH`` (a checkout of
+facebookresearch/detr), the official model built with the same config and loaded with the same
+weights (the state-dict keys are identical), after checking both give the same outputs.
+A training step = forward + Hungarian loss with aux layers + backward + clip + AdamW step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from detr.config import LossConfig, ModelConfig  # noqa: E402
+from detr.device import autocast, bf16_supported  # noqa: E402
+from detr.models.criterion import build_criterion  # noqa: E402
+from detr.models.detr import build_model  # noqa: E402
+
+CONFIGS = {
+    "tiny": (ModelConfig(num_classes=5, backbone="resnet18", norm="bn", freeze_stem=False,
+                         hidden_dim=64, nheads=4, enc_layers=2, dec_layers=2,
+                         dim_feedforward=256, num_queries=20), (256, 256), 8),
+    "r50": (ModelConfig(), (800, 1066), 2),
+}
+
+
+def make_batch(cfg: ModelConfig, size: tuple[int, int], batch: int, device: torch.device):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, *size, generator=g).to(device)
+    targets = []
+    for _ in range(batch):
+        n = 7
+        cxcy = torch.rand(n, 2, generator=g) * 0.6 + 0.2
+        wh = torch.rand(n, 2, generator=g) * 0.2 + 0.05
+        targets.append({"labels": torch.randint(0, cfg.num_classes, (n,), generator=g).to(device),
+                        "boxes": torch.cat([cxcy, wh], 1).to(device)})
+    return images, targets
+
+
+def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
+    """Median seconds per call of ``fn`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def measure(model, loss_fn, images, targets, *, bf16: bool, channels_last: bool, steps: int,
+            warmup: int, device: torch.device) -> tuple[float, float]:
+    """(training images/s, inference images/s)."""
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    precision = "bf16" if bf16 else "fp32"
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-4)
+
+    def train_step():
+        with autocast(device, precision):
+            loss = loss_fn(model(images), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.1)
+        opt.step()
+
+    def infer():
+        with torch.inference_mode(), autocast(device, precision):
+            model(images)
+
+    model.train()
+    t_train = timed(train_step, steps, warmup, device)
+    model.eval()
+    t_infer = timed(infer, steps, warmup, device)
+    return len(images) / t_train, len(images) / t_infer
+
+
+def official_model(repo: Path, cfg: ModelConfig, device: torch.device):
+    """Build the official DETR with ``cfg`` from a checkout at ``repo`` (no downloads)."""
+    import torchvision
+
+    sys.path.insert(0, str(repo))
+    for name in ("resnet18", "resnet34", "resnet50", "resnet101"):  # ignore pretrained=True
+        original = getattr(torchvision.models, name)
+        setattr(torchvision.models, name,
+                lambda *a, _f=original, pretrained=None, **k: _f(*a, **k))
+    from models.detr import build  # the official package, from the checkout
+
+    loss = LossConfig()
+    args = argparse.Namespace(
+        dataset_file="coco", device=str(device), backbone=cfg.backbone, lr_backbone=1e-5,
+        masks=False, dilation=cfg.dilation, position_embedding=cfg.position_embedding,
+        hidden_dim=cfg.hidden_dim, dropout=cfg.dropout, nheads=cfg.nheads,
+        dim_feedforward=cfg.dim_feedforward, enc_layers=cfg.enc_layers,
+        dec_layers=cfg.dec_layers, pre_norm=cfg.pre_norm, num_queries=cfg.num_queries,
+        aux_loss=cfg.aux_loss, frozen_weights=None, set_cost_class=loss.set_cost_class,
+        set_cost_bbox=loss.set_cost_bbox, set_cost_giou=loss.set_cost_giou,
+        bbox_loss_coef=loss.bbox_loss_coef, giou_loss_coef=loss.giou_loss_coef,
+        eos_coef=loss.eos_coef, mask_loss_coef=1, dice_loss_coef=1)
+    model, criterion, _ = build(args)
+
+    def loss_fn(outputs, targets):
+        losses = criterion(outputs, targets)
+        return sum(losses[k] * criterion.weight_dict[k] for k in losses
+                   if k in criterion.weight_dict)
+
+    return model.to(device), loss_fn
+
+
+def run_config(name: str, args, device: torch.device) -> list[tuple]:
+    cfg, size, batch = CONFIGS[name]
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    criterion = build_criterion(cfg.num_classes, LossConfig()).to(device)
+    images, targets = make_batch(cfg, size, batch, device)
+    rows = []
+    kw = {"steps": args.steps, "warmup": args.warmup, "device": device}
+    ours_loss = lambda out, tgt: criterion.total(criterion(out, tgt))  # noqa: E731
+    if args.official is not None:
+        ref, ref_loss = official_model(args.official, cfg, device)
+        ref.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            diff = (ref.eval()(images)["pred_boxes"] - model.eval()(images)["pred_boxes"]).abs()
+        print(f"[{name}] max |official - ours| on pred_boxes: {diff.max().item():.2e}")
+        rows.append((name, "official fp32", *measure(ref, ref_loss, images, targets, bf16=False,
+                                                     channels_last=False, **kw)))
+    rows.append((name, "ours fp32", *measure(model, ours_loss, images, targets, bf16=False,
+                                             channels_last=False, **kw)))
+    # channels_last changes memory layout only, not numerics: still the official config.
+    rows.append((name, "ours fp32+channels_last",
+                 *measure(model, ours_loss, images, targets, bf16=False, channels_last=True,
+                          **kw)))
+    if bf16_supported(device):
+        rows.append((name, "ours bf16+channels_last",
+                     *measure(model, ours_loss, images, targets, bf16=True,
+                              channels_last=True, **kw)))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="tiny,r50")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--official", type=Path, default=None,
+                        help="path of a facebookresearch/detr checkout to compare against")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"CPU x{torch.get_num_threads()} threads")
+    print(f"device: {name}; torch {torch.__version__}")
+    rows = [r for c in args.configs.split(",") for r in run_config(c, args, device)]
+    base = {}
+    print(f"\n{'config':6} {'variant':26} {'train img/s':>12} {'infer img/s':>12} "
+          f"{'train x':>8} {'infer x':>8}")
+    for cfg, variant, train, infer in rows:
+        base.setdefault(cfg, (train, infer))
+        b = base[cfg]
+        print(f"{cfg:6} {variant:26} {train:12.2f} {infer:12.2f} {train / b[0]:8.2f} "
+              f"{infer / b[1]:8.2f}")
+    print("\n(x = relative to the first row of the config: the official code when given)")
+
+
+if __name__ == "__main__":
+    main()

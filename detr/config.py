@@ -1,0 +1,128 @@
+"""Typed, frozen configuration for the detector, loaded strictly.
+
+Each dataclass mirrors one section of ``params.yaml``. ``load_section(cls, mapping, name)``
+builds one from plain YAML data: an unknown key, a missing required key or a value of the wrong
+type raises :class:`ConfigError` naming the dotted key (``model.hidden_dim``). Defaults are the
+DETR paper's R50 recipe; the demo's ``params.yaml`` overrides them for CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, missing or of the wrong type."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a DETR detector (``model:`` in params.yaml)."""
+
+    num_classes: int = 91  # logits = num_classes + 1; the last one is "no object"
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    dilation: bool = False  # DC5: dilate the last ResNet stage (stride 16 instead of 32)
+    # "frozen_bn" is the official choice for pretrained backbones; from scratch it is the
+    # identity (no normalisation at all), so use "bn" or "gn" there.
+    norm: Literal["frozen_bn", "bn", "gn"] = "frozen_bn"
+    freeze_stem: bool = True  # stem and layer1 frozen, as the official release
+    # Zero padded pixels before every backbone convolution, so predictions do not depend on
+    # the other images of a batch. False = the official behaviour (borders leak into padding).
+    mask_padding: bool = True
+    # None (random init), "imagenet" (torchvision IMAGENET1K_V1 weights) or a file path.
+    backbone_weights: str | None = None
+    position_embedding: Literal["sine", "learned"] = "sine"
+    hidden_dim: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    pre_norm: bool = False  # the paper is post-norm
+    num_queries: int = 100
+    aux_loss: bool = True
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Hungarian matching costs and loss weights (``loss:`` in params.yaml)."""
+
+    set_cost_class: float = 1.0
+    set_cost_bbox: float = 5.0
+    set_cost_giou: float = 2.0
+    ce_loss_coef: float = 1.0
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+    eos_coef: float = 0.1  # relative weight of the no-object class in the cross-entropy
+
+
+def load_section(cls: type, data: Any, name: str) -> Any:
+    """Build dataclass ``cls`` from ``data`` (a mapping), strictly.
+
+    Raises:
+        ConfigError: ``data`` is not a mapping, has a key ``cls`` lacks, lacks a required key,
+            or has a value whose type does not match the field's annotation.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{name}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(fields))})"
+        )
+    values = {}
+    for key, field in fields.items():
+        if key in data:
+            values[key] = _check(hints[key], data[key], f"{name}.{key}")
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{name}.{key}: required key is missing")
+    return cls(**values)
+
+
+def _check(hint: Any, value: Any, key: str) -> Any:
+    """Return ``value`` converted to ``hint`` where lossless, else raise ConfigError."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            choices = ", ".join(repr(a) for a in typing.get_args(hint))
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                return _check(option, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: {value!r} matches none of {hint}")
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        return tuple(_check(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(hint):
+        return load_section(hint, value, key)
+    return _check_scalar(hint, value, key)
+
+
+def _check_scalar(hint: Any, value: Any, key: str) -> Any:
+    if hint is Any:
+        return value
+    if hint is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null, got {value!r}")
+        return None
+    # YAML's bool is a subclass of int: never accept it as a number (or a number as a bool).
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")

@@ -1,0 +1,52 @@
+"""Device selection and mixed-precision support."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def select_device(spec: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; otherwise ``spec`` as given."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {spec!r} requested but CUDA is not available")
+    return device
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """True where bf16 matmuls/convolutions are fast: CUDA with bf16, or a CPU with
+    AVX512-BF16 / AMX (elsewhere bf16 on the CPU is emulated and slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where supported, else ``fp32``. ``bf16`` where unsupported raises."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    if precision == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    if precision == "bf16" and not bf16_supported(device):
+        raise ValueError(f"precision 'bf16' is not supported on {device}; use 'fp32' or 'auto'")
+    return precision
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast context for a resolved precision (``fp32`` = no autocast)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -1,0 +1,9 @@
+"""DETR's modules: backbone, positional encoding, transformer, heads, matcher, loss."""
+
+from detr.models.criterion import SetCriterion, build_criterion
+from detr.models.detr import DETR, build_model
+from detr.models.matcher import HungarianMatcher
+from detr.models.postprocess import PostProcess
+
+__all__ = ["DETR", "HungarianMatcher", "PostProcess", "SetCriterion", "build_criterion",
+           "build_model"]

@@ -1,0 +1,143 @@
+"""DETR's set prediction loss: Hungarian matching, then class + L1 + GIoU on matched pairs."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchvision.ops import box_convert, generalized_box_iou_loss
+
+from detr.config import LossConfig
+from detr.models.matcher import HungarianMatcher, Indices
+
+_AUX_SUFFIX = re.compile(r"_\d+$")  # loss_ce_3 -> loss_ce
+
+
+class SetCriterion(nn.Module):
+    """Loss of DETR's outputs against targets (``labels`` [N] int64, ``boxes`` [N,4] cxcywh).
+
+    Returns a dict of scalar tensors: ``loss_ce`` (cross-entropy, the no-object class weighted by
+    ``eos_coef``), ``loss_bbox`` (L1) and ``loss_giou`` (1 - GIoU), both summed over matched pairs
+    and divided by the number of target boxes (averaged over processes under DDP); the same for
+    every auxiliary decoder layer with suffix ``_0``, ``_1``...; and, for logging only,
+    ``class_error`` (% wrong classes among matched queries, last layer) and
+    ``cardinality_error`` (|predicted objects - targets|, last layer). :meth:`total` weights
+    and sums the loss terms.
+    """
+
+    def __init__(self, num_classes: int, matcher: HungarianMatcher, *, eos_coef: float = 0.1,
+                 ce_loss_coef: float = 1.0, bbox_loss_coef: float = 5.0,
+                 giou_loss_coef: float = 2.0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.coefs = {"loss_ce": ce_loss_coef, "loss_bbox": bbox_loss_coef,
+                      "loss_giou": giou_loss_coef}
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight)
+
+    def forward(self, outputs: dict, targets: Sequence[dict]) -> dict[str, Tensor]:
+        layers = [*outputs.get("aux_outputs", []), outputs]
+        indices = self.matcher.match_layers(layers, targets)
+        logits = torch.stack([o["pred_logits"] for o in layers]).float()  # [L, B, Q, C+1]
+        boxes = torch.stack([o["pred_boxes"] for o in layers]).float()  # [L, B, Q, 4]
+        pairs = _flatten_indices(indices, targets, logits.device)
+        num_boxes = self._num_boxes(targets, logits.device)
+        target_classes = self._target_classes(logits, targets, pairs)
+        per_layer = {
+            "loss_ce": self._loss_ce(logits, target_classes),
+            **self._loss_boxes(boxes, targets, pairs, num_boxes),
+        }
+        losses = {}
+        last = len(layers) - 1
+        for name, values in per_layer.items():
+            losses[name] = values[last]
+            for i in range(last):
+                losses[f"{name}_{i}"] = values[i]
+        losses.update(self._logged(logits[last], target_classes[last], targets))
+        return losses
+
+    def total(self, losses: dict[str, Tensor]) -> Tensor:
+        """Weighted sum of the loss terms (logging-only keys ignored)."""
+        return sum(self.coefs[_AUX_SUFFIX.sub("", k)] * v
+                   for k, v in losses.items() if _AUX_SUFFIX.sub("", k) in self.coefs)
+
+    def _target_classes(self, logits: Tensor, targets: Sequence[dict], pairs: dict) -> Tensor:
+        """[L, B, Q] class of each query's matched target; ``num_classes`` (no object) else."""
+        classes = torch.full(logits.shape[:3], self.num_classes, dtype=torch.int64,
+                             device=logits.device)
+        labels = torch.cat([t["labels"] for t in targets]).to(logits.device)
+        classes[pairs["layer"], pairs["batch"], pairs["query"]] = labels[pairs["target"]]
+        return classes
+
+    def _loss_ce(self, logits: Tensor, target_classes: Tensor) -> Tensor:
+        """Weighted mean cross-entropy per layer, as F.cross_entropy(weight=...) per layer: [L]."""
+        ce = F.cross_entropy(logits.flatten(0, 2), target_classes.flatten(),
+                             weight=self.empty_weight, reduction="none").view(target_classes.shape)
+        weights = self.empty_weight[target_classes]
+        return ce.sum((1, 2)) / weights.sum((1, 2))
+
+    def _loss_boxes(self, boxes: Tensor, targets: Sequence[dict], pairs: dict,
+                    num_boxes: Tensor) -> dict[str, Tensor]:
+        num_layers = boxes.shape[0]
+        src = boxes[pairs["layer"], pairs["batch"], pairs["query"]]
+        tgt = torch.cat([t["boxes"] for t in targets]).to(boxes)[pairs["target"]]
+        l1 = F.l1_loss(src, tgt, reduction="none").sum(-1)
+        giou = generalized_box_iou_loss(box_convert(src, "cxcywh", "xyxy"),
+                                        box_convert(tgt, "cxcywh", "xyxy"), reduction="none")
+        zeros = boxes.new_zeros(num_layers)
+        return {"loss_bbox": zeros.index_add(0, pairs["layer"], l1) / num_boxes,
+                "loss_giou": zeros.index_add(0, pairs["layer"], giou) / num_boxes}
+
+    @torch.no_grad()
+    def _logged(self, logits: Tensor, target_classes: Tensor,
+                targets: Sequence[dict]) -> dict[str, Tensor]:
+        """Last layer's [B, Q, C+1] logits and [B, Q] matched classes -> logging metrics."""
+        matched = target_classes != self.num_classes
+        pred = logits.argmax(-1)
+        correct = (pred == target_classes)[matched].float()
+        accuracy = correct.mean() * 100 if len(correct) else logits.new_tensor(100.0)
+        num_pred = (logits.argmax(-1) != self.num_classes).sum(-1).float()
+        num_tgt = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device)
+        return {"class_error": 100 - accuracy,
+                "cardinality_error": F.l1_loss(num_pred, num_tgt.float())}
+
+    @staticmethod
+    def _num_boxes(targets: Sequence[dict], device: torch.device) -> Tensor:
+        """Target boxes in the batch, averaged over DDP processes, at least 1."""
+        n = torch.as_tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(n)
+            n = n / dist.get_world_size()
+        return n.clamp(min=1)
+
+
+def _flatten_indices(indices: list[Indices], targets: Sequence[dict],
+                     device: torch.device) -> dict[str, Tensor]:
+    """Per-layer, per-image matches -> flat index tensors ``layer``, ``batch``, ``query`` and
+    ``target`` (index into the batch's concatenated targets)."""
+    offsets = torch.tensor([0] + [len(t["labels"]) for t in targets]).cumsum(0)
+    layer, batch, query, target = [], [], [], []
+    for li, per_image in enumerate(indices):
+        for bi, (q, t) in enumerate(per_image):
+            layer.append(torch.full_like(q, li))
+            batch.append(torch.full_like(q, bi))
+            query.append(q)
+            target.append(t + offsets[bi])
+    cat = (lambda xs: torch.cat(xs).to(device)) if layer else (
+        lambda xs: torch.empty(0, dtype=torch.int64, device=device))
+    return {"layer": cat(layer), "batch": cat(batch), "query": cat(query), "target": cat(target)}
+
+
+def build_criterion(num_classes: int, cfg: LossConfig) -> SetCriterion:
+    """The matcher and criterion from the ``loss:`` config section."""
+    matcher = HungarianMatcher(cost_class=cfg.set_cost_class, cost_bbox=cfg.set_cost_bbox,
+                               cost_giou=cfg.set_cost_giou)
+    return SetCriterion(num_classes, matcher, eos_coef=cfg.eos_coef,
+                        ce_loss_coef=cfg.ce_loss_coef, bbox_loss_coef=cfg.bbox_loss_coef,
+                        giou_loss_coef=cfg.giou_loss_coef)

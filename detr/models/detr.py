@@ -1,0 +1,100 @@
+"""The DETR detector: backbone -> 1x1 projection -> transformer -> class and box heads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from detr.config import ModelConfig
+from detr.models.backbone import Backbone, Joiner
+from detr.models.padding import pad_images
+from detr.models.position_encoding import build_position_encoding
+from detr.models.transformer import Transformer
+
+
+class MLP(nn.Module):
+    """``num_layers`` linear layers with ReLU between them (none after the last)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim],
+                                                                     strict=True))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+class DETR(nn.Module):
+    """DEtection TRansformer (Carion et al. 2020).
+
+    Input: normalised images (ImageNet mean/std), either a batched tensor [B,3,H,W] (no padding),
+    a list of [3,H_i,W_i] tensors (padded inside), or a padded tensor plus ``mask`` [B,H,W]
+    (True on padding).
+
+    Output dict:
+        ``pred_logits`` [B, Q, num_classes + 1]: class logits, the last is "no object";
+        ``pred_boxes`` [B, Q, 4]: normalised (cx, cy, w, h) in [0, 1], relative to each image's
+            own (unpadded) size;
+        ``aux_outputs``: the same two keys for each decoder layer but the last (if aux_loss).
+    """
+
+    def __init__(self, backbone: Joiner, transformer: Transformer, *, num_classes: int,
+                 num_queries: int, aux_loss: bool = True):
+        super().__init__()
+        d = transformer.d_model
+        self.num_queries = num_queries
+        self.num_classes = num_classes
+        self.transformer = transformer
+        self.class_embed = nn.Linear(d, num_classes + 1)
+        self.bbox_embed = MLP(d, d, 4, 3)
+        self.query_embed = nn.Embedding(num_queries, d)
+        self.input_proj = nn.Conv2d(backbone.num_channels, d, kernel_size=1)
+        self.backbone = backbone
+        self.aux_loss = aux_loss
+
+    def forward(self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None) -> dict:
+        if mask is None:
+            images, mask = pad_images(images)
+        features, mask, pos = self.backbone(images, mask)
+        # Without padding the attention needs no mask, which lets SDPA use its fastest kernels.
+        attn_mask = mask if bool(mask.any()) else None
+        hs, _ = self.transformer(self.input_proj(features), attn_mask, self.query_embed.weight, pos)
+        return self.heads(hs)
+
+    def heads(self, hs: Tensor) -> dict:
+        """Decoder states [L, B, Q, d] -> output dict (see class docstring)."""
+        logits = self.class_embed(hs)
+        boxes = self.bbox_embed(hs).sigmoid()
+        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if self.aux_loss:
+            out["aux_outputs"] = [{"pred_logits": lg, "pred_boxes": bx}
+                                  for lg, bx in zip(logits[:-1], boxes[:-1], strict=True)]
+        return out
+
+
+def build_model(cfg: ModelConfig) -> DETR:
+    """Build a DETR from the ``model:`` config section (weights: see ``cfg.backbone_weights``)."""
+    backbone = Backbone(cfg.backbone, dilation=cfg.dilation, norm=cfg.norm,
+                        weights=cfg.backbone_weights, freeze_stem=cfg.freeze_stem,
+                        mask_padding=cfg.mask_padding)
+    joiner = Joiner(backbone, build_position_encoding(cfg.position_embedding, cfg.hidden_dim))
+    transformer = Transformer(
+        d_model=cfg.hidden_dim, nhead=cfg.nheads, num_encoder_layers=cfg.enc_layers,
+        num_decoder_layers=cfg.dec_layers, dim_feedforward=cfg.dim_feedforward,
+        dropout=cfg.dropout, pre_norm=cfg.pre_norm,
+    )
+    return DETR(joiner, transformer, num_classes=cfg.num_classes, num_queries=cfg.num_queries,
+                aux_loss=cfg.aux_loss)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Total and trainable parameter counts."""
+    params = list(model.parameters())
+    return {"total": sum(p.numel() for p in params),
+            "trainable": sum(p.numel() for p in params if p.requires_grad)}
+

@@ -1,0 +1,98 @@
+import pytest
+import torch
+
+from detr.config import LossConfig
+from detr.models.criterion import build_criterion
+
+C = 3
+
+
+def _target():
+    return [{"labels": torch.tensor([0, 2]),
+             "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.2]])}]
+
+
+def _outputs(logits, boxes, aux_layers=0):
+    out = {"pred_logits": logits, "pred_boxes": boxes}
+    out["aux_outputs"] = [{"pred_logits": logits.clone(), "pred_boxes": boxes.clone()}
+                          for _ in range(aux_layers)]
+    return out
+
+
+def test_loss_keys_including_aux():
+    criterion = build_criterion(C, LossConfig())
+    losses = criterion(_outputs(torch.randn(1, 5, C + 1), torch.rand(1, 5, 4) * 0.5 + 0.2, 2),
+                       _target())
+    expected = {"loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error"}
+    expected |= {f"{k}_{i}" for k in ("loss_ce", "loss_bbox", "loss_giou") for i in (0, 1)}
+    assert set(losses) == expected
+    # identical aux layers give identical aux losses
+    assert torch.allclose(losses["loss_giou_0"], losses["loss_giou"])
+    total = criterion.total(losses)
+    assert total.item() == pytest.approx(3 * (losses["loss_ce"] + 5 * losses["loss_bbox"]
+                                              + 2 * losses["loss_giou"]).item(), rel=1e-5)
+
+
+def test_loss_decreases_as_predictions_move_toward_targets():
+    criterion = build_criterion(C, LossConfig())
+    tgt = _target()
+    goal = torch.cat([tgt[0]["boxes"], torch.tensor([[0.5, 0.5, 0.5, 0.5]])]).unsqueeze(0)
+    start = goal + torch.tensor([0.12, -0.1, 0.05, 0.08])  # each prediction near its own target
+    logits = torch.zeros(1, 3, C + 1)
+    values = []
+    for alpha in (0.0, 0.5, 0.9, 1.0):
+        boxes = (1 - alpha) * start + alpha * goal
+        values.append(criterion(_outputs(logits, boxes), tgt))
+    l1 = [v["loss_bbox"].item() for v in values]
+    giou = [v["loss_giou"].item() for v in values]
+    assert l1 == sorted(l1, reverse=True) and giou == sorted(giou, reverse=True)
+    assert l1[-1] == pytest.approx(0, abs=1e-6) and giou[-1] == pytest.approx(0, abs=1e-5)
+
+
+def test_box_losses_are_normalised_by_number_of_boxes():
+    criterion = build_criterion(C, LossConfig())
+    tgt = _target()
+    boxes = tgt[0]["boxes"].clone().unsqueeze(0)
+    boxes[0, 0, 0] += 0.1  # one box off by 0.1 in cx -> L1 sum 0.1 over 2 boxes
+    losses = criterion(_outputs(torch.zeros(1, 2, C + 1), boxes), tgt)
+    assert losses["loss_bbox"].item() == pytest.approx(0.05, abs=1e-6)
+
+
+def test_no_object_weighting():
+    """Unmatched queries predicting a class are penalised eos_coef times as much."""
+    tgt = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1]]])
+    logits = torch.zeros(1, 2, C + 1)
+    logits[0, 0, 0] = 10.0  # the matched query is right and confident
+    losses = {}
+    for eos in (0.1, 1.0):
+        criterion = build_criterion(C, LossConfig(eos_coef=eos))
+        losses[eos] = criterion(_outputs(logits, boxes), tgt)["loss_ce"].item()
+    ce_unmatched = torch.log(torch.tensor(C + 1.0)).item()  # uniform logits
+    ce_matched = torch.nn.functional.cross_entropy(logits[0, :1], torch.tensor([0])).item()
+    for eos, value in losses.items():
+        assert value == pytest.approx((ce_matched + eos * ce_unmatched) / (1 + eos), rel=1e-5)
+
+
+def test_cardinality_and_class_error():
+    criterion = build_criterion(C, LossConfig())
+    tgt = _target()
+    logits = torch.full((1, 4, C + 1), -10.0)
+    logits[0, :, C] = 10.0  # all "no object"...
+    logits[0, 0, 1] = 20.0  # ...but one query predicts class 1
+    boxes = torch.cat([tgt[0]["boxes"], torch.rand(2, 4) * 0.1 + 0.1]).unsqueeze(0)
+    losses = criterion(_outputs(logits, boxes), tgt)
+    assert losses["cardinality_error"].item() == pytest.approx(1.0)  # 1 predicted vs 2
+    assert losses["class_error"].item() == pytest.approx(100.0)  # neither matched query right
+
+
+def test_empty_targets_give_finite_losses_and_gradients():
+    criterion = build_criterion(C, LossConfig())
+    boxes = torch.rand(2, 4, 4, requires_grad=True)
+    logits = torch.randn(2, 4, C + 1, requires_grad=True)
+    empty = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}] * 2
+    losses = criterion(_outputs(logits, boxes, 1), empty)
+    total = criterion.total(losses)
+    total.backward()
+    assert torch.isfinite(total) and losses["loss_bbox"].item() == 0
+    assert torch.isfinite(logits.grad).all()

@@ -1,0 +1,183 @@
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detr.models.detr import build_model, count_parameters
+from detr.models.postprocess import PostProcess
+from detr.models.transformer import Attention, Transformer
+
+
+def test_output_contract_for_tensor_and_list_inputs(tiny_cfg):
+    model = build_model(tiny_cfg).eval()
+    q, c = tiny_cfg.num_queries, tiny_cfg.num_classes
+    out = model(torch.randn(2, 3, 64, 96))
+    assert out["pred_logits"].shape == (2, q, c + 1)
+    assert out["pred_boxes"].shape == (2, q, 4)
+    assert len(out["aux_outputs"]) == tiny_cfg.dec_layers - 1
+    assert ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()
+    out = model([torch.randn(3, 64, 96), torch.randn(3, 80, 40)])
+    assert out["pred_logits"].shape == (2, q, c + 1)
+
+
+def test_aux_loss_off_has_no_aux_outputs(tiny_cfg):
+    model = build_model(dataclasses.replace(tiny_cfg, aux_loss=False)).eval()
+    assert "aux_outputs" not in model(torch.randn(1, 3, 64, 64))
+
+
+def _randomise_batchnorm(model):
+    """Give every BatchNorm non-trivial statistics and biases, as a trained model has."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("variant", [{}, {"pre_norm": True}, {"position_embedding": "learned"}])
+@pytest.mark.parametrize("sizes", [((96, 128), (160, 192)), ((70, 101), (133, 150))])
+def test_padding_invariance(tiny_cfg, variant, sizes):
+    """An image alone and padded in a batch beside a larger one: the same predictions.
+
+    Holds because the padding mask reaches every backbone convolution (mask_padding), the
+    positional encoding and every attention; sizes need not be multiples of 32.
+    """
+    model = _randomise_batchnorm(build_model(dataclasses.replace(tiny_cfg, **variant))).eval()
+    small, large = torch.randn(3, *sizes[0]), torch.randn(3, *sizes[1])
+    with torch.no_grad():
+        alone = model([small])
+        batched = model([large, small])
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.allclose(alone[key][0], batched[key][1], atol=1e-4), key
+    assert torch.allclose(alone["aux_outputs"][0]["pred_boxes"][0],
+                          batched["aux_outputs"][0]["pred_boxes"][1], atol=1e-4)
+
+
+def test_explicit_mask_equals_list_input(tiny_official_cfg):
+    from detr.models.padding import pad_images
+
+    model = build_model(tiny_official_cfg).eval()
+    images = [torch.randn(3, 64, 64), torch.randn(3, 96, 32)]
+    with torch.no_grad():
+        a = model(images)["pred_boxes"]
+        b = model(*pad_images(images))["pred_boxes"]
+    assert torch.equal(a, b)
+
+
+def test_attention_equals_torch_multihead_attention_with_the_same_weights():
+    torch.manual_seed(1)
+    ours = Attention(32, 4).eval()
+    ref = nn.MultiheadAttention(32, 4).eval()
+    ref.load_state_dict(ours.state_dict())  # same parameter names
+    q, k, v = torch.randn(2, 5, 32), torch.randn(2, 7, 32), torch.randn(2, 7, 32)
+    pad = torch.tensor([[False] * 7, [False] * 4 + [True] * 3])
+    expected = ref(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                   key_padding_mask=pad)[0].transpose(0, 1)
+    assert torch.allclose(ours(q, k, v, pad), expected, atol=1e-5)
+
+
+class _RefTransformer(nn.Module):
+    """DETR's post-norm transformer written with nn.MultiheadAttention, sequence-first, as in
+    the paper's description; loads our state dict (the official key names) strictly."""
+
+    def __init__(self, d, heads, ff, n_enc, n_dec):
+        super().__init__()
+
+        def layer(kinds):
+            m = nn.Module()
+            for k in kinds:
+                setattr(m, k, nn.MultiheadAttention(d, heads))
+            m.linear1, m.linear2 = nn.Linear(d, ff), nn.Linear(ff, d)
+            for i in range(1, len(kinds) + 2):
+                setattr(m, f"norm{i}", nn.LayerNorm(d))
+            return m
+
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(layer(["self_attn"]) for _ in range(n_enc))
+        self.decoder = nn.Module()
+        self.decoder.layers = nn.ModuleList(layer(["self_attn", "multihead_attn"])
+                                            for _ in range(n_dec))
+        self.decoder.norm = nn.LayerNorm(d)
+
+    def forward(self, src, mask, query_embed, pos):
+        b, d, h, w = src.shape
+        src, pos = src.flatten(2).permute(2, 0, 1), pos.flatten(2).permute(2, 0, 1)
+        mask = mask.flatten(1)
+        qpos = query_embed.unsqueeze(1).repeat(1, b, 1)
+        for m in self.encoder.layers:
+            src = m.norm1(src + m.self_attn(src + pos, src + pos, src, key_padding_mask=mask)[0])
+            src = m.norm2(src + m.linear2(F.relu(m.linear1(src))))
+        tgt, outs = torch.zeros_like(qpos), []
+        for m in self.decoder.layers:
+            tgt = m.norm1(tgt + m.self_attn(tgt + qpos, tgt + qpos, tgt)[0])
+            tgt = m.norm2(tgt + m.multihead_attn(tgt + qpos, src + pos, src,
+                                                 key_padding_mask=mask)[0])
+            tgt = m.norm3(tgt + m.linear2(F.relu(m.linear1(tgt))))
+            outs.append(self.decoder.norm(tgt))
+        return torch.stack(outs).transpose(1, 2)
+
+
+def test_transformer_matches_reference_with_the_same_weights():
+    torch.manual_seed(2)
+    ours = Transformer(d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=3,
+                       dim_feedforward=64, dropout=0.0).eval()
+    ref = _RefTransformer(32, 4, 64, 2, 3).eval()
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    src, pos = torch.randn(2, 32, 4, 5), torch.randn(2, 32, 4, 5)
+    mask = torch.zeros(2, 4, 5, dtype=torch.bool)
+    mask[1, :, 3:] = True
+    query = torch.randn(6, 32)
+    hs, _ = ours(src, mask, query, pos)
+    assert torch.allclose(hs, ref(src, mask, query, pos), atol=1e-5)
+
+
+def test_frozen_parts_of_the_official_backbone(tiny_official_cfg):
+    model = build_model(tiny_official_cfg)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert "backbone.0.body.conv1.weight" in frozen
+    assert any(n.startswith("backbone.0.body.layer1.") for n in frozen)
+    assert not any(n.startswith("backbone.0.body.layer2.") for n in frozen)
+    assert not any(n.startswith("transformer.") for n in frozen)
+    counts = count_parameters(model)
+    assert counts["trainable"] < counts["total"]
+
+
+def test_without_padding_masks_the_borders_leak_as_in_the_official_release(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, mask_padding=False)
+    model = _randomise_batchnorm(build_model(cfg)).eval()
+    small, large = torch.randn(3, 96, 128), torch.randn(3, 160, 192)
+    with torch.no_grad():
+        alone, batched = model([small]), model([large, small])
+    assert not torch.allclose(alone["pred_boxes"][0], batched["pred_boxes"][1], atol=1e-4)
+
+
+def test_dilation_halves_the_backbone_stride():
+    from detr.models.backbone import Backbone
+
+    x, mask = torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool)
+    assert Backbone("resnet50")(x, mask)[0].shape[-2:] == (2, 2)
+    assert Backbone("resnet50", dilation=True)(x, mask)[0].shape[-2:] == (4, 4)
+    with pytest.raises(ValueError, match="dilation"):
+        Backbone("resnet18", dilation=True)
+
+
+def test_group_norm_backbone_builds_and_runs(tiny_cfg):
+    model = build_model(dataclasses.replace(tiny_cfg, norm="gn")).eval()
+    assert isinstance(model.backbone[0].body.bn1, nn.GroupNorm)
+    assert torch.isfinite(model(torch.randn(1, 3, 64, 64))["pred_boxes"]).all()
+
+
+def test_postprocess_gives_absolute_xyxy_and_category_ids():
+    logits = torch.full((1, 2, 4), -10.0)
+    logits[0, 0, 1] = 10.0
+    logits[0, 1, 2] = 10.0
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.25, 0.75, 0.5, 0.5]]])
+    out = PostProcess(label_to_category=[3, 7, 11])(
+        {"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]]))[0]
+    assert out["labels"].tolist() == [7, 11]
+    assert torch.allclose(out["boxes"], torch.tensor([[80.0, 30.0, 120.0, 70.0],
+                                                      [0.0, 50.0, 100.0, 100.0]]))
+    assert torch.all(out["scores"] > 0.99)
