@@ -27,9 +27,10 @@ from detr.models.criterion import build_criterion  # noqa: E402
 from detr.models.detr import build_model  # noqa: E402
 
 CONFIGS = {
-    "tiny": (ModelConfig(num_classes=5, backbone="resnet18", norm="bn", freeze_stem=False,
-                         hidden_dim=64, nheads=4, enc_layers=2, dec_layers=2,
-                         dim_feedforward=256, num_queries=20), (256, 256), 8),
+    # The official architecture (frozen BN, frozen stem) so the comparison is at equal config.
+    "tiny": (ModelConfig(num_classes=5, backbone="resnet18", hidden_dim=64, nheads=4,
+                         enc_layers=2, dec_layers=2, dim_feedforward=256, num_queries=20),
+             (256, 256), 8),
     "r50": (ModelConfig(), (800, 1066), 2),
 }
 
@@ -115,6 +116,12 @@ def official_model(repo: Path, cfg: ModelConfig, device: torch.device):
         bbox_loss_coef=loss.bbox_loss_coef, giou_loss_coef=loss.giou_loss_coef,
         eos_coef=loss.eos_coef, mask_loss_coef=1, dice_loss_coef=1)
     model, criterion, _ = build(args)
+    if cfg.num_classes != 91:  # build() fixes 91 classes for dataset_file="coco"
+        from models.detr import SetCriterion
+
+        model.class_embed = torch.nn.Linear(cfg.hidden_dim, cfg.num_classes + 1)
+        criterion = SetCriterion(cfg.num_classes, criterion.matcher, criterion.weight_dict,
+                                 loss.eos_coef, criterion.losses)
 
     def loss_fn(outputs, targets):
         losses = criterion(outputs, targets)

@@ -12,6 +12,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 
@@ -45,6 +46,11 @@ class ModelConfig:
     pre_norm: bool = False  # the paper is post-norm
     num_queries: int = 100
     aux_loss: bool = True
+    # Group DETR (Chen et al. 2023): in training, query_groups x num_queries queries in groups
+    # that do not attend to each other, each matched one-to-one to the targets: more positive
+    # supervision per step, faster convergence. Inference uses the first group only, so the
+    # deployed model is plain DETR. 1 = the paper.
+    query_groups: int = 1
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,40 @@ class LossConfig:
     bbox_loss_coef: float = 5.0
     giou_loss_coef: float = 2.0
     eos_coef: float = 0.1  # relative weight of the no-object class in the cross-entropy
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Input pipeline (``data:`` in params.yaml). Paper: short side 480..800 step 32 (val 800),
+    long side <= 1333, crop branch 400/500/600 then a 384..600 px crop."""
+
+    scales: tuple[int, ...] = tuple(range(480, 801, 32))
+    max_size: int = 1333
+    crop_scales: tuple[int, ...] | None = (400, 500, 600)
+    crop_size: tuple[int, ...] = (384, 600)
+    hflip: bool = True
+    num_workers: int = 2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation (``train:`` in params.yaml). Defaults are the paper's R50 recipe."""
+
+    epochs: int = 500
+    batch_size: int = 2  # per process; the global batch is batch_size x world size x grad_accum
+    grad_accum: int = 1
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5  # 0 freezes the whole backbone
+    weight_decay: float = 1e-4
+    clip_max_norm: float = 0.1  # 0 disables clipping
+    lr_schedule: Literal["step", "cosine"] = "step"
+    lr_drop: int = 400  # step schedule: epoch of the x0.1 drop (paper: 200 of 300, 400 of 500)
+    warmup_steps: int = 0  # linear warmup from 0, in optimiser steps
+    seed: int = 42
+    device: str = "auto"  # auto, cpu, cuda, cuda:1 ...
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast where fast
+    channels_last: bool = True
+    eval_every: int = 0  # epochs between val AP evaluations during training; 0 = only at the end
 
 
 def load_section(cls: type, data: Any, name: str) -> Any:
@@ -126,3 +166,31 @@ def _check_scalar(hint: Any, value: Any, key: str) -> Any:
     if hint in (int, str, bool) and type(value) is hint:
         return value
     raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+
+
+# The sections the detector library reads; the pipeline adds its own.
+LIBRARY_SECTIONS = {"model": ModelConfig, "loss": LossConfig, "data": DataConfig,
+                    "train": TrainConfig}
+
+
+def load_params(path: str | Path, sections: dict[str, type] = LIBRARY_SECTIONS) -> dict:
+    """Read ``sections`` of a params YAML file into their dataclasses (strictly); other
+    top-level sections are left to their own readers."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read params: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        return {name: load_section(cls, data.get(name), name) for name, cls in sections.items()}
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """A config dataclass as plain data (tuples become lists), e.g. for a checkpoint."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}

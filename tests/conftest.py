@@ -28,3 +28,25 @@ def tiny_official_cfg() -> ModelConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A canonical COCO dataset of 8 train and 4 val synthetic 64 px images."""
+    from detr.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("tiny_dataset")
+    generate(root, num_train=8, num_val=4, image_size=64, max_objects=3, seed=0, num_workers=1)
+    return root
+
+
+def tiny_training(**train_overrides):
+    """(model, loss, data, train) configs that train a step in well under a second."""
+    from detr.config import DataConfig, LossConfig, TrainConfig
+
+    data = DataConfig(scales=(64,), max_size=64, crop_scales=(64,), crop_size=(48, 64),
+                      num_workers=0)
+    train = TrainConfig(**{"epochs": 2, "batch_size": 4, "lr": 1e-3, "lr_backbone": 1e-3,
+                           "lr_drop": 1, "precision": "fp32", "channels_last": False,
+                           "device": "cpu", **train_overrides})
+    return TINY, LossConfig(), data, train

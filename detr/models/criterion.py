@@ -27,6 +27,9 @@ class SetCriterion(nn.Module):
     ``class_error`` (% wrong classes among matched queries, last layer) and
     ``cardinality_error`` (|predicted objects - targets|, last layer). :meth:`total` weights
     and sums the loss terms.
+
+    With ``outputs["query_groups"] = G`` (Group DETR) each group of queries is matched to the
+    targets on its own and the groups' losses are summed.
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, *, eos_coef: float = 0.1,
@@ -42,7 +45,8 @@ class SetCriterion(nn.Module):
         self.register_buffer("empty_weight", empty_weight)
 
     def forward(self, outputs: dict, targets: Sequence[dict]) -> dict[str, Tensor]:
-        layers = [*outputs.get("aux_outputs", []), outputs]
+        groups = outputs.get("query_groups", 1)
+        layers = [g for o in [*outputs.get("aux_outputs", []), outputs] for g in _split(o, groups)]
         indices = self.matcher.match_layers(layers, targets)
         logits = torch.stack([o["pred_logits"] for o in layers]).float()  # [L, B, Q, C+1]
         boxes = torch.stack([o["pred_boxes"] for o in layers]).float()  # [L, B, Q, 4]
@@ -53,13 +57,16 @@ class SetCriterion(nn.Module):
             "loss_ce": self._loss_ce(logits, target_classes),
             **self._loss_boxes(boxes, targets, pairs, num_boxes),
         }
+        per_layer = {k: v.view(-1, groups).sum(1) for k, v in per_layer.items()}
         losses = {}
-        last = len(layers) - 1
+        last = len(layers) // groups - 1
         for name, values in per_layer.items():
             losses[name] = values[last]
             for i in range(last):
                 losses[f"{name}_{i}"] = values[i]
-        losses.update(self._logged(logits[last], target_classes[last], targets))
+        first_group_of_last = len(layers) - groups
+        losses.update(self._logged(logits[first_group_of_last], target_classes[first_group_of_last],
+                                   targets))
         return losses
 
     def total(self, losses: dict[str, Tensor]) -> Tensor:
@@ -76,11 +83,15 @@ class SetCriterion(nn.Module):
         return classes
 
     def _loss_ce(self, logits: Tensor, target_classes: Tensor) -> Tensor:
-        """Weighted mean cross-entropy per layer, as F.cross_entropy(weight=...) per layer: [L]."""
+        """Weighted mean cross-entropy per layer, as F.cross_entropy(weight=...) per layer: [L].
+
+        Under DDP the weight sum is averaged over processes (like the number of boxes), so
+        N processes x B images give the gradient of one process with N x B images.
+        """
         ce = F.cross_entropy(logits.flatten(0, 2), target_classes.flatten(),
                              weight=self.empty_weight, reduction="none").view(target_classes.shape)
-        weights = self.empty_weight[target_classes]
-        return ce.sum((1, 2)) / weights.sum((1, 2))
+        weights = self.empty_weight[target_classes].sum((1, 2))
+        return ce.sum((1, 2)) / _mean_over_processes(weights.detach())
 
     def _loss_boxes(self, boxes: Tensor, targets: Sequence[dict], pairs: dict,
                     num_boxes: Tensor) -> dict[str, Tensor]:
@@ -111,10 +122,25 @@ class SetCriterion(nn.Module):
     def _num_boxes(targets: Sequence[dict], device: torch.device) -> Tensor:
         """Target boxes in the batch, averaged over DDP processes, at least 1."""
         n = torch.as_tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(n)
-            n = n / dist.get_world_size()
-        return n.clamp(min=1)
+        return _mean_over_processes(n).clamp(min=1)
+
+
+def _mean_over_processes(x: Tensor) -> Tensor:
+    """``x`` averaged over DDP processes (``x`` itself in a single process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x = x / dist.get_world_size()
+    return x
+
+
+def _split(outputs: dict, groups: int) -> list[dict]:
+    """One decoder layer's outputs -> one dict per query group."""
+    if groups == 1:
+        return [outputs]
+    return [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in
+            zip(outputs["pred_logits"].chunk(groups, 1), outputs["pred_boxes"].chunk(groups, 1),
+                strict=True)]
 
 
 def _flatten_indices(indices: list[Indices], targets: Sequence[dict],

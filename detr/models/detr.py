@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -40,12 +41,16 @@ class DETR(nn.Module):
         ``pred_logits`` [B, Q, num_classes + 1]: class logits, the last is "no object";
         ``pred_boxes`` [B, Q, 4]: normalised (cx, cy, w, h) in [0, 1], relative to each image's
             own (unpadded) size;
-        ``aux_outputs``: the same two keys for each decoder layer but the last (if aux_loss).
+        ``aux_outputs``: the same two keys for each decoder layer but the last (if aux_loss);
+        ``query_groups``: G, only in training with G > 1 (Group DETR): then Q = G x num_queries,
+            group g being queries [g * num_queries, (g + 1) * num_queries).
     """
 
     def __init__(self, backbone: Joiner, transformer: Transformer, *, num_classes: int,
-                 num_queries: int, aux_loss: bool = True):
+                 num_queries: int, aux_loss: bool = True, query_groups: int = 1):
         super().__init__()
+        if query_groups < 1:
+            raise ValueError(f"model.query_groups must be >= 1, got {query_groups}")
         d = transformer.d_model
         self.num_queries = num_queries
         self.num_classes = num_classes
@@ -56,6 +61,9 @@ class DETR(nn.Module):
         self.input_proj = nn.Conv2d(backbone.num_channels, d, kernel_size=1)
         self.backbone = backbone
         self.aux_loss = aux_loss
+        self.query_groups = query_groups
+        if query_groups > 1:  # training-only queries; the official keys stay as they are
+            self.group_query_embed = nn.Embedding((query_groups - 1) * num_queries, d)
 
     def forward(self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None) -> dict:
         if mask is None:
@@ -63,8 +71,16 @@ class DETR(nn.Module):
         features, mask, pos = self.backbone(images, mask)
         # Without padding the attention needs no mask, which lets SDPA use its fastest kernels.
         attn_mask = mask if bool(mask.any()) else None
-        hs, _ = self.transformer(self.input_proj(features), attn_mask, self.query_embed.weight, pos)
-        return self.heads(hs)
+        grouped = self.training and self.query_groups > 1
+        queries, attend = self.query_embed.weight, None
+        if grouped:
+            queries = torch.cat([queries, self.group_query_embed.weight])
+            attend = _block_diagonal(self.query_groups, self.num_queries, queries.device)
+        hs, _ = self.transformer(self.input_proj(features), attn_mask, queries, pos, attend)
+        out = self.heads(hs)
+        if grouped:
+            out["query_groups"] = self.query_groups
+        return out
 
     def heads(self, hs: Tensor) -> dict:
         """Decoder states [L, B, Q, d] -> output dict (see class docstring)."""
@@ -75,6 +91,12 @@ class DETR(nn.Module):
             out["aux_outputs"] = [{"pred_logits": lg, "pred_boxes": bx}
                                   for lg, bx in zip(logits[:-1], boxes[:-1], strict=True)]
         return out
+
+
+def _block_diagonal(groups: int, size: int, device: torch.device) -> Tensor:
+    """[G*n, G*n] bool: True where both indices are in the same group of ``size``."""
+    group = torch.arange(groups * size, device=device) // size
+    return group[:, None] == group[None, :]
 
 
 def build_model(cfg: ModelConfig) -> DETR:
@@ -89,7 +111,7 @@ def build_model(cfg: ModelConfig) -> DETR:
         dropout=cfg.dropout, pre_norm=cfg.pre_norm,
     )
     return DETR(joiner, transformer, num_classes=cfg.num_classes, num_queries=cfg.num_queries,
-                aux_loss=cfg.aux_loss)
+                aux_loss=cfg.aux_loss, query_groups=cfg.query_groups)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

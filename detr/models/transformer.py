@@ -19,7 +19,8 @@ from torch.nn import functional as F
 class Attention(nn.Module):
     """Multi-head attention with ``nn.MultiheadAttention``'s parameters, on SDPA.
 
-    ``key_padding_mask`` [B, Lk] bool is True where a key must be ignored (padding).
+    ``key_padding_mask`` [B, Lk] bool is True where a key must be ignored (padding);
+    ``attend`` [Lq, Lk] bool, True where a query may attend to a key (e.g. query groups).
     Set ``keep_weights = True`` to store the head-averaged attention [B, Lq, Lk] of the last
     call in ``last_weights`` (explicit softmax; for attention maps, not for training speed).
     """
@@ -39,7 +40,7 @@ class Attention(nn.Module):
         self.last_weights: Tensor | None = None
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
-                key_padding_mask: Tensor | None = None) -> Tensor:
+                key_padding_mask: Tensor | None = None, attend: Tensor | None = None) -> Tensor:
         d = query.shape[-1]
         w, b = self.in_proj_weight, self.in_proj_bias
         if query is key:  # self-attention: one matmul for q and k
@@ -49,6 +50,8 @@ class Attention(nn.Module):
         v = F.linear(value, w[2 * d:], b[2 * d:])
         q, k, v = (self._heads(t) for t in (q, k, v))
         mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+        if attend is not None:
+            mask = attend if mask is None else mask & attend
         if self.keep_weights:
             self.last_weights = self._weights(q, k, mask)
         out = F.scaled_dot_product_attention(
@@ -113,16 +116,16 @@ class DecoderLayer(FeedForward):
         self.pre_norm = pre_norm
 
     def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, query_pos: Tensor,
-                mask: Tensor | None) -> Tensor:
+                mask: Tensor | None, attend: Tensor | None = None) -> Tensor:
         if self.pre_norm:
             x = self.norm1(tgt)
             qk = x + query_pos
-            tgt = tgt + self.dropout1(self.self_attn(qk, qk, x))
+            tgt = tgt + self.dropout1(self.self_attn(qk, qk, x, attend=attend))
             x = self.norm2(tgt)
             tgt = tgt + self.dropout2(self.multihead_attn(x + query_pos, memory + pos, memory, mask))
             return tgt + self.dropout3(self._ffn(self.norm3(tgt)))
         qk = tgt + query_pos
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(qk, qk, tgt)))
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(qk, qk, tgt, attend=attend)))
         cross = self.multihead_attn(tgt + query_pos, memory + pos, memory, mask)
         tgt = self.norm2(tgt + self.dropout2(cross))
         return self.norm3(tgt + self.dropout3(self._ffn(tgt)))
@@ -149,10 +152,10 @@ class Decoder(nn.Module):
         self.norm = norm
 
     def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, query_pos: Tensor,
-                mask: Tensor | None) -> Tensor:
+                mask: Tensor | None, attend: Tensor | None = None) -> Tensor:
         outputs = []
         for layer in self.layers:
-            tgt = layer(tgt, memory, pos, query_pos, mask)
+            tgt = layer(tgt, memory, pos, query_pos, mask, attend)
             outputs.append(self.norm(tgt))
         return torch.stack(outputs)
 
@@ -174,13 +177,14 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(p)
 
     def forward(self, src: Tensor, mask: Tensor | None, query_embed: Tensor,
-                pos: Tensor) -> tuple[Tensor, Tensor]:
+                pos: Tensor, query_attend: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Run encoder and decoder.
 
         Args:
             src: projected features [B, d, h, w]; pos: their encoding [B, d, h, w].
             mask: [B, h, w] bool, True on padding; None when nothing is padded.
             query_embed: learned query positions [Q, d].
+            query_attend: [Q, Q] bool, which queries may attend to which (None: all).
 
         Returns:
             ``hs`` [L, B, Q, d] (every decoder layer, normed) and ``memory`` [B, d, h, w].
@@ -191,5 +195,6 @@ class Transformer(nn.Module):
         key_mask = None if mask is None else mask.flatten(1)
         query_pos = query_embed.unsqueeze(0).expand(b, -1, -1)
         memory = self.encoder(src, pos, key_mask)
-        hs = self.decoder(torch.zeros_like(query_pos), memory, pos, query_pos, key_mask)
+        hs = self.decoder(torch.zeros_like(query_pos), memory, pos, query_pos, key_mask,
+                          query_attend)
         return hs, memory.transpose(1, 2).reshape(b, d, h, w)

@@ -96,3 +96,18 @@ def test_empty_targets_give_finite_losses_and_gradients():
     total.backward()
     assert torch.isfinite(total) and losses["loss_bbox"].item() == 0
     assert torch.isfinite(logits.grad).all()
+
+
+def test_query_groups_are_matched_separately_and_summed():
+    """Two identical groups give twice one group's losses; the groups' queries may both
+    predict the same target (one-to-many across groups)."""
+    criterion = build_criterion(C, LossConfig())
+    tgt = _target()
+    logits, boxes = torch.randn(1, 4, C + 1), torch.rand(1, 4, 4) * 0.5 + 0.2
+    single = criterion(_outputs(logits, boxes, 1), tgt)
+    doubled = _outputs(torch.cat([logits, logits], 1), torch.cat([boxes, boxes], 1), 1)
+    doubled["query_groups"] = 2
+    grouped = criterion(doubled, tgt)
+    for key in ("loss_ce", "loss_bbox", "loss_giou", "loss_giou_0"):
+        assert grouped[key].item() == pytest.approx(2 * single[key].item(), rel=1e-5)
+    assert grouped["class_error"].item() == pytest.approx(single["class_error"].item())

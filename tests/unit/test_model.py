@@ -181,3 +181,19 @@ def test_postprocess_gives_absolute_xyxy_and_category_ids():
     assert torch.allclose(out["boxes"], torch.tensor([[80.0, 30.0, 120.0, 70.0],
                                                       [0.0, 50.0, 100.0, 100.0]]))
     assert torch.all(out["scores"] > 0.99)
+
+
+def test_query_groups_train_only_and_isolated(tiny_cfg):
+    model = build_model(dataclasses.replace(tiny_cfg, query_groups=3))
+    x = torch.randn(1, 3, 64, 64)
+    out = model.train()(x)
+    assert out["pred_logits"].shape[1] == 3 * tiny_cfg.num_queries and out["query_groups"] == 3
+    # Groups do not attend to each other: group 0 of a grouped run equals the plain model.
+    # (Backbone in eval so BatchNorm uses running statistics in both runs; dropout is 0.)
+    model.backbone.eval()
+    with torch.no_grad():
+        grouped = model(x)["pred_boxes"][:, : tiny_cfg.num_queries]
+        plain = model.eval()(x)
+    assert plain["pred_boxes"].shape[1] == tiny_cfg.num_queries and "query_groups" not in plain
+    assert torch.allclose(grouped, plain["pred_boxes"], atol=1e-5)
+    assert "group_query_embed.weight" in model.state_dict()
