@@ -1,0 +1,245 @@
+"""The ``validate`` stage: the Great Expectations suite over the canonical dataset.
+
+Reads ``<dataset>/annotations/{train,val}.json`` and ``<dataset>/images/{train,val}/``
+(:mod:`detr.data.formats`); writes
+
+- ``<report_dir>/validation.json``: success, counts, params and every expectation with
+  pass/fail, counts and up to ``max_examples`` offending records (split + ids / file name);
+- ``<report_dir>/data_docs/index.html``: Great Expectations Data Docs of the same run;
+- ``metrics_path`` (optional, e.g. ``metrics/dataset.json``): :func:`dataset_statistics`, for
+  ``dvc metrics`` and MLflow.
+
+``run`` is pure (files in, files out, a report back); ``validate_flow`` wraps it for Prefect and
+fails when the dataset fails; ``main`` is the command line (``python -m pipelines.validate``):
+exit 0 when every expectation passes, 1 when some fail (a summary naming them and example
+records goes to stderr), 2 when the dataset layout or the params are unusable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow
+
+from detr.config import ConfigError, load_section
+from pipelines.expectations import (
+    SPLITS,
+    DatasetLayoutError,
+    DatasetTables,
+    ExpectationOutcome,
+    load_tables,
+    run_suites,
+)
+
+# COCO's area ranges (px^2): small < 32^2 <= medium < 96^2 <= large.
+AREA_RANGES = {"small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2),
+               "large": (96.0**2, float("inf"))}
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """Bounds of the dataset checks (``validate:`` in params.yaml)."""
+
+    box_tolerance_px: float = 1.0  # how far (px) a box may reach past the image border
+    min_box_side_px: float = 0.0  # boxes must be strictly wider and taller than this
+    area_tolerance: float = 0.01  # `area` may exceed w * h by this fraction (rounding)
+    min_boxes_per_image: int = 0  # 0: images without objects are allowed (DETR handles them)
+    max_boxes_per_image: int = 100
+    num_queries: int = 100  # the model's; must be larger than the most boxes in one image
+    min_train_boxes_per_class: int = 1  # every category needs training examples
+    min_class_fraction: float = 0.001  # of all non-crowd train boxes, per category
+    max_class_imbalance: float = 1000.0  # largest class's train boxes / smallest class's
+    workers: int = 2  # processes for the per-image file checks (read, hash, decode)
+    max_examples: int = 20  # offending records kept per expectation
+
+    def __post_init__(self) -> None:
+        checks = {
+            "box_tolerance_px": self.box_tolerance_px >= 0,
+            "min_box_side_px": self.min_box_side_px >= 0,
+            "area_tolerance": self.area_tolerance >= 0,
+            "max_boxes_per_image": self.max_boxes_per_image >= self.min_boxes_per_image >= 0,
+            "num_queries": self.num_queries >= 1,
+            "min_class_fraction": 0 <= self.min_class_fraction <= 1,
+            "max_class_imbalance": self.max_class_imbalance >= 1,
+            "workers": self.workers >= 1,
+            "max_examples": self.max_examples >= 1,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"validate.{key}: {getattr(self, key)!r} is out of range")
+
+
+class DatasetValidationError(RuntimeError):
+    """The dataset failed validation; the message names the failed expectations."""
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """What ``run`` found and wrote. ``statistics``: see :func:`dataset_statistics`."""
+
+    success: bool
+    outcomes: tuple[ExpectationOutcome, ...]
+    statistics: dict[str, Any]
+    report_path: Path
+    docs_index: Path
+
+    @property
+    def failed(self) -> list[ExpectationOutcome]:
+        return [o for o in self.outcomes if not o.success]
+
+    def summary(self, max_examples: int = 3) -> str:
+        """A few lines: passed/failed counts, then each failed expectation with examples."""
+        lines = [f"{len(self.outcomes) - len(self.failed)}/{len(self.outcomes)} expectations passed"
+                 f" (report: {self.report_path})"]
+        for o in self.failed:
+            lines.append(f"FAILED {o.table}.{o.name} ({o.expectation}): {_count(o)}")
+            lines += [f"    {_record(e)}" for e in o.examples[:max_examples]]
+            if o.error:
+                lines.append(f"    {o.error}")
+        return "\n".join(lines)
+
+
+def run(dataset_dir: str | Path, params: ValidateConfig, report_dir: str | Path,
+        *, metrics_path: str | Path | None = None) -> ValidationReport:
+    """Validate ``dataset_dir``; write the JSON report, Data Docs and (optional) metrics.
+
+    Does not raise on failed expectations: see ``ValidationReport.success``.
+
+    Raises:
+        DatasetLayoutError: an annotation file is missing or not a COCO json object.
+    """
+    report_dir = Path(report_dir)
+    tables = load_tables(dataset_dir, workers=params.workers)
+    docs_dir = report_dir / "data_docs"
+    if (docs_dir / "index.html").is_file():  # our previous site: drop its stale pages
+        shutil.rmtree(docs_dir)
+    outcomes = tuple(run_suites(tables, params, docs_dir=docs_dir))
+    statistics = dataset_statistics(tables)
+    report = ValidationReport(
+        success=all(o.success for o in outcomes),
+        outcomes=outcomes,
+        statistics=statistics,
+        report_path=report_dir / "validation.json",
+        docs_index=docs_dir / "index.html",
+    )
+    _write_json(report.report_path, _report_dict(report, dataset_dir, params, tables))
+    if metrics_path is not None:
+        _write_json(Path(metrics_path), statistics)
+    return report
+
+
+def dataset_statistics(tables: DatasetTables) -> dict[str, Any]:
+    """Per split: images, boxes, crowd boxes, boxes per image (mean, max), boxes per COCO area
+    range (small/medium/large by ``area``) and per category name. Plain numbers in nested
+    dicts, as ``dvc metrics`` and ``mlflow.log_metrics`` (after flattening) want them."""
+    names = tables.categories.drop_duplicates("id").set_index("id")["name"]
+    stats: dict[str, Any] = {"categories": int(tables.categories["id"].nunique())}
+    for split in SPLITS:
+        images = tables.images[tables.images["split"] == split]
+        boxes = tables.annotations[tables.annotations["split"] == split]
+        per_image = images["num_boxes"]
+        area = boxes["area"]
+        per_class = boxes["category_id"].map(names).fillna("<unknown>").value_counts()
+        stats[split] = {
+            "images": len(images),
+            "boxes": len(boxes),
+            "crowd_boxes": int((boxes["iscrowd"] == 1).sum()),
+            "boxes_per_image_mean": round(float(per_image.mean()), 4) if len(images) else 0.0,
+            "boxes_per_image_max": int(per_image.max()) if len(images) else 0,
+            "area": {k: int(area.between(lo, hi, inclusive="left").sum())
+                     for k, (lo, hi) in AREA_RANGES.items()},
+            "per_class": {str(k): int(v) for k, v in sorted(per_class.items())},
+        }
+    return stats
+
+
+def _report_dict(report: ValidationReport, dataset_dir, params: ValidateConfig,
+                 tables: DatasetTables) -> dict[str, Any]:
+    failed = report.failed
+    return {
+        "success": report.success,
+        "dataset": str(dataset_dir),
+        "counts": {
+            "expectations": len(report.outcomes),
+            "passed": len(report.outcomes) - len(failed),
+            "failed": len(failed),
+            "rows": {t: len(getattr(tables, t)) for t in ("images", "annotations", "categories")},
+        },
+        "failed": [o.name for o in failed],
+        "params": asdict(params),
+        "data_docs": str(report.docs_index),
+        "expectations": [asdict(o) for o in report.outcomes],
+    }
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _record(example: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in example.items())
+
+
+def _count(outcome: ExpectationOutcome) -> str:
+    if outcome.error:
+        return "error"
+    if outcome.unexpected_count is None:  # aggregate expectation
+        return f"observed {outcome.observed!r}"
+    return f"{outcome.unexpected_count}/{outcome.element_count} records"
+
+
+@flow(name="validate")
+def validate_flow(dataset_dir: str, params: dict[str, Any] | None = None,
+                  report_dir: str = "reports",
+                  metrics_path: str | None = "metrics/dataset.json") -> dict[str, Any]:
+    """Prefect flow over :func:`run`; ``params`` is the ``validate:`` mapping of params.yaml.
+
+    Returns the dataset statistics; raises DatasetValidationError (the run fails) when an
+    expectation fails.
+    """
+    config = load_section(ValidateConfig, params, "validate")
+    report = run(dataset_dir, config, report_dir, metrics_path=metrics_path)
+    if not report.success:
+        raise DatasetValidationError(report.summary())
+    return report.statistics
+
+
+def load_params(path: str | Path) -> ValidateConfig:
+    """The ``validate:`` section of a params.yaml, strictly (missing section: defaults)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections")
+    return load_section(ValidateConfig, data.get("validate"), "validate")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: validate a dataset; the exit code says how it went (module docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m pipelines.validate",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default="data/dataset", help="canonical dataset folder")
+    parser.add_argument("--params", default="params.yaml", help="params file (validate: section)")
+    parser.add_argument("--reports", default="reports", help="validation.json + data_docs/")
+    parser.add_argument("--metrics", default="metrics/dataset.json", help="dataset statistics JSON")
+    args = parser.parse_args(argv)
+    try:
+        report = run(args.data, load_params(args.params), args.reports, metrics_path=args.metrics)
+    except (ConfigError, DatasetLayoutError) as exc:
+        print(f"validate: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary(), file=sys.stdout if report.success else sys.stderr)
+    return 0 if report.success else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
