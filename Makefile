@@ -10,9 +10,13 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: help install test test-fast lint bench constraints clean
+MLFLOW_PORT  ?= 5000
+PREFECT_PORT ?= 4200
+
+.PHONY: help install run test test-fast lint bench constraints clean mlflow-ui prefect-ui
 
 help:
+	@echo "make run        set up .venv and run the pipeline (dvc repro) on the demo data"
 	@echo "make test       set up .venv and run lint + the whole test suite (CI runs this)"
 	@echo "make test-fast  the suite without tests marked slow"
 	@echo "make bench      model speed benchmark (images/s, training and inference)"
@@ -25,6 +29,19 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $@
 
 install: $(STAMP)
+
+# The stages run `python -m pipelines ...`: the venv's python must come first on PATH.
+run: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+	@$(BIN)/python -m pipelines summary
+
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) \
+	  --default-artifact-root $(abspath mlartifacts) --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+prefect-ui: $(STAMP)
+	PREFECT_HOME=$(abspath .prefect) $(BIN)/prefect server start --host 127.0.0.1 \
+	  --port $(PREFECT_PORT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check detr pipelines tests benchmarks

@@ -80,7 +80,8 @@ def main() -> None:
     import great_expectations  # noqa: F401  (timed apart: a fixed cost per process)
 
     from pipelines.expectations import load_tables, run_suites
-    from pipelines.validate import ValidateConfig, run
+    from pipelines.params import ValidateConfig
+    from pipelines.validate import run
 
     rows.append(("import great_expectations + prefect", time.perf_counter() - start))
     cfg = ValidateConfig(workers=args.workers)

@@ -8,6 +8,7 @@ arbitrary unpickling is refused, never executed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import tempfile
@@ -70,6 +71,7 @@ def save_file(payload: dict[str, Any], path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a checkpoint is an ordinary file
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
@@ -136,3 +138,27 @@ def check_compatible(own: dict[str, Tensor], state: dict[str, Tensor],
             parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]})")
         raise CheckpointError("checkpoint does not fit this model (another architecture?): "
                               + "; ".join(parts))
+
+
+def model_from_checkpoint(path: str | Path, *, map_location: str = "cpu"):
+    """Rebuild the trained model of a training checkpoint (``params`` + ``model``).
+
+    Returns ``(model, model_cfg, label_map)``; the model is in eval mode on the CPU.
+    ``label_map`` is ``{"categories": [{"id", "name"}, ...]}`` in label order (None for a
+    checkpoint without one, e.g. the official COCO ones, whose labels are category ids).
+    """
+    from detr.config import ConfigError, ModelConfig, load_section
+    from detr.models.detr import build_model
+
+    ckpt = load_file(path, map_location=map_location)
+    if "model" not in ckpt or "params" not in ckpt:
+        raise CheckpointError(f"{path}: not a training checkpoint (needs 'model' and 'params')")
+    try:
+        cfg = load_section(ModelConfig, dict(ckpt["params"]["model"]), "params.model")
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: unusable model params: {exc}") from exc
+    # Weights come from the checkpoint: don't fetch or read backbone weights again.
+    cfg = dataclasses.replace(cfg, backbone_weights=None)
+    model = build_model(cfg)
+    load_weights(model, ckpt["model"])
+    return model.eval(), cfg, ckpt.get("label_map")

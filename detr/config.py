@@ -98,6 +98,9 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast where fast
     channels_last: bool = True
     eval_every: int = 0  # epochs between val AP evaluations during training; 0 = only at the end
+    # Fine-tune from a checkpoint (path or URL, e.g. the official DETR R50): every tensor is
+    # loaded but a class head of another size, which starts fresh. None = from scratch.
+    init_weights: str | None = None
 
 
 def load_section(cls: type, data: Any, name: str) -> Any:

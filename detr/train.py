@@ -51,12 +51,16 @@ class FitResult:
 def fit(*, model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig,
         train_cfg: TrainConfig, data_root: str | Path, out_dir: str | Path,
         init_weights: str | Path | None = None, callback: Callback | None = None,
-        progress: bool = True, stop_after_epoch: int | None = None) -> FitResult:
+        progress: bool = True, stop_after_epoch: int | None = None,
+        evaluate_at_end: bool = True) -> FitResult:
     """Train (or resume) and evaluate on val.
 
     ``model_cfg.num_classes`` is replaced by the dataset's number of categories.
-    ``init_weights``: a checkpoint to fine-tune from (class head re-initialised if it differs).
+    ``init_weights``: a checkpoint to fine-tune from (class head re-initialised if it differs);
+    defaults to ``train_cfg.init_weights``.
     ``stop_after_epoch``: stop (as if interrupted) after that epoch, for tests and budgets.
+    ``evaluate_at_end``: COCO evaluation on val after the last epoch (the pipeline's evaluate
+    stage does its own, so it turns this off).
     Per-epoch metrics reach ``callback`` as ``{"epoch", "epoch_loss", ..., "val_AP"?}``.
     """
     info = distributed.init(train_cfg.device)
@@ -67,6 +71,7 @@ def fit(*, model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig,
               "train": to_dict(train_cfg)}
     _seed(train_cfg.seed + info.rank)
     model = build_model(model_cfg).to(info.device)
+    init_weights = init_weights if init_weights is not None else train_cfg.init_weights
     if init_weights is not None:
         print(load_weights(model, load_state_dict_file(init_weights), finetune=True),
               file=sys.stderr)
@@ -107,7 +112,7 @@ def fit(*, model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig,
                 callback(record)
         distributed.barrier(info)
     evaluation = None
-    if last == train_cfg.epochs:
+    if last == train_cfg.epochs and evaluate_at_end:
         evaluation = _evaluate(model, postprocess, val_loader, val_ds, info, precision,
                                train_cfg, progress)
     distributed.shutdown(info)

@@ -40,7 +40,7 @@ import pandas as pd
 from PIL import Image
 
 if TYPE_CHECKING:
-    from pipelines.validate import ValidateConfig
+    from pipelines.params import ValidateConfig
 
 SPLITS = ("train", "val")
 TRAIN = "train"

@@ -25,10 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow
 
-from detr.config import ConfigError, load_section
 from pipelines.expectations import (
     SPLITS,
     DatasetLayoutError,
@@ -37,43 +35,11 @@ from pipelines.expectations import (
     load_tables,
     run_suites,
 )
+from pipelines.params import ValidateConfig
 
 # COCO's area ranges (px^2): small < 32^2 <= medium < 96^2 <= large.
 AREA_RANGES = {"small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2),
                "large": (96.0**2, float("inf"))}
-
-
-@dataclass(frozen=True)
-class ValidateConfig:
-    """Bounds of the dataset checks (``validate:`` in params.yaml)."""
-
-    box_tolerance_px: float = 1.0  # how far (px) a box may reach past the image border
-    min_box_side_px: float = 0.0  # boxes must be strictly wider and taller than this
-    area_tolerance: float = 0.01  # `area` may exceed w * h by this fraction (rounding)
-    min_boxes_per_image: int = 0  # 0: images without objects are allowed (DETR handles them)
-    max_boxes_per_image: int = 100
-    num_queries: int = 100  # the model's; must be larger than the most boxes in one image
-    min_train_boxes_per_class: int = 1  # every category needs training examples
-    min_class_fraction: float = 0.001  # of all non-crowd train boxes, per category
-    max_class_imbalance: float = 1000.0  # largest class's train boxes / smallest class's
-    workers: int = 2  # processes for the per-image file checks (read, hash, decode)
-    max_examples: int = 20  # offending records kept per expectation
-
-    def __post_init__(self) -> None:
-        checks = {
-            "box_tolerance_px": self.box_tolerance_px >= 0,
-            "min_box_side_px": self.min_box_side_px >= 0,
-            "area_tolerance": self.area_tolerance >= 0,
-            "max_boxes_per_image": self.max_boxes_per_image >= self.min_boxes_per_image >= 0,
-            "num_queries": self.num_queries >= 1,
-            "min_class_fraction": 0 <= self.min_class_fraction <= 1,
-            "max_class_imbalance": self.max_class_imbalance >= 1,
-            "workers": self.workers >= 1,
-            "max_examples": self.max_examples >= 1,
-        }
-        for key, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"validate.{key}: {getattr(self, key)!r} is out of range")
 
 
 class DatasetValidationError(RuntimeError):
@@ -115,7 +81,7 @@ def run(dataset_dir: str | Path, params: ValidateConfig, report_dir: str | Path,
     Raises:
         DatasetLayoutError: an annotation file is missing or not a COCO json object.
     """
-    report_dir = Path(report_dir)
+    report_dir = Path(report_dir).resolve()  # GE's Data Docs site needs an absolute path
     tables = load_tables(dataset_dir, workers=params.workers)
     docs_dir = report_dir / "data_docs"
     if (docs_dir / "index.html").is_file():  # our previous site: drop its stale pages
@@ -197,49 +163,41 @@ def _count(outcome: ExpectationOutcome) -> str:
 
 
 @flow(name="validate")
-def validate_flow(dataset_dir: str, params: dict[str, Any] | None = None,
-                  report_dir: str = "reports",
-                  metrics_path: str | None = "metrics/dataset.json") -> dict[str, Any]:
-    """Prefect flow over :func:`run`; ``params`` is the ``validate:`` mapping of params.yaml.
-
-    Returns the dataset statistics; raises DatasetValidationError (the run fails) when an
-    expectation fails.
-    """
-    config = load_section(ValidateConfig, params, "validate")
-    report = run(dataset_dir, config, report_dir, metrics_path=metrics_path)
+@flow(name="validate")
+def validate_flow(**kwargs: Any) -> dict[str, Any]:
+    """Prefect flow over :func:`run`: fails (with the summary as its message) when an
+    expectation fails; returns the dataset statistics."""
+    report = run(**kwargs)
     if not report.success:
         raise DatasetValidationError(report.summary())
     return report.statistics
 
 
-def load_params(path: str | Path) -> ValidateConfig:
-    """The ``validate:`` section of a params.yaml, strictly (missing section: defaults)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: params file not found")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections")
-    return load_section(ValidateConfig, data.get("validate"), "validate")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command line: validate a dataset; the exit code says how it went (module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m pipelines.validate",
+    from pipelines import stage
+    from pipelines.params import load
+
+    parser = argparse.ArgumentParser(prog="python -m pipelines validate",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="data/dataset", help="canonical dataset folder")
-    parser.add_argument("--params", default="params.yaml", help="params file (validate: section)")
-    parser.add_argument("--reports", default="reports", help="validation.json + data_docs/")
-    parser.add_argument("--metrics", default="metrics/dataset.json", help="dataset statistics JSON")
+    parser.add_argument("--params", default="params.yaml", help="params.yaml")
+    parser.add_argument("--reports", default="reports/validation",
+                        help="folder for validation.json + data_docs/")
+    parser.add_argument("--metrics", default="metrics/dataset.json", help="dataset statistics")
     args = parser.parse_args(argv)
+    kwargs = {"dataset_dir": args.data, "params": load(args.params)["validate"],
+              "report_dir": args.reports, "metrics_path": args.metrics}
     try:
-        report = run(args.data, load_params(args.params), args.reports, metrics_path=args.metrics)
-    except (ConfigError, DatasetLayoutError) as exc:
+        result = stage.invoke(validate_flow, run, **kwargs)
+    except DatasetLayoutError as exc:
         print(f"validate: {exc}", file=sys.stderr)
         return 2
-    print(report.summary(), file=sys.stdout if report.success else sys.stderr)
-    return 0 if report.success else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    except DatasetValidationError as exc:
+        print(f"validate: the dataset failed validation\n{exc}", file=sys.stderr)
+        return 1
+    if isinstance(result, ValidationReport):  # run() without Prefect
+        print(result.summary(), file=sys.stdout if result.success else sys.stderr)
+        return 0 if result.success else 1
+    print("validate: every expectation passed")
+    return 0

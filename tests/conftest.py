@@ -50,3 +50,12 @@ def tiny_training(**train_overrides):
                            "lr_drop": 1, "precision": "fp32", "channels_last": False,
                            "device": "cpu", **train_overrides})
     return TINY, LossConfig(), data, train
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A throwaway Prefect server and database for tests that run flows for real."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

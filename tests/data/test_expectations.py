@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from pipelines.expectations import check_files, load_tables, run_suites
-from pipelines.validate import ValidateConfig
+from pipelines.params import ValidateConfig
 from tests.data.conftest import load_split, save_split, write_image
 
 CONFIG = ValidateConfig(workers=1)

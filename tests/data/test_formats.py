@@ -11,7 +11,7 @@ import yaml
 
 from detr.data.formats import FormatError, import_coco, import_voc, import_yolo, split_by_ratio
 from pipelines.expectations import load_tables, run_suites
-from pipelines.validate import ValidateConfig
+from pipelines.params import ValidateConfig
 from tests.data.conftest import coco_split, write_coco_dataset, write_image
 
 NAMES = ("cat", "dog", "bird")

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 
 from detr.config import ConfigError
-from pipelines.validate import (
-    DatasetValidationError,
-    ValidateConfig,
-    load_params,
-    main,
-    run,
-    validate_flow,
-)
+from pipelines.__main__ import main as pipelines_main
+from pipelines.params import ValidateConfig
+from pipelines.params import load as load_params
+from pipelines.validate import DatasetValidationError, run, validate_flow
 from tests.data.conftest import load_split, save_split
+
+
+def main(argv: list[str]) -> int:
+    return pipelines_main(["validate", *argv])
 
 
 def _stage_args(
@@ -113,22 +113,28 @@ def test_main_names_a_missing_annotation_file(dataset: Path, tmp_path: Path, cap
 
 def test_load_params_is_strict_and_defaults_a_missing_section(tmp_path: Path) -> None:
     path = tmp_path / "params.yaml"
-    path.write_text("train:\n  epochs: 3\n")
-    assert load_params(path) == ValidateConfig()
+    path.write_text("train:\n  epochs: 3\nmodel:\n  num_queries: 7\n")
+    assert load_params(path)["validate"] == ValidateConfig(num_queries=7)  # from model
     path.write_text("validate:\n  box_tolerance_px: 2\n  max_boxes_per_image: 1.5\n")
     with pytest.raises(ConfigError, match="validate.max_boxes_per_image"):
         load_params(path)
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ConfigError, match="No such file"):
         load_params(tmp_path / "nope.yaml")
 
 
-def test_flow_body_raises_on_failure(dataset: Path, tmp_path: Path) -> None:
-    stats = validate_flow.fn(str(dataset), {"workers": 1}, str(tmp_path / "ok"), None)
+def test_flow_fails_naming_the_expectation(dataset: Path, tmp_path: Path,
+                                            prefect_server) -> None:
+    """As a real Prefect flow run: Completed with the statistics, or Failed with a message
+    that names the failed expectation and its records."""
+    stats = validate_flow(dataset_dir=dataset, params=ValidateConfig(workers=1),
+                          report_dir=tmp_path / "ok")
     assert stats["train"]["boxes"] == 12
-    with pytest.raises(DatasetValidationError, match="boxes_per_image_below_num_queries"):
-        validate_flow.fn(
-            str(dataset), {"workers": 1, "num_queries": 2}, str(tmp_path / "bad"), None
-        )
+    state = validate_flow(dataset_dir=dataset, params=ValidateConfig(workers=1, num_queries=2),
+                          report_dir=tmp_path / "bad", return_state=True)
+    assert state.is_failed()
+    assert "boxes_per_image_below_num_queries" in state.message
+    with pytest.raises(DatasetValidationError, match="img_001.png"):
+        state.result()
 
 
 @pytest.mark.parametrize(

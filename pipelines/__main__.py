@@ -1,0 +1,39 @@
+"""``python -m pipelines <stage> [options]``: the commands dvc.yaml runs.
+
+Stages: prepare, validate, train, evaluate, register; promote (move @champion by hand);
+summary (print the last run's AP/AR table, registration and where the UIs are).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "prepare": ("pipelines.prepare", "main"),
+    "validate": ("pipelines.validate", "main"),
+    "train": ("pipelines.train", "main"),
+    "evaluate": ("pipelines.evaluate", "main"),
+    "register": ("pipelines.register", "main"),
+    "promote": ("pipelines.register", "promote_main"),
+    "summary": ("pipelines.summary", "main"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: python -m pipelines {{{','.join(COMMANDS)}}} [options]", file=sys.stderr)
+        return 2
+    module, func = COMMANDS[argv[0]]
+    from detr.config import ConfigError
+
+    try:
+        return getattr(importlib.import_module(module), func)(argv[1:])
+    except ConfigError as exc:
+        print(f"{argv[0]}: bad params: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # spawn-started workers re-import __main__: keep this guard
+    sys.exit(main())

@@ -1,0 +1,407 @@
+"""The ``evaluate`` stage: COCOeval of the trained checkpoint on the val split.
+
+Reads the training checkpoint (``detr.train``: ``params``, ``model``, ``label_map``) and the
+canonical dataset's ``annotations/val.json`` + ``images/val/``. Writes
+
+- ``metrics_path`` (``metrics/coco.json``, DVC metrics): ``{name: float}`` for the 12
+  ``detr.evaluation.STAT_NAMES``, -1.0 where pycocotools leaves a statistic undefined;
+- ``report_dir/coco_table.txt``: pycocotools' 12-line AP/AR summary (also printed);
+- ``report_dir/per_class_ap.json``: ``{class: AP@[.50:.95] or null}`` (null: no val object);
+- ``report_dir/examples/<image_id>.png``: ground truth beside predictions (score >=
+  ``evaluate.score_threshold``) for the first ``evaluate.num_examples`` val images by id;
+- ``plots_dir/pr_curve.csv`` (DVC plots): ``recall,all,<class>...``: at COCO's 101 recall
+  points, the precision (averaged over IoU .50:.95) of the overall curve (``all``, the mean
+  of the classes) and of each class with val objects;
+- ``plots_dir/ap_by_size.csv``: ``size,AP,AR`` for small, medium, large (-1: no such objects).
+
+Classes are named by category name (``<name>_<id>`` where names repeat or one is ``all``).
+With ``run_file`` present (the MLflow run the train stage started) the run also gets the
+statistics as metrics (undefined ones left out), ``AP_class_<class>`` metrics and, under
+``evaluation/``: ``coco_table.txt``, the tables ``coco_stats.json`` and ``per_class_ap.json``,
+``pr_curves.png``, ``ap_by_size.png``, ``train_loss.png`` (from ``plots_dir/train_loss.csv``,
+columns ``epoch,loss,...``, when the train stage wrote it), ``examples_grid.png`` and
+``examples/``. Inside a Prefect flow run, the table is also the ``coco-ap-ar`` artifact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+from prefect import flow
+from torch.utils.data import DataLoader
+
+from detr.checkpoint import CheckpointError, model_from_checkpoint
+from detr.config import ConfigError, DataConfig, TrainConfig
+from detr.data.batching import collate
+from detr.data.coco import (
+    AnnotationError,
+    CocoDetection,
+    ImageLoadError,
+    category_ids_from_label_map,
+)
+from detr.data.transforms import make_transforms
+from detr.device import resolve_precision, select_device
+from detr.engine import evaluate
+from detr.evaluation import STAT_NAMES, CocoEvaluation, evaluate_detections, format_per_class
+from detr.models.postprocess import PostProcess
+from detr.visualize import class_color, draw_detections, example_grid, side_by_side
+from pipelines import params as pipeline_params
+from pipelines import stage, tracking
+from pipelines.params import EvaluateConfig
+
+DEFAULT_CHECKPOINT = Path("checkpoints/checkpoint.pth")
+ALL = "all"  # the class name of the mean PR curve
+SIZES = ("small", "medium", "large")
+EXAMPLE_MIN_SIDE = 256  # px: small images are enlarged so box captions stay legible
+ARTIFACT_DIR = "evaluation"
+_METRIC_UNSAFE = re.compile(r"[^\w.\- ]")  # what MLflow refuses in metric names (and / :)
+
+
+class EvaluationInputError(ValueError):
+    """The checkpoint and the dataset do not belong together (other categories)."""
+
+
+def run(*, checkpoint: Path, dataset_dir: Path, cfg: EvaluateConfig, data_cfg: DataConfig,
+        train_cfg: TrainConfig, metrics_path: Path = Path("metrics/coco.json"),
+        plots_dir: Path = Path("plots"), report_dir: Path = Path("reports/evaluation"),
+        run_file: Path | None = tracking.RUN_FILE) -> CocoEvaluation:
+    """Evaluate ``checkpoint`` on ``dataset_dir``'s val split; write the files of the module
+    doc, log to the MLflow run of ``run_file`` if it exists, print the AP/AR table.
+
+    Device and precision follow ``train_cfg`` (``device``, ``precision``, ``channels_last``),
+    val resizing ``data_cfg`` (``scales``, ``max_size``, ``num_workers``).
+
+    Raises:
+        FileNotFoundError: no checkpoint file, or no ``annotations/val.json`` under the dataset.
+        CheckpointError: the checkpoint is not a readable training checkpoint.
+        EvaluationInputError: the checkpoint's categories are not the val split's.
+    """
+    checkpoint, dataset_dir = Path(checkpoint), Path(dataset_dir)
+    report_dir, plots_dir = Path(report_dir), Path(plots_dir)
+    _check_inputs(checkpoint, dataset_dir)
+    model, _, label_map = model_from_checkpoint(checkpoint)
+    val = CocoDetection.from_root(dataset_dir, "val", transforms=make_transforms(
+        "val", scales=data_cfg.scales, max_size=data_cfg.max_size))
+    category_ids = _category_ids(label_map, val, checkpoint)
+    predictions = _predict(model, val, category_ids, cfg, data_cfg, train_cfg)
+    evaluation = evaluate_detections(val.coco, predictions)
+    labels = class_labels(evaluation)
+    print(evaluation.table)
+    print(format_per_class(evaluation))
+    _write_reports(evaluation, labels, Path(metrics_path), plots_dir, report_dir)
+    examples = write_examples(val, predictions, report_dir / "examples", cfg)
+    stage.publish_table(key="coco-ap-ar", rows=stat_rows(evaluation),
+                        description=f"COCO AP/AR of {checkpoint} on {dataset_dir} (val)")
+    if run_file is not None and Path(run_file).is_file():
+        _log_to_mlflow(Path(run_file), evaluation, labels, plots_dir, examples)
+    elif run_file is not None:
+        print(f"evaluate: no MLflow run file at {run_file}; results not logged to MLflow",
+              file=sys.stderr)
+    return evaluation
+
+
+def class_labels(evaluation: CocoEvaluation) -> dict[int, str]:
+    """A unique display name per category id: its name, or ``<name>_<id>`` where the name
+    repeats or is ``all`` (reserved for the mean curve)."""
+    counts = Counter(evaluation.category_names.values())
+    return {cat: name if counts[name] == 1 and name != ALL else f"{name}_{cat}"
+            for cat, name in evaluation.category_names.items()}
+
+
+def stat_rows(evaluation: CocoEvaluation) -> list[dict]:
+    """``[{"metric", "value", "line"}]``: each statistic with its line of the COCO table."""
+    lines = evaluation.table.splitlines()
+    return [{"metric": name, "value": evaluation.stats[name], "line": line.strip()}
+            for name, line in zip(STAT_NAMES, lines, strict=True)]
+
+
+def write_examples(val: CocoDetection, predictions: dict[int, dict], out_dir: Path,
+                   cfg: EvaluateConfig) -> list[Path]:
+    """``out_dir/<image_id>.png`` for the first ``cfg.num_examples`` images of ``val``:
+    ground truth (left) beside detections scoring >= ``cfg.score_threshold`` (right).
+    Earlier PNGs in ``out_dir`` are removed first. Returns the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("*.png"):
+        old.unlink()
+    raw = CocoDetection(val.image_dir, val.ann_file)  # original pixels and xyxy pixel boxes
+    names = {c["id"]: c["name"] for c in raw.categories}
+    paths = []
+    for index in range(min(cfg.num_examples, len(raw))):
+        image, target = raw[index]
+        truth = draw_detections(image, target["boxes"],
+                                [raw.label_to_category[i] for i in target["labels"].tolist()],
+                                None, names, min_side=EXAMPLE_MIN_SIDE)
+        found = predictions[target["image_id"]]
+        shown = draw_detections(image, found["boxes"], found["labels"], found["scores"], names,
+                                score_threshold=cfg.score_threshold, min_side=EXAMPLE_MIN_SIDE)
+        paths.append(out_dir / f"{target['image_id']}.png")
+        side_by_side(truth, shown).save(paths[-1])
+    return paths
+
+
+def _check_inputs(checkpoint: Path, dataset_dir: Path) -> None:
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint} (run the train stage, or "
+                                f"pass --checkpoint)")
+    annotations = dataset_dir / "annotations" / "val.json"
+    if not annotations.is_file():
+        raise FileNotFoundError(f"{dataset_dir}: no val annotations at {annotations} (run the "
+                                f"prepare stage, or pass --data)")
+
+
+def _category_ids(label_map: dict | None, val: CocoDetection, checkpoint: Path) -> list | None:
+    """Category id of each model label; None for checkpoints whose labels are the ids."""
+    if label_map is None:
+        return None
+    try:
+        ids = category_ids_from_label_map(label_map)
+    except ValueError as exc:
+        raise CheckpointError(f"{checkpoint}: {exc}") from exc
+    if sorted(ids) != sorted(val.label_to_category):
+        raise EvaluationInputError(
+            f"{checkpoint} was trained on category ids {sorted(ids)}, but {val.ann_file} has "
+            f"{sorted(val.label_to_category)}: evaluate it on the dataset it was trained for")
+    return ids
+
+
+def _predict(model, val: CocoDetection, category_ids: list | None, cfg: EvaluateConfig,
+             data_cfg: DataConfig, train_cfg: TrainConfig) -> dict[int, dict]:
+    """Detections by image id (``detr.engine.evaluate``'s contract), every query kept."""
+    device = select_device(train_cfg.device)
+    precision = resolve_precision(train_cfg.precision, device)
+    model = model.to(device)
+    if train_cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loader = DataLoader(val, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate,
+                        num_workers=data_cfg.num_workers, pin_memory=device.type == "cuda")
+    return evaluate(model, PostProcess(category_ids).to(device), loader, device=device,
+                    precision=precision, channels_last=train_cfg.channels_last,
+                    progress=sys.stderr.isatty())
+
+
+def _write_reports(evaluation: CocoEvaluation, labels: dict[int, str], metrics_path: Path,
+                   plots_dir: Path, report_dir: Path) -> None:
+    per_class = {labels[c]: ap for c, ap in evaluation.per_class_ap.items()}
+    _write_text(metrics_path, json.dumps(evaluation.stats, indent=2) + "\n")
+    _write_text(report_dir / "coco_table.txt", evaluation.table + "\n")
+    _write_text(report_dir / "per_class_ap.json", json.dumps(per_class, indent=2) + "\n")
+    curves = _pr_curves(evaluation, labels)
+    _write_csv(plots_dir / "pr_curve.csv", ["recall", *curves], _pr_rows(curves))
+    _write_csv(plots_dir / "ap_by_size.csv", ["size", "AP", "AR"],
+               [[s, evaluation.stats[f"AP_{s}"], evaluation.stats[f"AR_{s}"]] for s in SIZES])
+
+
+def _pr_curves(evaluation: CocoEvaluation, labels: dict[int, str]) -> dict:
+    """``{class: PrecisionRecallCurve}``: ``all`` first, then classes with val objects."""
+    curves = {ALL: evaluation.pr_curve} if evaluation.pr_curve is not None else {}
+    curves.update({labels[c]: curve for c, curve in evaluation.pr_curves.items()})
+    return curves
+
+
+def _pr_rows(curves: dict) -> list[list]:
+    """Wide rows for DVC plots: recall, then the precision (IoU .50:.95) of each curve."""
+    if not curves:
+        return []
+    recall = next(iter(curves.values())).recall
+    return [[r, *(c.precision_50_95[i] for c in curves.values())] for i, r in enumerate(recall)]
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _log_to_mlflow(run_file: Path, evaluation: CocoEvaluation, labels: dict[int, str],
+                   plots_dir: Path, examples: list[Path]) -> None:
+    """Everything of the module doc into the run of ``run_file``; server calls retried."""
+    import mlflow
+
+    with tracking.resume_run(run_file):
+        metrics = {**_defined(evaluation.stats), **_class_metrics(evaluation, labels)}
+        _retry("log the COCO metrics", mlflow.log_metrics, metrics)
+        _retry("log the COCO table", mlflow.log_text, evaluation.table + "\n",
+               f"{ARTIFACT_DIR}/coco_table.txt")
+        for name, data in _tables(evaluation, labels).items():
+            _retry(f"log table {name}", mlflow.log_table, data=data,
+                   artifact_file=f"{ARTIFACT_DIR}/{name}")
+        for name, figure in _figures(evaluation, labels, plots_dir).items():
+            _retry(f"log {name}", mlflow.log_figure, figure, f"{ARTIFACT_DIR}/{name}")
+        if examples:
+            _retry("log the example grid", mlflow.log_image,
+                   example_grid(_load_images(examples), columns=2),
+                   artifact_file=f"{ARTIFACT_DIR}/examples_grid.png")
+            _retry("log the examples", mlflow.log_artifacts, str(examples[0].parent),
+                   f"{ARTIFACT_DIR}/examples")
+
+
+def _retry(what: str, fn, *args, **kwargs) -> None:
+    tracking.retry(lambda: fn(*args, **kwargs), what=what)
+
+
+def _tables(evaluation: CocoEvaluation, labels: dict[int, str]) -> dict[str, dict]:
+    """MLflow tables by artifact name. ``mlflow.log_table`` appends to a table the run already
+    has (evaluate run again in the same run): ``evaluated_at`` tells the evaluations apart."""
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    rows = stat_rows(evaluation)
+    per_class = evaluation.per_class_ap
+    return {
+        "coco_stats.json": {"metric": [r["metric"] for r in rows],
+                            "value": [r["value"] for r in rows], "evaluated_at": [stamp] * 12},
+        "per_class_ap.json": {"class": [labels[c] for c in per_class],
+                              "category_id": list(per_class), "AP": list(per_class.values()),
+                              "evaluated_at": [stamp] * len(per_class)},
+    }
+
+
+def _load_images(paths: list[Path]) -> list[Image.Image]:
+    """The example PNGs read into memory (Pillow closes a single-frame file once loaded)."""
+    return [Image.open(path).convert("RGB") for path in paths]
+
+
+def _defined(stats: dict[str, float]) -> dict[str, float]:
+    """Statistics other than pycocotools' -1 ("undefined"), which would chart as a score."""
+    return {name: value for name, value in stats.items() if value != -1.0}
+
+
+def _class_metrics(evaluation: CocoEvaluation, labels: dict[int, str]) -> dict[str, float]:
+    """``AP_class_<class>`` for classes with val objects; characters MLflow refuses in metric
+    names (anything but letters, digits, ``_ - .`` and space) become ``_``."""
+    return {"AP_class_" + _METRIC_UNSAFE.sub("_", labels[c]): ap
+            for c, ap in evaluation.per_class_ap.items() if ap is not None}
+
+
+def _figures(evaluation: CocoEvaluation, labels: dict[int, str],
+             plots_dir: Path) -> dict[str, Figure]:
+    figures = {"pr_curves.png": _pr_figure(evaluation, labels),
+               "ap_by_size.png": _size_figure(evaluation.stats)}
+    loss = _read_loss(plots_dir / "train_loss.csv")
+    if loss:
+        figures["train_loss.png"] = _loss_figure(*loss)
+    return figures
+
+
+def _pr_figure(evaluation: CocoEvaluation, labels: dict[int, str]) -> Figure:
+    """Two panels, IoU .50:.95 averaged and IoU .50; one curve per class, ``all`` in black."""
+    figure = Figure(figsize=(11, 4.5), layout="constrained")
+    axes = figure.subplots(1, 2, sharey=True)
+    for ax, key, title in zip(axes, ("precision_50_95", "precision_50"),
+                              ("IoU .50:.95 (averaged)", "IoU .50"), strict=True):
+        for cat, curve in evaluation.pr_curves.items():
+            ax.plot(curve.recall, getattr(curve, key), label=labels[cat], linewidth=1,
+                    color=[v / 255 for v in class_color(cat)])
+        if evaluation.pr_curve is not None:
+            ax.plot(evaluation.pr_curve.recall, getattr(evaluation.pr_curve, key), label=ALL,
+                    color="black", linewidth=2.5)
+        ax.set(title=f"Precision-recall, {title}", xlabel="recall", xlim=(0, 1),
+               ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("precision")
+    if len(evaluation.pr_curves) <= 20:  # beyond that a legend hides the curves
+        axes[1].legend(fontsize="small", loc="upper right")
+    return figure
+
+
+def _size_figure(stats: dict[str, float]) -> Figure:
+    """AP and AR by COCO object size; sizes with no val objects show ``n/a``, not a bar."""
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    ax = figure.subplots()
+    for offset, kind in ((-0.2, "AP"), (0.2, "AR")):
+        values = [stats[f"{kind}_{size}"] for size in SIZES]
+        xs = [i + offset for i in range(len(SIZES))]
+        ax.bar(xs, [max(v, 0.0) for v in values], width=0.4, label=kind)
+        for x, value in zip(xs, values, strict=True):
+            ax.text(x, max(value, 0.0) + 0.01, "n/a" if value == -1.0 else f"{value:.3f}",
+                    ha="center", fontsize="small")
+    ax.set(xticks=range(len(SIZES)), xticklabels=SIZES, ylim=(0, 1.05), ylabel="score",
+           title="COCO AP / AR by object size (IoU .50:.95)")
+    ax.legend()
+    return figure
+
+
+def _read_loss(path: Path) -> tuple[list[float], list[float]] | None:
+    """``(epochs, losses)`` from the train stage's CSV, or None when absent or unusable."""
+    if not path.is_file():
+        return None
+    try:
+        with path.open(newline="") as f:
+            rows = [(float(r["epoch"]), float(r["loss"])) for r in csv.DictReader(f)]
+    except (KeyError, TypeError, ValueError) as exc:
+        print(f"evaluate: {path}: no epoch,loss columns ({exc}); loss curve skipped",
+              file=sys.stderr)
+        return None
+    return ([s for s, _ in rows], [v for _, v in rows]) if rows else None
+
+
+def _loss_figure(epochs: list[float], losses: list[float]) -> Figure:
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    ax = figure.subplots()
+    ax.plot(epochs, losses, linewidth=1, marker="o")
+    ax.set(title="Training loss (epoch mean)", xlabel="epoch", ylabel="loss")
+    ax.grid(alpha=0.3)
+    return figure
+
+
+@flow(name="evaluate")
+def evaluate_flow(checkpoint: Path, dataset_dir: Path, cfg: EvaluateConfig,
+                  data_cfg: DataConfig, train_cfg: TrainConfig,
+                  metrics_path: Path = Path("metrics/coco.json"), plots_dir: Path = Path("plots"),
+                  report_dir: Path = Path("reports/evaluation"),
+                  run_file: Path | None = tracking.RUN_FILE) -> CocoEvaluation:
+    """Prefect flow over :func:`run` (same arguments, same result)."""
+    return run(checkpoint=checkpoint, dataset_dir=dataset_dir, cfg=cfg, data_cfg=data_cfg,
+               train_cfg=train_cfg, metrics_path=metrics_path, plots_dir=plots_dir,
+               report_dir=report_dir, run_file=run_file)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipelines evaluate``: 0 when done, 2 for unusable params, checkpoint or data
+    (the message, on stderr, names the file)."""
+    parser = argparse.ArgumentParser(prog="python -m pipelines evaluate",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--params", type=Path, default=pipeline_params.PARAMS_FILE,
+                        help="evaluate, data and train sections")
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                        help="the train stage's checkpoint.pth")
+    parser.add_argument("--data", type=Path, default=Path("data/dataset"),
+                        help="canonical dataset folder")
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/coco.json"),
+                        help="COCO statistics JSON (DVC metrics)")
+    parser.add_argument("--plots", type=Path, default=Path("plots"), help="CSVs for DVC plots")
+    parser.add_argument("--reports", type=Path, default=Path("reports/evaluation"),
+                        help="table, per-class AP, examples/")
+    parser.add_argument("--run-file", type=Path, default=tracking.RUN_FILE,
+                        help="MLflow run of the train stage (skipped when absent)")
+    args = parser.parse_args(argv)
+    try:
+        params = pipeline_params.load(args.params)
+        stage.invoke(evaluate_flow, run, checkpoint=args.checkpoint, dataset_dir=args.data,
+                     cfg=params["evaluate"], data_cfg=params["data"], train_cfg=params["train"],
+                     metrics_path=args.metrics, plots_dir=args.plots, report_dir=args.reports,
+                     run_file=args.run_file)
+    except (ConfigError, CheckpointError, EvaluationInputError, FileNotFoundError,
+            ImageLoadError, AnnotationError) as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""The registered model: a trained DETR as an MLflow pyfunc (images in, detections out).
+
+Contract of :class:`DetrPyfunc` (also the model signature, see :func:`model_signature`):
+
+- input: a pandas DataFrame with a string column ``image``: one base64-encoded image file
+  (JPEG, PNG, anything Pillow reads; a ``data:image/...;base64,`` prefix is accepted) per row.
+- params (optional): ``score_threshold`` (float in [0, 1], default from ``inference.json``) and
+  ``top_k`` (int >= 1, the most detections kept per image).
+- output: a DataFrame with one row per input row and a string column ``detections``: a JSON
+  list, best score first, of ``{"box": [x1, y1, x2, y2], "score": float, "category_id": int,
+  "category": str}``; boxes in absolute pixels of the original image, clipped to it.
+
+Artifacts logged with the model: ``checkpoint`` (the training checkpoint without its optimiser
+state: ``model``, ``params``, ``label_map``, ``epoch``) and ``inference`` (``inference.json``:
+``{"short_side", "max_size", "score_threshold", "top_k"}``, the val preset's scale).
+
+The model is logged as code (MLflow's "models from code"): a three-line file that imports
+:class:`DetrPyfunc`; MLflow 3.17 refuses to unpickle a pickled ``PythonModel`` by default.
+The ``detr`` and ``pipelines`` packages (``pip install -e .``) must be importable where the
+model is loaded, so serve it from the project environment::
+
+    mlflow models serve -m models:/detr@champion --env-manager local
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import tempfile
+import warnings
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from mlflow.pyfunc import PythonModel
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+from detr.checkpoint import load_file, model_from_checkpoint, save_file
+from detr.config import DataConfig
+from detr.data.coco import category_ids_from_label_map
+from detr.data.transforms import make_transforms
+from detr.models.postprocess import PostProcess
+
+CHECKPOINT_ARTIFACT = "checkpoint"
+INFERENCE_ARTIFACT = "inference"
+DEFAULT_TOP_K = 100
+BATCH_SIZE = 8  # images per forward pass in predict()
+# What the model imports at load time; pinned to the installed versions (local labels such as
+# "+cu130" dropped). The project itself (detr-ops) is not on PyPI: serve with --env-manager local.
+REQUIREMENTS = ("mlflow", "torch", "torchvision", "numpy", "pandas", "pillow", "scipy")
+MODEL_CODE = (
+    '"""DETR pyfunc, logged as code: see pipelines/mlflow_model.py."""\n'
+    "from mlflow.models import set_model\n\n"
+    "from pipelines.mlflow_model import DetrPyfunc\n\n"
+    "set_model(DetrPyfunc())\n"
+)
+
+
+def inference_settings(data_cfg: DataConfig, *, score_threshold: float = 0.5,
+                       top_k: int = DEFAULT_TOP_K) -> dict[str, Any]:
+    """``inference.json``: the val preset's scale (short side ``max(scales)``, long side <=
+    ``max_size``) and the default ``score_threshold`` and ``top_k`` of predict()."""
+    _check_options(score_threshold, top_k)
+    return {"short_side": int(max(data_cfg.scales)), "max_size": int(data_cfg.max_size),
+            "score_threshold": float(score_threshold), "top_k": int(top_k)}
+
+
+def model_signature(*, score_threshold: float = 0.5, top_k: int = DEFAULT_TOP_K):
+    """``image`` (string) -> ``detections`` (string), params ``score_threshold`` (double) and
+    ``top_k`` (long) with the given defaults."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.string, "image")]),
+        outputs=Schema([ColSpec(DataType.string, "detections")]),
+        params=ParamSchema([ParamSpec("score_threshold", DataType.double, float(score_threshold)),
+                            ParamSpec("top_k", DataType.long, int(top_k))]),
+    )
+
+
+def pip_requirements() -> list[str]:
+    """``name==version`` of :data:`REQUIREMENTS` as installed here (no environment inference)."""
+    return [f"{name}=={metadata.version(name).split('+')[0]}" for name in REQUIREMENTS]
+
+
+def slim_checkpoint(source: Path, target: Path) -> Path:
+    """Copy a training checkpoint to ``target`` without the resume-only entries (optimiser,
+    scheduler, rng, history): about a third of the size, same weights and params."""
+    ckpt = load_file(source)
+    keep = {k: ckpt[k] for k in ("model", "params", "label_map", "epoch") if k in ckpt}
+    save_file(keep, target)
+    return target
+
+
+def log_model(checkpoint: Path, data_cfg: DataConfig, *, name: str = "model",
+              score_threshold: float = 0.5, top_k: int = DEFAULT_TOP_K):
+    """Log ``checkpoint`` as a :class:`DetrPyfunc` in the active MLflow run.
+
+    Returns MLflow's ``ModelInfo``; its ``model_uri`` is ``models:/m-<id>`` (a LoggedModel),
+    the URI to register. Raises CheckpointError when ``checkpoint`` is not a training
+    checkpoint (checked here, before anything is uploaded).
+    """
+    import mlflow
+
+    settings = inference_settings(data_cfg, score_threshold=score_threshold, top_k=top_k)
+    with tempfile.TemporaryDirectory(prefix="detr-pyfunc-") as tmp:
+        tmp = Path(tmp)
+        model_from_checkpoint(checkpoint)  # fail fast, with the checkpoint's name
+        weights = slim_checkpoint(Path(checkpoint), tmp / "checkpoint.pth")
+        (tmp / "inference.json").write_text(json.dumps(settings, indent=2) + "\n")
+        (tmp / "detr_model.py").write_text(MODEL_CODE)
+        with warnings.catch_warnings():  # no input example on purpose: a base64 image
+            warnings.filterwarnings("ignore", message=".*input example was not provided")
+            return mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(tmp / "detr_model.py"),
+                artifacts={CHECKPOINT_ARTIFACT: str(weights),
+                           INFERENCE_ARTIFACT: str(tmp / "inference.json")},
+                signature=model_signature(score_threshold=score_threshold, top_k=top_k),
+                pip_requirements=pip_requirements(),
+            )
+
+
+class DetrPyfunc(PythonModel):
+    """DETR behind MLflow's pyfunc interface (contract: module docstring)."""
+
+    def load_context(self, context) -> None:
+        """Rebuild the model from the ``checkpoint`` artifact; read ``inference.json``."""
+        settings = json.loads(Path(context.artifacts[INFERENCE_ARTIFACT]).read_text())
+        model, _, label_map = model_from_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(self.device)
+        ids = category_ids_from_label_map(label_map) if label_map else None
+        self.postprocess = PostProcess(ids).to(self.device)
+        self.names = {int(c["id"]): str(c["name"]) for c in (label_map or {}).get("categories", [])}
+        self.defaults = {"score_threshold": float(settings["score_threshold"]),
+                         "top_k": int(settings["top_k"])}
+        self.transform = make_transforms("val", scales=(int(settings["short_side"]),),
+                                         max_size=int(settings["max_size"]))
+
+    def predict(self, context, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Detect objects in each row's ``image``; see the module docstring for the contract.
+
+        Raises:
+            ValueError: no ``image`` column, a row that is not a base64 image (named by its
+                position), or params out of range.
+        """
+        threshold, top_k = self._options(params)
+        texts = _image_column(model_input)
+        rows: list[str] = []
+        for start in range(0, len(texts), BATCH_SIZE):
+            images = [decode_image(text, row=start + i)
+                      for i, text in enumerate(texts[start:start + BATCH_SIZE])]
+            for det in self._detect(images):
+                rows.append(json.dumps(self._select(det, threshold, top_k)))
+        return pd.DataFrame({"detections": pd.Series(rows, dtype=object)})
+
+    def _options(self, params: dict[str, Any] | None) -> tuple[float, int]:
+        params = {**self.defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
+        threshold, top_k = float(params["score_threshold"]), int(params["top_k"])
+        _check_options(threshold, top_k)
+        return threshold, top_k
+
+    @torch.inference_mode()
+    def _detect(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """uint8 [3, H, W] images -> PostProcess dicts (xyxy pixels of each original image)."""
+        sizes = torch.tensor([list(img.shape[-2:]) for img in images], device=self.device)
+        batch = [self._preprocess(img).to(self.device) for img in images]
+        detections = self.postprocess(self.model(batch), sizes)
+        for det, (height, width) in zip(detections, sizes.tolist(), strict=True):
+            det["boxes"][:, 0::2].clamp_(0, width)
+            det["boxes"][:, 1::2].clamp_(0, height)
+        return detections
+
+    def _preprocess(self, image: Tensor) -> Tensor:
+        """The val preset (resize, ImageNet normalisation) on an image with no boxes."""
+        height, width = image.shape[-2:]
+        target = {"boxes": tv_tensors.BoundingBoxes(torch.zeros((0, 4)), format="XYXY",
+                                                    canvas_size=(height, width)),
+                  "labels": torch.zeros((0,), dtype=torch.int64)}
+        out, _ = self.transform(tv_tensors.Image(image), target)
+        return out
+
+    def _select(self, det: dict[str, Tensor], threshold: float, top_k: int) -> list[dict]:
+        """Detections with score >= threshold, best first, at most top_k, boxes clipped."""
+        scores = det["scores"].float().cpu()
+        order = scores.argsort(descending=True)
+        order = order[scores[order] >= threshold][:top_k]
+        boxes = det["boxes"].float().cpu()[order]
+        out = []
+        for box, score, label in zip(boxes.tolist(), scores[order].tolist(),
+                                     det["labels"].cpu()[order].tolist(), strict=True):
+            out.append({"box": [round(v, 2) for v in box], "score": round(score, 5),
+                        "category_id": int(label),
+                        "category": self.names.get(int(label), str(int(label)))})
+        return out
+
+
+def decode_image(text: str, *, row: int = 0) -> Tensor:
+    """A base64 image file -> uint8 RGB tensor [3, H, W]; ValueError names ``row``."""
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"row {row}: 'image' must be a non-empty base64 string, "
+                         f"got {type(text).__name__}")
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        raw = base64.b64decode(text, validate=True)
+        with Image.open(io.BytesIO(raw)) as pil:
+            rgb = pil.convert("RGB")
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"row {row}: 'image' is not valid base64: {exc}") from exc
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"row {row}: 'image' is not a readable image file: {exc}") from exc
+    return F.pil_to_tensor(rgb)
+
+
+def encode_image(path: str | Path) -> str:
+    """The base64 text of an image file, as :class:`DetrPyfunc` expects in ``image``."""
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _image_column(frame: Any) -> list:
+    if not isinstance(frame, pd.DataFrame) or "image" not in frame.columns:
+        found = list(frame.columns) if isinstance(frame, pd.DataFrame) else type(frame).__name__
+        raise ValueError(f"DetrPyfunc.predict: expected a DataFrame with an 'image' column "
+                         f"(base64 image files), got {found}")
+    return frame["image"].tolist()
+
+
+def _check_options(score_threshold: float, top_k: int) -> None:
+    if not 0.0 <= score_threshold <= 1.0:
+        raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")

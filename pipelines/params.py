@@ -1,0 +1,130 @@
+"""``params.yaml``: every section typed and strict, read once.
+
+Library sections (``model``, ``loss``, ``data``, ``train``) are defined in :mod:`detr.config`;
+the pipeline's own (``prepare``, ``validate``, ``evaluate``, ``register``) here. An unknown
+section, an unknown key or a wrong type is an error naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from detr.config import LIBRARY_SECTIONS, ConfigError, load_section
+
+PARAMS_FILE = Path("params.yaml")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The built-in synthetic dataset (``prepare.demo``)."""
+
+    num_train: int = 2000
+    num_val: int = 500
+    image_size: int = 256
+    max_objects: int = 6
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Where the data comes from (``prepare:``)."""
+
+    # "demo" (the built-in synthetic dataset) or a path, relative to the project, read as
+    # ``format``: coco = a folder in the canonical layout (annotations/{train,val}.json +
+    # images/{train,val}/) or one COCO json (its images in ``image_dir``); voc = a VOC year
+    # folder (Annotations/, JPEGImages/); yolo = a folder with images/ and labels/.
+    source: str = "demo"
+    format: Literal["coco", "voc", "yolo"] = "coco"
+    image_dir: str | None = None
+    val_fraction: float = 0.2  # when the source has no train/val split
+    seed: int = 0
+    link: Literal["symlink", "hardlink", "copy"] = "symlink"
+    demo: DemoConfig = DemoConfig()
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """How the val split is evaluated and shown (``evaluate:``)."""
+
+    batch_size: int = 4
+    num_examples: int = 8  # val images drawn with predictions vs ground truth
+    score_threshold: float = 0.5  # for the drawings only; COCO AP uses every detection
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    """Model registry and the alias rule (``register:``)."""
+
+    model_name: str = "detr"
+    metric: str = "AP"  # one of the 12 COCO statistics in metrics/coco.json
+    min_ap: float = 0.0  # the new version must reach this to become @champion...
+    min_improvement: float = 0.0  # ...and beat the champion by this much; else @challenger
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """Bounds of the dataset checks (``validate:`` in params.yaml)."""
+
+    box_tolerance_px: float = 1.0  # how far (px) a box may reach past the image border
+    min_box_side_px: float = 0.0  # boxes must be strictly wider and taller than this
+    area_tolerance: float = 0.01  # `area` may exceed w * h by this fraction (rounding)
+    min_boxes_per_image: int = 0  # 0: images without objects are allowed (DETR handles them)
+    max_boxes_per_image: int = 100
+    num_queries: int = 100  # the model's; must be larger than the most boxes in one image
+    min_train_boxes_per_class: int = 1  # every category needs training examples
+    min_class_fraction: float = 0.001  # of all non-crowd train boxes, per category
+    max_class_imbalance: float = 1000.0  # largest class's train boxes / smallest class's
+    workers: int = 2  # processes for the per-image file checks (read, hash, decode)
+    max_examples: int = 20  # offending records kept per expectation
+
+    def __post_init__(self) -> None:
+        checks = {
+            "box_tolerance_px": self.box_tolerance_px >= 0,
+            "min_box_side_px": self.min_box_side_px >= 0,
+            "area_tolerance": self.area_tolerance >= 0,
+            "max_boxes_per_image": self.max_boxes_per_image >= self.min_boxes_per_image >= 0,
+            "num_queries": self.num_queries >= 1,
+            "min_class_fraction": 0 <= self.min_class_fraction <= 1,
+            "max_class_imbalance": self.max_class_imbalance >= 1,
+            "workers": self.workers >= 1,
+            "max_examples": self.max_examples >= 1,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"validate.{key}: {getattr(self, key)!r} is out of range")
+
+
+PIPELINE_SECTIONS: dict[str, type] = {"prepare": PrepareConfig, "validate": ValidateConfig,
+                                      "evaluate": EvaluateConfig, "register": RegisterConfig}
+
+
+def load(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    """All sections of ``path`` as their dataclasses (missing sections take defaults).
+
+    ``validate.num_queries`` defaults to ``model.num_queries``.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read params: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    sections = {**PIPELINE_SECTIONS, **LIBRARY_SECTIONS}
+    unknown = sorted(set(data) - set(sections))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section {unknown[0]!r} "
+                          f"(allowed: {', '.join(sorted(sections))})")
+    try:
+        out = {name: load_section(cls, data.get(name), name) for name, cls in sections.items()}
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if "num_queries" not in (data.get("validate") or {}):
+        out["validate"] = dataclasses.replace(out["validate"],
+                                              num_queries=out["model"].num_queries)
+    return out

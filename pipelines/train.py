@@ -1,0 +1,134 @@
+"""The ``train`` stage: :func:`detr.train.fit` with MLflow tracking.
+
+Starts the pipeline's MLflow run (its id goes to ``reports/mlflow_run.json`` for evaluate and
+register), logs every param, per-step losses and learning rates, per-epoch means (and val AP
+when ``train.eval_every`` is set), the dataset's DVC hash and the git commit. ``checkpoints/``
+is a persisted DVC output: an interrupted training resumes from its last epoch. The epoch
+history goes to ``plots/train_loss.csv`` (a DVC plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+from prefect import flow
+
+from detr.engine import NonFiniteLossError
+from detr.train import fit
+from pipelines import stage, tracking
+from pipelines.prepare import DATASET
+
+CHECKPOINTS = Path("checkpoints")
+LOSS_PLOT = Path("plots/train_loss.csv")
+LOG_EVERY = 20  # steps per batch of MLflow metrics (one round trip each)
+LIBRARY = ("model", "loss", "data", "train")
+
+
+class MlflowLogger:
+    """``fit`` callback: per-step metrics in batches, per-epoch metrics at once."""
+
+    def __init__(self, run_id: str):
+        from mlflow import MlflowClient
+
+        self.client, self.run_id, self.pending = MlflowClient(), run_id, []
+
+    def __call__(self, values: dict) -> None:
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        if "step" in values:  # one optimiser step
+            step = int(values["step"])
+            self.pending += [Metric(k, float(v), now, step) for k, v in values.items()
+                             if k not in ("step", "epoch")]
+            if step % LOG_EVERY == 0:
+                self.flush()
+        else:  # end of an epoch
+            epoch = int(values["epoch"])
+            self.pending += [Metric(k, float(v), now, epoch) for k, v in values.items()
+                             if k != "epoch"]
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        for i in range(0, len(pending), 1000):  # MLflow's batch limit
+            chunk = pending[i:i + 1000]
+            tracking.retry(lambda c=chunk: self.client.log_batch(self.run_id, metrics=c),
+                           what="log metrics")
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+def run(*, params: dict, dataset_dir: Path = DATASET, out_dir: Path = CHECKPOINTS,
+        run_file: Path = tracking.RUN_FILE, plot_path: Path = LOSS_PLOT,
+        init_weights: Path | None = None, progress: bool = True) -> Path:
+    """Train (resuming from ``out_dir`` when possible); returns the checkpoint path."""
+    import mlflow
+
+    run_id = tracking.start_run(run_file=run_file)
+    client = mlflow.MlflowClient()
+    sections = {k: params[k] for k in LIBRARY}
+    logged = tracking.flat_params({k: vars(v) for k, v in sections.items()})
+    items = list(logged.items())
+    for i in range(0, len(items), 100):
+        from mlflow.entities import Param
+
+        batch = [Param(k, v) for k, v in items[i:i + 100]]
+        tracking.retry(lambda b=batch: client.log_batch(run_id, params=b), what="log params")
+    md5 = tracking.dvc_hash(str(dataset_dir))
+    if md5:
+        tracking.retry(lambda: client.set_tag(run_id, "dataset_md5", md5), what="tag run")
+    logger = MlflowLogger(run_id)
+    try:
+        result = fit(model_cfg=params["model"], loss_cfg=params["loss"], data_cfg=params["data"],
+                     train_cfg=params["train"], data_root=dataset_dir, out_dir=out_dir,
+                     init_weights=init_weights, callback=logger, progress=progress,
+                     evaluate_at_end=False)
+    except NonFiniteLossError as exc:
+        logger.flush()
+        client.set_terminated(run_id, status="FAILED")
+        raise SystemExit(f"train: {exc}") from None
+    logger.flush()
+    _write_history(plot_path, result.history)
+    return result.checkpoint
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    """Epoch rows (``epoch``, ``loss``, each loss term, ``val_AP``...) as CSV."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = ["epoch"] + sorted({k.removeprefix("epoch_") for row in history for k in row
+                                  if k != "epoch"})
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k.removeprefix("epoch_"): v for k, v in row.items()})
+
+
+@flow(name="train")
+def train_flow(**kwargs) -> Path:
+    return run(**kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines train")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--data", type=Path, default=DATASET)
+    parser.add_argument("--out", type=Path, default=CHECKPOINTS)
+    parser.add_argument("--init-weights", type=Path, default=None,
+                        help="fine-tune from this checkpoint (official DETR or own)")
+    args = parser.parse_args(argv)
+    from pipelines.params import load
+
+    params = load(args.params)
+    checkpoint = stage.invoke(train_flow, run, params=params, dataset_dir=args.data,
+                              out_dir=args.out, init_weights=args.init_weights,
+                              progress=sys.stderr.isatty())
+    print(f"train: checkpoint {checkpoint}")
+    return 0

@@ -1,0 +1,155 @@
+"""The evaluate stage end to end: a tiny trained checkpoint -> files, MLflow run, exit codes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from detr.evaluation import STAT_NAMES
+from detr.train import fit
+from pipelines import evaluate, tracking
+from pipelines.params import EvaluateConfig
+from tests.conftest import tiny_training
+
+pytestmark = pytest.mark.slow
+EVAL_CFG = EvaluateConfig(batch_size=2, num_examples=2, score_threshold=0.0)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_dataset, tmp_path_factory) -> Path:
+    model, loss, data, train = tiny_training(epochs=1)
+    out = tmp_path_factory.mktemp("trained")
+    return fit(model_cfg=model, loss_cfg=loss, data_cfg=data, train_cfg=train,
+               data_root=tiny_dataset, out_dir=out, progress=False).checkpoint
+
+
+def _run(checkpoint: Path, dataset: Path, out: Path, run_file: Path | None):
+    _, _, data, train = tiny_training(epochs=1)
+    return evaluate.run(checkpoint=checkpoint, dataset_dir=dataset, cfg=EVAL_CFG, data_cfg=data,
+                        train_cfg=train, metrics_path=out / "metrics" / "coco.json",
+                        plots_dir=out / "plots", report_dir=out / "reports" / "evaluation",
+                        run_file=run_file)
+
+
+@pytest.fixture(scope="module")
+def tracked(checkpoint, tiny_dataset, tmp_path_factory):
+    """Evaluate into an MLflow run kept under a temporary folder: (out dir, run id, result)."""
+    import mlflow
+
+    out = tmp_path_factory.mktemp("evaluate")
+    (out / "plots").mkdir()
+    (out / "plots" / "train_loss.csv").write_text("epoch,loss,loss_ce\n0,3.5,1.2\n1,3.1,1.0\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.setenv("DVC_ROOT", str(out))
+        mp.chdir(out)
+        tracking.configure()  # sqlite:///<out>/mlflow.db
+        mlflow.create_experiment(tracking.EXPERIMENT,
+                                 artifact_location=(out / "mlartifacts").as_uri())
+        run_id = tracking.start_run(run_file=out / "mlflow_run.json")
+        result = _run(checkpoint, tiny_dataset, out, out / "mlflow_run.json")
+        client = mlflow.MlflowClient(tracking.tracking_uri())
+        yield out, client.get_run(run_id), client, result
+
+
+def test_metrics_file_has_the_twelve_statistics(tracked):
+    out, _, _, result = tracked
+    metrics = json.loads((out / "metrics" / "coco.json").read_text())
+    assert list(metrics) == list(STAT_NAMES)
+    assert all(isinstance(v, float) and (v == -1.0 or 0.0 <= v <= 1.0) for v in metrics.values())
+    assert metrics == result.stats
+
+
+def test_reports_table_per_class_and_examples(tracked, tiny_dataset):
+    out, _, _, result = tracked
+    reports = out / "reports" / "evaluation"
+    table = (reports / "coco_table.txt").read_text().splitlines()
+    assert len(table) == 12 and table[0].lstrip().startswith("Average Precision")
+    per_class = json.loads((reports / "per_class_ap.json").read_text())
+    assert set(per_class) == set(result.category_names.values())
+    assert all(v is None or 0.0 <= v <= 1.0 for v in per_class.values())
+    val = json.loads((tiny_dataset / "annotations" / "val.json").read_text())
+    first = sorted(image["id"] for image in val["images"])[:EVAL_CFG.num_examples]
+    examples = sorted((reports / "examples").glob("*.png"))
+    assert sorted(p.stem for p in examples) == sorted(str(i) for i in first)
+    with Image.open(examples[0]) as image:
+        assert image.mode == "RGB" and image.width > image.height  # two panels side by side
+
+
+def test_plot_csvs(tracked):
+    out, _, _, result = tracked
+    with (out / "plots" / "pr_curve.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:2] == ["recall", "all"]
+    assert len(rows[0]) == len(result.pr_curves) + 2  # recall, all, one column per class
+    assert len(rows) == 101 and float(rows[0]["recall"]) == 0 and float(rows[-1]["recall"]) == 1
+    assert all(0.0 <= float(v) <= 1.0 for row in rows for v in row.values())
+    with (out / "plots" / "ap_by_size.csv").open(newline="") as f:
+        sizes = list(csv.DictReader(f))
+    assert [r["size"] for r in sizes] == ["small", "medium", "large"]
+    assert float(sizes[0]["AP"]) == result.stats["AP_small"]
+
+
+def test_mlflow_run_has_metrics_and_artifacts(tracked):
+    _, run, client, result = tracked
+    defined = {k for k, v in result.stats.items() if v != -1.0}
+    assert {"AP", "AP50", "AP75", "AR_100"} <= set(run.data.metrics)
+    assert defined <= set(run.data.metrics)
+    assert run.data.metrics["AP"] == pytest.approx(result.stats["AP"])
+    assert any(k.startswith("AP_class_") for k in run.data.metrics)
+    paths = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    for name in ("coco_table.txt", "coco_stats.json", "per_class_ap.json", "pr_curves.png",
+                 "ap_by_size.png", "train_loss.png", "examples_grid.png", "examples"):
+        assert f"evaluation/{name}" in paths
+    table = client.download_artifacts(run.info.run_id, "evaluation/coco_table.txt")
+    assert Path(table).read_text().rstrip("\n") == result.table
+    stats = json.loads(Path(client.download_artifacts(
+        run.info.run_id, "evaluation/coco_stats.json")).read_text())
+    assert stats["columns"][:2] == ["metric", "value"] and len(stats["data"]) == 12
+    assert Path(run.info.artifact_uri.removeprefix("file://")).is_relative_to(
+        Path(tracked[0]))  # nothing written outside the test's folder
+
+
+def test_without_run_file_the_files_are_still_written(checkpoint, tiny_dataset, tmp_path,
+                                                      capsys):
+    result = _run(checkpoint, tiny_dataset, tmp_path, tmp_path / "absent.json")
+    assert json.loads((tmp_path / "metrics" / "coco.json").read_text()) == result.stats
+    assert (tmp_path / "plots" / "pr_curve.csv").is_file()
+    assert list((tmp_path / "reports" / "evaluation" / "examples").glob("*.png"))
+    captured = capsys.readouterr()
+    assert "Average Precision" in captured.out and "absent.json" in captured.err
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def _params(tmp_path: Path) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text("evaluate: {batch_size: 2, num_examples: 1}\n"
+                    "data: {scales: [64], max_size: 64, num_workers: 0}\n"
+                    "train: {device: cpu, precision: fp32, channels_last: false}\n")
+    return path
+
+
+def test_main_runs_the_stage(checkpoint, tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    code = evaluate.main(["--params", str(_params(tmp_path)), "--checkpoint", str(checkpoint),
+                          "--data", str(tiny_dataset), "--metrics", str(tmp_path / "m.json"),
+                          "--plots", str(tmp_path / "plots"), "--reports", str(tmp_path / "r"),
+                          "--run-file", str(tmp_path / "none.json")])
+    assert code == 0
+    assert list(json.loads((tmp_path / "m.json").read_text())) == list(STAT_NAMES)
+    assert len(list((tmp_path / "r" / "examples").glob("*.png"))) == 1
+
+
+@pytest.mark.parametrize("missing", ["checkpoint", "data"])
+def test_main_names_a_missing_input_and_exits_2(missing, checkpoint, tiny_dataset, tmp_path,
+                                                capsys):
+    paths = {"checkpoint": checkpoint, "data": tiny_dataset, missing: tmp_path / "nowhere"}
+    code = evaluate.main(["--params", str(_params(tmp_path)), "--checkpoint",
+                          str(paths["checkpoint"]), "--data", str(paths["data"]),
+                          "--run-file", str(tmp_path / "none.json")])
+    assert code == 2
+    assert str(tmp_path / "nowhere") in capsys.readouterr().err

@@ -1,0 +1,42 @@
+"""params.yaml and the presets load strictly; the pipeline's own sections are typed."""
+
+from pathlib import Path
+
+import pytest
+
+from detr.config import ConfigError
+from pipelines.params import load
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", ["params.yaml", "configs/detr_r50_coco.yaml",
+                                  "configs/finetune.yaml"])
+def test_params_files_load(name):
+    params = load(ROOT / name)
+    assert set(params) == {"prepare", "validate", "model", "loss", "data", "train", "evaluate",
+                           "register"}
+    assert params["validate"].num_queries == params["model"].num_queries
+
+
+def test_the_r50_preset_is_the_paper_recipe():
+    p = load(ROOT / "configs/detr_r50_coco.yaml")
+    m, t, d = p["model"], p["train"], p["data"]
+    assert (m.backbone, m.norm, m.hidden_dim, m.enc_layers, m.dec_layers) == (
+        "resnet50", "frozen_bn", 256, 6, 6)
+    assert (m.num_queries, m.dropout, m.pre_norm, m.query_groups) == (100, 0.1, False, 1)
+    assert (t.lr, t.lr_backbone, t.weight_decay, t.clip_max_norm) == (1e-4, 1e-5, 1e-4, 0.1)
+    assert d.scales == tuple(range(480, 801, 32)) and d.max_size == 1333
+
+
+def test_unknown_section_key_or_type_names_the_culprit(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("trian:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match="unknown section 'trian'"):
+        load(path)
+    path.write_text("train:\n  epochs: three\n")
+    with pytest.raises(ConfigError, match=r"params.yaml: train.epochs: expected int"):
+        load(path)
+    path.write_text("prepare:\n  demo:\n    num_trian: 3\n")
+    with pytest.raises(ConfigError, match=r"prepare.demo.num_trian: unknown key"):
+        load(path)
