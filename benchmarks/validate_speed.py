@@ -79,7 +79,8 @@ def main() -> None:
     start = time.perf_counter()
     import great_expectations  # noqa: F401  (timed apart: a fixed cost per process)
 
-    from pipelines.expectations import load_tables, run_suites
+    from pipelines.dataset_tables import load_tables
+    from pipelines.expectations import run_suites
     from pipelines.params import ValidateConfig
     from pipelines.validate import run
 

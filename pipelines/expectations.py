@@ -1,18 +1,8 @@
-"""The Great Expectations suite over a canonical COCO dataset.
+"""The Great Expectations suite over the tables of a canonical COCO dataset.
 
-The dataset (``annotations/{train,val}.json`` + ``images/{train,val}/``, see
-:mod:`detr.data.formats`) is flattened by :func:`load_tables` into three pandas tables, one row
-per json record of every split:
-
-- ``images``: split, id, file_name, width, height (declared), num_boxes; file facts computed
-  here: exists, decodes, real_width, real_height, sha1, duplicate_in (the other splits holding
-  a file with the same bytes; null when none).
-- ``annotations``: split, id, image_id, category_id, x, y, w, h (the bbox, null unless it is 4
-  numbers), area, iscrowd; derived: image_found, category_found, right_overflow and
-  bottom_overflow (px past the image's right/bottom edge), area_ratio (area / (w * h)).
-- ``categories``: split, id, name, supercategory; derived: matches_train ((id, name) is in the
-  train split's list), train_boxes (non-crowd train boxes), train_fraction, imbalance (largest
-  class's train_boxes / this one's).
+The tables (``images``, ``annotations``, ``categories``: one row per json record of every
+split; columns in :mod:`pipelines.dataset_tables`) come from
+:func:`pipelines.dataset_tables.load_tables`.
 
 Every check is one GE expectation on these columns (:func:`build_expectations`), named by its
 ``meta["name"]``; :func:`run_suites` validates the tables in an ephemeral context and returns one
@@ -20,50 +10,25 @@ Every check is one GE expectation on these columns (:func:`build_expectations`),
 by split + id (+ file_name / image_id / name). Nulls are skipped by GE's column checks: a missing
 file is only reported by ``image_file_exists``, not again by the decode and size checks.
 
-Great Expectations is imported inside the functions that need it: the per-image file checks run
-in spawned worker processes, which import this module and should not pay GE's import time.
+Great Expectations is imported inside the functions that need it: importing this module (and
+:mod:`pipelines.validate`) does not pay GE's import time.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import multiprocessing
-import re
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-from PIL import Image
+from pipelines.dataset_tables import SPLITS, UNSAFE_FILE_NAME, DatasetTables
 
 if TYPE_CHECKING:
     from pipelines.params import ValidateConfig
 
-SPLITS = ("train", "val")
-TRAIN = "train"
 # Columns that identify an offending record in the report.
 RECORD_KEYS = {"images": ["split", "id", "file_name"], "annotations": ["split", "id", "image_id"],
                "categories": ["split", "id", "name"]}
-# Absolute (POSIX, Windows drive, UNC) paths or a ".." component anywhere.
-UNSAFE_FILE_NAME = r"^(?:[/\\]|[A-Za-z]:)|(?:^|[/\\])\.\.(?:[/\\]|$)"
-_MIN_PARALLEL = 256  # fewer images than this: checking them in-process beats starting workers
 _DOCS_SITE = "validation"
-
-
-class DatasetLayoutError(ValueError):
-    """The dataset folder lacks an annotation file, or one is not a COCO json object."""
-
-
-@dataclass(frozen=True)
-class DatasetTables:
-    """The flattened dataset: one DataFrame per COCO record type (columns: module docstring)."""
-
-    images: pd.DataFrame
-    annotations: pd.DataFrame
-    categories: pd.DataFrame
 
 
 @dataclass(frozen=True)
@@ -80,174 +45,6 @@ class ExpectationOutcome:
     examples: tuple[dict[str, Any], ...]
     observed: Any = None  # aggregate expectations: what GE measured (e.g. the splits found)
     error: str | None = None
-
-
-def load_tables(dataset_dir: str | Path, *, workers: int = 2) -> DatasetTables:
-    """Flatten ``dataset_dir``'s train and val jsons and check every image file.
-
-    Raises:
-        DatasetLayoutError: an annotation file is missing, not JSON, or lacks a list of
-            ``images``, ``annotations`` or ``categories``.
-    """
-    root = Path(dataset_dir)
-    raw = {split: _read_split(root, split) for split in SPLITS}
-    images = _frame(raw, "images", ["id", "file_name", "width", "height"])
-    names = images["file_name"]  # a non-string name is no name (image_file_name_present fails)
-    images["file_name"] = names.where(names.map(lambda v: isinstance(v, str) and v != ""), None)
-    annotations = _annotation_frame(raw)
-    categories = _frame(raw, "categories", ["id", "name", "supercategory"])
-    _add_file_facts(images, root, workers)
-    _link_annotations(annotations, images, categories)
-    images["num_boxes"] = _boxes_per_image(images, annotations)
-    _add_category_stats(categories, annotations)
-    return DatasetTables(images, annotations, categories)
-
-
-def _read_split(root: Path, split: str) -> dict[str, list]:
-    path = root / "annotations" / f"{split}.json"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DatasetLayoutError(f"{path}: annotation file not found") from None
-    except json.JSONDecodeError as exc:
-        raise DatasetLayoutError(f"{path}: not valid JSON: {exc}") from None
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data, dict) or not isinstance(data.get(key), list):
-            raise DatasetLayoutError(f"{path}: '{key}' must be a list of records")
-    return data
-
-
-def _frame(raw: dict[str, dict], key: str, columns: list[str]) -> pd.DataFrame:
-    """One row per record of ``raw[split][key]``; numeric columns coerced (non-numbers: null)."""
-    rows = [(split, *(_field(r, c) for c in columns)) for split in SPLITS for r in raw[split][key]]
-    frame = pd.DataFrame(rows, columns=["split", *columns], dtype=object)
-    for column in columns:
-        if column in ("id", "image_id", "category_id", "width", "height", "area", "iscrowd"):
-            frame[column] = _numeric(frame[column])
-    return frame
-
-
-def _field(record: Any, column: str) -> Any:
-    return record.get(column) if isinstance(record, dict) else None
-
-
-def _numeric(values: pd.Series) -> pd.Series:
-    numbers = pd.to_numeric(values.map(_number_or_none), errors="coerce").astype("float64")
-    if numbers.notna().all() and (numbers % 1 == 0).all():
-        return numbers.astype("int64")  # plain ints read better in the report
-    return numbers
-
-
-def _number_or_none(value: Any) -> Any:
-    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def _annotation_frame(raw: dict[str, dict]) -> pd.DataFrame:
-    columns = ["id", "image_id", "category_id", "area", "iscrowd"]
-    frame = _frame(raw, "annotations", columns)
-    boxes = [_bbox(_field(r, "bbox")) for split in SPLITS for r in raw[split]["annotations"]]
-    bbox = pd.DataFrame(boxes, columns=["x", "y", "w", "h"], dtype="float64")
-    return pd.concat([frame, bbox], axis=1)
-
-
-def _bbox(value: Any) -> list[float | None]:
-    numbers = isinstance(value, list) and all(_number_or_none(v) is not None for v in value)
-    if numbers and len(value) == 4:
-        return value
-    return [None] * 4
-
-
-def _add_file_facts(images: pd.DataFrame, root: Path, workers: int) -> None:
-    names = zip(images["split"], images["file_name"], strict=True)
-    paths = [_safe_path(root / "images" / split, name) for split, name in names]
-    facts = pd.DataFrame(check_files(paths, workers=workers), index=images.index, dtype=object,
-                         columns=["exists", "decodes", "real_width", "real_height", "sha1"])
-    images[facts.columns] = facts
-    images["duplicate_in"] = _duplicate_in(images)
-
-
-def _safe_path(split_dir: Path, file_name: Any) -> str | None:
-    """The file's path, or None when the name is not a relative path inside ``split_dir``."""
-    if not isinstance(file_name, str) or not file_name or re.search(UNSAFE_FILE_NAME, file_name):
-        return None
-    return str(split_dir / PurePosixPath(file_name))
-
-
-def check_files(paths: Sequence[str | None], *, workers: int = 2) -> list[tuple]:
-    """``(exists, decodes, width, height, sha1)`` per path (all None for a None path).
-
-    Each file is read once: SHA-1 of its bytes, then a full decode (``Image.load``) for the real
-    size. Uses ``workers`` spawned processes when there are many files.
-    """
-    if workers <= 1 or len(paths) < _MIN_PARALLEL:
-        return [_check_file(p) for p in paths]
-    chunk = max(1, len(paths) // (workers * 16))
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        return pool.map(_check_file, paths, chunksize=chunk)
-
-
-def _check_file(path: str | None) -> tuple:
-    if path is None:
-        return (None,) * 5
-    try:
-        data = Path(path).read_bytes()
-    except OSError:
-        return (False, None, None, None, None)
-    sha1 = hashlib.sha1(data, usedforsecurity=False).hexdigest()
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            width, height = image.size
-    except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        return (True, False, None, None, sha1)
-    return (True, True, width, height, sha1)
-
-
-def _duplicate_in(images: pd.DataFrame) -> pd.Series:
-    """Per image: the other splits (comma-joined) holding a file with the same bytes, or None."""
-    splits_by_hash = images.dropna(subset=["sha1"]).groupby("sha1")["split"].agg(frozenset)
-    others = [
-        ",".join(sorted(splits_by_hash[h] - {s})) or None if isinstance(h, str) else None
-        for s, h in zip(images["split"], images["sha1"], strict=True)
-    ]
-    return pd.Series(others, index=images.index, dtype=object)
-
-
-def _link_annotations(ann: pd.DataFrame, images: pd.DataFrame, categories: pd.DataFrame) -> None:
-    """Add image_found, category_found, right/bottom_overflow and area_ratio to ``ann``."""
-    keys = ["split", "image_id"]
-    declared = images.drop_duplicates(["split", "id"]).rename(columns={"id": "image_id"})
-    declared = declared.set_index(keys)[["width", "height"]]
-    sizes = ann[keys].join(declared, on=keys)
-    ann["image_found"] = _pairs_in(ann, keys, images, ["split", "id"])
-    ann["category_found"] = _pairs_in(ann, ["split", "category_id"], categories, ["split", "id"])
-    ann["right_overflow"] = ann["x"] + ann["w"] - sizes["width"]
-    ann["bottom_overflow"] = ann["y"] + ann["h"] - sizes["height"]
-    box_area = (ann["w"] * ann["h"]).where(lambda a: a > 0)
-    ann["area_ratio"] = ann["area"] / box_area
-
-
-def _pairs_in(left: pd.DataFrame, left_keys, right: pd.DataFrame, right_keys) -> pd.Series:
-    index = pd.MultiIndex.from_frame(right[right_keys].astype(object))
-    found = pd.MultiIndex.from_frame(left[left_keys].astype(object)).isin(index)
-    return pd.Series(found, index=left.index, dtype=bool)
-
-
-def _boxes_per_image(images: pd.DataFrame, ann: pd.DataFrame) -> pd.Series:
-    counts = ann.groupby(["split", "image_id"]).size()
-    keys = pd.MultiIndex.from_frame(images[["split", "id"]].astype(object))
-    return pd.Series(counts.reindex(keys, fill_value=0).to_numpy(), index=images.index)
-
-
-def _add_category_stats(categories: pd.DataFrame, ann: pd.DataFrame) -> None:
-    train = categories[categories["split"] == TRAIN]
-    categories["matches_train"] = _pairs_in(categories, ["id", "name"], train, ["id", "name"])
-    boxes = ann[(ann["split"] == TRAIN) & (ann["iscrowd"] != 1)]
-    counts = boxes.groupby("category_id").size()
-    train_boxes = categories["id"].map(counts).fillna(0).astype("int64")
-    categories["train_boxes"] = train_boxes
-    categories["train_fraction"] = train_boxes / max(len(boxes), 1)
-    categories["imbalance"] = train_boxes.max() / train_boxes.where(train_boxes > 0)
 
 
 def build_expectations(cfg: ValidateConfig) -> dict[str, list]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from detr.data import formats, synthetic
+from detr.data import formats, synthetic, voc, yolo
 from pipelines import stage
 from pipelines.params import PrepareConfig
 
@@ -23,6 +23,14 @@ DATASET = Path("data/dataset")
 def run(*, cfg: PrepareConfig, out_dir: Path = DATASET) -> dict:
     """Create ``out_dir`` from ``cfg.source``; returns ``{"images": {split: n},
     "annotations": {split: n}}``."""
+    summary = _prepare(cfg, out_dir)
+    counts = ", ".join(f"{split} {n} images / {summary['annotations'][split]} boxes"
+                       for split, n in summary["images"].items())
+    print(f"prepare: {cfg.source} -> {out_dir}: {counts}")
+    return summary
+
+
+def _prepare(cfg: PrepareConfig, out_dir: Path) -> dict:
     if out_dir.exists():  # DVC removes outputs first; a manual run replaces them too
         shutil.rmtree(out_dir)
     if cfg.source == "demo":
@@ -37,9 +45,9 @@ def run(*, cfg: PrepareConfig, out_dir: Path = DATASET) -> dict:
         raise FileNotFoundError(f"prepare.source: {source} does not exist")
     common = {"val_fraction": cfg.val_fraction, "seed": cfg.seed, "link": cfg.link}
     if cfg.format == "voc":
-        imported = formats.import_voc(out_dir, source, **common)
+        imported = voc.import_voc(out_dir, source, **common)
     elif cfg.format == "yolo":
-        imported = formats.import_yolo(out_dir, source, **common)
+        imported = yolo.import_yolo(out_dir, source, **common)
     else:
         imported = formats.import_coco(out_dir, _coco_sources(source, cfg), **common)
     return {"images": dict(imported.images), "annotations": dict(imported.annotations)}
@@ -54,7 +62,7 @@ def _coco_sources(source: Path, cfg: PrepareConfig) -> dict[str, tuple[Path, Pat
             for split in ("train", "val")}
 
 
-@flow(name="prepare")
+@flow(name="prepare", log_prints=True)
 def prepare_flow(**kwargs) -> dict:
     return run(**kwargs)
 
@@ -68,11 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load(args.params)["prepare"]
     try:
-        summary = stage.invoke(prepare_flow, run, cfg=cfg, out_dir=args.out)
+        stage.invoke(prepare_flow, run, cfg=cfg, out_dir=args.out)
     except (FileNotFoundError, ValueError, formats.FormatError) as exc:
         print(f"prepare: {exc}", file=sys.stderr)
         return 2
-    counts = ", ".join(f"{split} {n} images / {summary['annotations'][split]} boxes"
-                       for split, n in summary["images"].items())
-    print(f"prepare: {cfg.source} -> {args.out}: {counts}")
     return 0

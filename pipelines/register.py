@@ -341,7 +341,7 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-@flow(name="register", validate_parameters=False)
+@flow(name="register", validate_parameters=False, log_prints=True)
 def register_flow(**kwargs: Any) -> dict[str, Any]:
     """Prefect flow over :func:`run` (same keyword arguments)."""
     return run(**kwargs)

@@ -1,9 +1,9 @@
 """What every stage shares: Prefect only when a server is configured, and artifacts.
 
-``invoke(flow, run, **kwargs)``: with ``PREFECT_API_URL`` set, the stage runs as its Prefect
-flow (it shows in the UI with its logs and artifacts); without it, the pure ``run`` is called
-directly, so a plain ``dvc repro`` needs no server and does not start a temporary one (~8 s
-a stage).
+``invoke(flow, run, **kwargs)``: with a Prefect API configured (``PREFECT_API_URL`` in the
+environment or the active Prefect profile), the stage runs as its Prefect flow: it shows in the
+UI with its logs and artifacts. Without one, the pure ``run`` is called directly, so a plain
+``dvc repro`` needs no server and does not start a temporary one (~8 s a stage).
 """
 
 from __future__ import annotations
@@ -14,7 +14,11 @@ from typing import Any
 
 
 def prefect_enabled() -> bool:
-    return bool(os.environ.get("PREFECT_API_URL"))
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    from prefect.settings import get_current_settings
+
+    return bool(get_current_settings().api.url)
 
 
 def invoke(flow: Callable[..., Any], run: Callable[..., Any], **kwargs: Any) -> Any:

@@ -111,7 +111,7 @@ def _write_history(path: Path, history: list[dict]) -> None:
             writer.writerow({k.removeprefix("epoch_"): v for k, v in row.items()})
 
 
-@flow(name="train")
+@flow(name="train", log_prints=True)
 def train_flow(**kwargs) -> Path:
     return run(**kwargs)
 

@@ -27,14 +27,8 @@ from typing import Any
 
 from prefect import flow
 
-from pipelines.expectations import (
-    SPLITS,
-    DatasetLayoutError,
-    DatasetTables,
-    ExpectationOutcome,
-    load_tables,
-    run_suites,
-)
+from pipelines.dataset_tables import SPLITS, DatasetLayoutError, DatasetTables, load_tables
+from pipelines.expectations import ExpectationOutcome, run_suites
 from pipelines.params import ValidateConfig
 
 # COCO's area ranges (px^2): small < 32^2 <= medium < 96^2 <= large.
@@ -162,8 +156,7 @@ def _count(outcome: ExpectationOutcome) -> str:
     return f"{outcome.unexpected_count}/{outcome.element_count} records"
 
 
-@flow(name="validate")
-@flow(name="validate")
+@flow(name="validate", log_prints=True)
 def validate_flow(**kwargs: Any) -> dict[str, Any]:
     """Prefect flow over :func:`run`: fails (with the summary as its message) when an
     expectation fails; returns the dataset statistics."""

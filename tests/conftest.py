@@ -52,9 +52,10 @@ def tiny_training(**train_overrides):
     return TINY, LossConfig(), data, train
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def prefect_server():
-    """A throwaway Prefect server and database for tests that run flows for real."""
+    """A throwaway Prefect server and database for tests that run flows for real. Module
+    scope: while it is up, stages run as flows, so it must not leak into other modules."""
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from pipelines.expectations import check_files, load_tables, run_suites
+from pipelines.dataset_tables import check_files, load_tables
+from pipelines.expectations import run_suites
 from pipelines.params import ValidateConfig
 from tests.data.conftest import load_split, save_split, write_image
 

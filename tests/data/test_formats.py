@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from detr.data.formats import FormatError, import_coco, import_voc, import_yolo, split_by_ratio
-from pipelines.expectations import load_tables, run_suites
+from detr.data.formats import FormatError, import_coco, split_by_ratio
+from detr.data.voc import import_voc
+from detr.data.yolo import import_yolo
+from pipelines.dataset_tables import load_tables
+from pipelines.expectations import run_suites
 from pipelines.params import ValidateConfig
 from tests.data.conftest import coco_split, write_coco_dataset, write_image
 
