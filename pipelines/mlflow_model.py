@@ -35,18 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 from mlflow.pyfunc import PythonModel
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from detr.checkpoint import load_file, model_from_checkpoint, save_file
 from detr.config import DataConfig
-from detr.data.coco import category_ids_from_label_map
-from detr.data.transforms import make_transforms
-from detr.models.postprocess import PostProcess
+from detr.inference import Predictor
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 INFERENCE_ARTIFACT = "inference"
@@ -133,18 +129,14 @@ class DetrPyfunc(PythonModel):
     """DETR behind MLflow's pyfunc interface (contract: module docstring)."""
 
     def load_context(self, context) -> None:
-        """Rebuild the model from the ``checkpoint`` artifact; read ``inference.json``."""
+        """A :class:`detr.inference.Predictor` from the ``checkpoint`` artifact, with the
+        resize and defaults of ``inference.json``."""
         settings = json.loads(Path(context.artifacts[INFERENCE_ARTIFACT]).read_text())
-        model, _, label_map = model_from_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = model.to(self.device)
-        ids = category_ids_from_label_map(label_map) if label_map else None
-        self.postprocess = PostProcess(ids).to(self.device)
-        self.names = {int(c["id"]): str(c["name"]) for c in (label_map or {}).get("categories", [])}
         self.defaults = {"score_threshold": float(settings["score_threshold"]),
                          "top_k": int(settings["top_k"])}
-        self.transform = make_transforms("val", scales=(int(settings["short_side"]),),
-                                         max_size=int(settings["max_size"]))
+        self.predictor = Predictor.from_checkpoint(
+            context.artifacts[CHECKPOINT_ARTIFACT], scale=int(settings["short_side"]),
+            max_size=int(settings["max_size"]), **self.defaults)
 
     def predict(self, context, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -160,8 +152,8 @@ class DetrPyfunc(PythonModel):
         for start in range(0, len(texts), BATCH_SIZE):
             images = [decode_image(text, row=start + i)
                       for i, text in enumerate(texts[start:start + BATCH_SIZE])]
-            for det in self._detect(images):
-                rows.append(json.dumps(self._select(det, threshold, top_k)))
+            rows += [det.to_json() for det in self.predictor.predict(
+                images, score_threshold=threshold, top_k=top_k, batch_size=BATCH_SIZE)]
         return pd.DataFrame({"detections": pd.Series(rows, dtype=object)})
 
     def _options(self, params: dict[str, Any] | None) -> tuple[float, int]:
@@ -169,40 +161,6 @@ class DetrPyfunc(PythonModel):
         threshold, top_k = float(params["score_threshold"]), int(params["top_k"])
         _check_options(threshold, top_k)
         return threshold, top_k
-
-    @torch.inference_mode()
-    def _detect(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
-        """uint8 [3, H, W] images -> PostProcess dicts (xyxy pixels of each original image)."""
-        sizes = torch.tensor([list(img.shape[-2:]) for img in images], device=self.device)
-        batch = [self._preprocess(img).to(self.device) for img in images]
-        detections = self.postprocess(self.model(batch), sizes)
-        for det, (height, width) in zip(detections, sizes.tolist(), strict=True):
-            det["boxes"][:, 0::2].clamp_(0, width)
-            det["boxes"][:, 1::2].clamp_(0, height)
-        return detections
-
-    def _preprocess(self, image: Tensor) -> Tensor:
-        """The val preset (resize, ImageNet normalisation) on an image with no boxes."""
-        height, width = image.shape[-2:]
-        target = {"boxes": tv_tensors.BoundingBoxes(torch.zeros((0, 4)), format="XYXY",
-                                                    canvas_size=(height, width)),
-                  "labels": torch.zeros((0,), dtype=torch.int64)}
-        out, _ = self.transform(tv_tensors.Image(image), target)
-        return out
-
-    def _select(self, det: dict[str, Tensor], threshold: float, top_k: int) -> list[dict]:
-        """Detections with score >= threshold, best first, at most top_k, boxes clipped."""
-        scores = det["scores"].float().cpu()
-        order = scores.argsort(descending=True)
-        order = order[scores[order] >= threshold][:top_k]
-        boxes = det["boxes"].float().cpu()[order]
-        out = []
-        for box, score, label in zip(boxes.tolist(), scores[order].tolist(),
-                                     det["labels"].cpu()[order].tolist(), strict=True):
-            out.append({"box": [round(v, 2) for v in box], "score": round(score, 5),
-                        "category_id": int(label),
-                        "category": self.names.get(int(label), str(int(label)))})
-        return out
 
 
 def decode_image(text: str, *, row: int = 0) -> Tensor:

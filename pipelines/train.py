@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -23,6 +25,8 @@ from pipelines.prepare import DATASET
 
 CHECKPOINTS = Path("checkpoints")
 LOSS_PLOT = Path("plots/train_loss.csv")
+DATASET_STATS = Path("metrics/dataset.json")  # written by the validate stage
+VALIDATION = Path("reports/validation/validation.json")
 LOG_EVERY = 20  # steps per batch of MLflow metrics (one round trip each)
 LIBRARY = ("model", "loss", "data", "train")
 
@@ -67,8 +71,13 @@ def _now_ms() -> int:
 
 def run(*, params: dict, dataset_dir: Path = DATASET, out_dir: Path = CHECKPOINTS,
         run_file: Path = tracking.RUN_FILE, plot_path: Path = LOSS_PLOT,
-        init_weights: Path | None = None, progress: bool = True) -> Path:
-    """Train (resuming from ``out_dir`` when possible); returns the checkpoint path."""
+        init_weights: Path | None = None, progress: bool = True,
+        dataset_stats: Path = DATASET_STATS, validation_report: Path = VALIDATION) -> Path:
+    """Train (resuming from ``out_dir`` when possible); returns the checkpoint path.
+
+    The validate stage's statistics (``dataset_stats``) and report go into the same MLflow
+    run: metrics ``dataset.<split>.<name>``, artifact ``validation/validation.json``.
+    """
     import mlflow
 
     run_id = tracking.start_run(run_file=run_file)
@@ -84,6 +93,7 @@ def run(*, params: dict, dataset_dir: Path = DATASET, out_dir: Path = CHECKPOINT
     md5 = tracking.dvc_hash(str(dataset_dir))
     if md5:
         tracking.retry(lambda: client.set_tag(run_id, "dataset_md5", md5), what="tag run")
+    _log_dataset(client, run_id, dataset_stats, validation_report)
     logger = MlflowLogger(run_id)
     try:
         result = fit(model_cfg=params["model"], loss_cfg=params["loss"], data_cfg=params["data"],
@@ -97,6 +107,32 @@ def run(*, params: dict, dataset_dir: Path = DATASET, out_dir: Path = CHECKPOINT
     logger.flush()
     _write_history(plot_path, result.history)
     return result.checkpoint
+
+
+def _log_dataset(client, run_id: str, stats_path: Path, report_path: Path) -> None:
+    if stats_path.is_file():
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        flat = _flatten(json.loads(stats_path.read_text()), "dataset")
+        metrics = [Metric(k, float(v), now, 0) for k, v in flat.items()]
+        tracking.retry(lambda: client.log_batch(run_id, metrics=metrics),
+                       what="log dataset statistics")
+    if report_path.is_file():
+        tracking.retry(lambda: client.log_artifact(run_id, str(report_path), "validation"),
+                       what="log the validation report")
+
+
+def _flatten(tree: dict, prefix: str) -> dict[str, float]:
+    """Nested numbers -> ``{"prefix.a.b": value}``; names made safe for MLflow."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{re.sub(r'[^A-Za-z0-9_./ -]', '_', str(key))}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[name] = value
+    return out
 
 
 def _write_history(path: Path, history: list[dict]) -> None:

@@ -113,10 +113,15 @@ def _check_registry(root: Path, env: dict) -> None:
         "champ = c.get_model_version_by_alias('detr-e2e', 'champion')\n"
         "run = c.get_run(json.load(open('reports/mlflow_run.json'))['run_id'])\n"
         "print(json.dumps({'versions': len(vs), 'champion': champ.version,"
-        " 'metrics': sorted(run.data.metrics), 'params': len(run.data.params)}))\n"
+        " 'metrics': sorted(run.data.metrics), 'params': len(run.data.params),"
+        " 'tags': run.data.tags,"
+        " 'artifacts': [a.path for a in c.list_artifacts(run.info.run_id)]}))\n"
     )
     out = _sh([sys.executable, "-c", script], root, {**env, "DVC_ROOT": str(root)}).stdout
     info = json.loads(out.strip().splitlines()[-1])
     assert info["versions"] == 2 and str(info["champion"]) == "1"  # int from SQLite
     assert {"AP", "AP50", "AR_100", "loss", "loss_giou", "lr"} <= set(info["metrics"])
     assert info["params"] > 40
+    assert {"dataset.train.images", "dataset.val.boxes"} <= set(info["metrics"])
+    assert info["tags"].get("dataset_md5") and info["tags"].get("git_commit")
+    assert {"validation", "evaluation"} <= set(info["artifacts"])

@@ -1,0 +1,345 @@
+"""Inference: weights in, detections out, for images of any size.
+
+:class:`Predictor` wraps a DETR model with the val preprocessing of its training (short side
+resized to ``scale``, long side <= ``max_size``, ImageNet normalisation) and turns its outputs
+into :class:`Detections`: absolute xyxy pixels of the *original* image, scores, category ids and
+names, best score first, after a score threshold and top-k.
+
+Inputs (mixed in one call): a path to an image file, a ``PIL.Image`` or a ``[3, H, W]`` tensor
+(uint8, or float in [0, 1]). Pixels are used as stored: no EXIF rotation, as in COCO and in
+:class:`detr.data.coco.CocoDetection`, so boxes refer to the pixel grid of the file.
+
+A registered MLflow model (``models:/<name>@champion``) is not loaded here: :mod:`detr` never
+imports mlflow. On the pipelines side, ``mlflow.pyfunc.load_model("models:/<name>@champion")``
+loads it; its pyfunc builds a Predictor from the logged checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+from detr import hub
+from detr.checkpoint import CheckpointError, load_file, model_from_checkpoint
+from detr.config import ConfigError, DataConfig, load_section
+from detr.data.coco import ImageLoadError, category_ids_from_label_map
+from detr.data.transforms import make_transforms
+from detr.device import autocast, resolve_precision, select_device
+from detr.evaluation import to_coco_results
+from detr.models.postprocess import PostProcess
+
+ImageInput = str | Path | Image.Image | Tensor
+
+# COCO 2017 category names by id; ids 1..90 with 80 in use (the official DETR class head).
+_COCO_NAMES = {
+    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus",
+    7: "train", 8: "truck", 9: "boat", 10: "traffic light", 11: "fire hydrant",
+    13: "stop sign", 14: "parking meter", 15: "bench", 16: "bird", 17: "cat", 18: "dog",
+    19: "horse", 20: "sheep", 21: "cow", 22: "elephant", 23: "bear", 24: "zebra",
+    25: "giraffe", 27: "backpack", 28: "umbrella", 31: "handbag", 32: "tie", 33: "suitcase",
+    34: "frisbee", 35: "skis", 36: "snowboard", 37: "sports ball", 38: "kite",
+    39: "baseball bat", 40: "baseball glove", 41: "skateboard", 42: "surfboard",
+    43: "tennis racket", 44: "bottle", 46: "wine glass", 47: "cup", 48: "fork", 49: "knife",
+    50: "spoon", 51: "bowl", 52: "banana", 53: "apple", 54: "sandwich", 55: "orange",
+    56: "broccoli", 57: "carrot", 58: "hot dog", 59: "pizza", 60: "donut", 61: "cake",
+    62: "chair", 63: "couch", 64: "potted plant", 65: "bed", 67: "dining table", 70: "toilet",
+    72: "tv", 73: "laptop", 74: "mouse", 75: "remote", 76: "keyboard", 77: "cell phone",
+    78: "microwave", 79: "oven", 80: "toaster", 81: "sink", 82: "refrigerator", 84: "book",
+    85: "clock", 86: "vase", 87: "scissors", 88: "teddy bear", 89: "hair drier",
+    90: "toothbrush",
+}
+# Name of each label of the official checkpoints (label = category id); "N/A" for unused ids.
+COCO_CATEGORY_NAMES: tuple[str, ...] = tuple(
+    _COCO_NAMES.get(i, "N/A") for i in range(hub.COCO_NUM_CLASSES))
+
+_OFFICIAL_ENTRIES = {
+    ("resnet50", False): hub.detr_resnet50, ("resnet50", True): hub.detr_resnet50_dc5,
+    ("resnet101", False): hub.detr_resnet101, ("resnet101", True): hub.detr_resnet101_dc5,
+}
+
+
+@dataclass(frozen=True)
+class Detections:
+    """One image's detections, best score first.
+
+    ``boxes`` float32 [N, 4] absolute xyxy pixels of the original image, clipped to it;
+    ``scores`` float32 [N] in [0, 1], descending; ``labels`` int64 [N] category ids;
+    ``names`` the N category names; ``image_size`` (height, width) of the original image.
+    Tensors are on the CPU.
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    names: list[str]
+    image_size: tuple[int, int]
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def to_coco(self, image_id: int) -> list[dict]:
+        """COCO results: ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``."""
+        return to_coco_results({int(image_id): {"boxes": self.boxes, "scores": self.scores,
+                                                "labels": self.labels}})
+
+    def to_records(self) -> list[dict]:
+        """``{"box": [x1, y1, x2, y2], "score", "category_id", "category"}`` per detection
+        (box rounded to 0.01 px, score to 1e-5)."""
+        return [{"box": [round(v, 2) for v in box], "score": round(score, 5),
+                 "category_id": int(label), "category": name}
+                for box, score, label, name in zip(self.boxes.tolist(), self.scores.tolist(),
+                                                   self.labels.tolist(), self.names, strict=True)]
+
+    def to_json(self) -> str:
+        """:meth:`to_records` as a JSON list."""
+        return json.dumps(self.to_records())
+
+
+class Predictor:
+    """A DETR model with its preprocessing and postprocessing: images -> :class:`Detections`.
+
+    Args:
+        model: a DETR (moved to ``device`` and put in eval mode). Its outputs follow the model
+            contract: ``pred_logits`` [B, Q, C + 1], ``pred_boxes`` [B, Q, 4] normalised cxcywh.
+        category_ids: category id of each label ``0..C-1`` (None: the labels are the ids, as in
+            the official COCO checkpoints).
+        category_names: name of each label, parallel to the labels (None: the id as text).
+        scale, max_size: val resize: short side to ``scale``, long side at most ``max_size``.
+        device: ``auto`` (CUDA if present), ``cpu``, ``cuda:1`` ...
+        precision: ``auto`` is bf16 autocast on a CUDA device that supports it and fp32 on the
+            CPU (bf16 there only when asked for: ``bf16``); ``fp32`` never autocasts.
+        score_threshold, top_k: defaults of :meth:`predict`.
+
+    Raises:
+        ValueError: categories that do not match the model's number of classes, bad sizes or
+            options, or an unavailable device or precision.
+    """
+
+    def __init__(self, model: nn.Module, *, category_ids: Sequence[int] | None = None,
+                 category_names: Sequence[str] | None = None, scale: int, max_size: int,
+                 device: str = "auto", precision: str = "auto", score_threshold: float = 0.5,
+                 top_k: int = 100) -> None:
+        _check_options(score_threshold, top_k)
+        ids, names = _categories(model, category_ids, category_names)
+        self.device = select_device(device)
+        self.precision = _inference_precision(precision, self.device)
+        self.model = model.eval().to(self.device)
+        self.postprocess = PostProcess(ids).to(self.device)
+        self.category_names: dict[int, str] = dict(zip(ids, names, strict=True))
+        self.scale, self.max_size = int(scale), int(max_size)
+        self.transform = make_transforms("val", scales=(self.scale,), max_size=self.max_size)
+        self.score_threshold, self.top_k = float(score_threshold), int(top_k)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, *, device: str = "auto", precision: str = "auto",
+                        score_threshold: float = 0.5, top_k: int = 100, scale: int | None = None,
+                        max_size: int | None = None) -> Predictor:
+        """A training checkpoint of this project (``model``, ``params``, ``label_map``).
+
+        ``scale`` and ``max_size`` default to the checkpoint's val preset: ``max(scales)`` and
+        ``max_size`` of ``params["data"]``. Raises CheckpointError naming ``path``.
+        """
+        model, _, label_map = model_from_checkpoint(path)
+        if scale is None or max_size is None:
+            data = _data_config(path)
+            scale = max(data.scales) if scale is None else scale
+            max_size = data.max_size if max_size is None else max_size
+        ids, names = _label_map_categories(label_map, path)
+        return cls(model, category_ids=ids, category_names=names, scale=scale,
+                   max_size=max_size, device=device, precision=precision,
+                   score_threshold=score_threshold, top_k=top_k)
+
+    @classmethod
+    def from_official(cls, pretrained: bool | str | Path = True, *, backbone: str = "resnet50",
+                      dilation: bool = False, device: str = "auto", precision: str = "auto",
+                      score_threshold: float = 0.5, top_k: int = 100, scale: int = 800,
+                      max_size: int = 1333,
+                      model_overrides: Mapping[str, object] | None = None) -> Predictor:
+        """An official DETR COCO model: ``pretrained=True`` downloads the release's weights
+        (hash-checked), a path or URL reads an official-format file (``{"model": state}``).
+
+        Labels are COCO category ids, named by :data:`COCO_CATEGORY_NAMES`. ``model_overrides``
+        go to the :mod:`detr.hub` entry point (e.g. a small architecture in tests).
+
+        Raises:
+            ValueError: an unknown ``backbone`` / ``dilation`` pair.
+            CheckpointError: the file is missing or does not fit the architecture.
+        """
+        entry = _OFFICIAL_ENTRIES.get((backbone, bool(dilation)))
+        if entry is None:
+            known = sorted({b for b, _ in _OFFICIAL_ENTRIES})
+            raise ValueError(f"from_official: no official DETR with backbone {backbone!r} "
+                             f"(known: {', '.join(known)}; dilation True or False)")
+        model = entry(pretrained=pretrained, **dict(model_overrides or {}))
+        return cls(model, category_ids=None, category_names=COCO_CATEGORY_NAMES, scale=scale,
+                   max_size=max_size, device=device, precision=precision,
+                   score_threshold=score_threshold, top_k=top_k)
+
+    def predict(self, images: ImageInput | Iterable[ImageInput], *,
+                score_threshold: float | None = None, top_k: int | None = None,
+                batch_size: int = 8) -> list[Detections]:
+        """Detect objects; one :class:`Detections` per image, in input order.
+
+        ``images``: one image or a sequence (paths, PIL images, [3, H, W] tensors, mixed; a
+        [B, 3, H, W] tensor is B images). They are read and run ``batch_size`` at a time,
+        padded to a common size (the model masks the padding). ``score_threshold`` keeps
+        scores >= it; ``top_k`` keeps at most that many; None = the predictor's defaults.
+
+        Raises:
+            ImageLoadError: an image file is missing or unreadable (the message names it).
+            ValueError: an input of another type or shape (named by its position), or bad
+                options.
+        """
+        threshold = self.score_threshold if score_threshold is None else float(score_threshold)
+        top_k = self.top_k if top_k is None else int(top_k)
+        _check_options(threshold, top_k)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        items = _as_list(images)
+        results: list[Detections] = []
+        for start in range(0, len(items), batch_size):
+            pixels = [load_image(item, index=start + i)
+                      for i, item in enumerate(items[start:start + batch_size])]
+            results.extend(self._detect(pixels, threshold, top_k))
+        return results
+
+    @torch.inference_mode()
+    def _detect(self, pixels: list[Tensor], threshold: float, top_k: int) -> list[Detections]:
+        """[3, H, W] images -> their detections (one forward pass)."""
+        sizes = torch.tensor([list(p.shape[-2:]) for p in pixels], device=self.device)
+        batch = [self.preprocess(p).to(self.device) for p in pixels]
+        with autocast(self.device, self.precision):
+            outputs = self.model(batch)
+        raw = self.postprocess(outputs, sizes)
+        return [self._select(det, size, threshold, top_k)
+                for det, size in zip(raw, sizes.tolist(), strict=True)]
+
+    def preprocess(self, image: Tensor) -> Tensor:
+        """uint8 or float [3, H, W] -> float32 [3, H', W']: the val preset of
+        :func:`detr.data.transforms.make_transforms` (resize, ImageNet normalisation)."""
+        height, width = image.shape[-2:]
+        empty = {"boxes": tv_tensors.BoundingBoxes(torch.zeros((0, 4)), format="XYXY",
+                                                   canvas_size=(height, width)),
+                 "labels": torch.zeros((0,), dtype=torch.int64)}
+        out, _ = self.transform(tv_tensors.Image(image), empty)
+        return out
+
+    def _select(self, det: dict[str, Tensor], size: list[int], threshold: float,
+                top_k: int) -> Detections:
+        """Scores >= threshold, best first, at most top_k; boxes clipped to the image."""
+        scores = det["scores"].float().cpu()
+        order = scores.argsort(descending=True, stable=True)
+        order = order[scores[order] >= threshold][:top_k]
+        height, width = size
+        boxes = det["boxes"].float().cpu()[order]
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+        labels = det["labels"].cpu()[order].to(torch.int64)
+        names = [self.category_names.get(c, str(c)) for c in labels.tolist()]
+        return Detections(boxes, scores[order], labels, names, (height, width))
+
+
+def load_image(source: ImageInput, *, index: int | None = None) -> Tensor:
+    """An image as a CPU tensor [3, H, W]: uint8 from a file or a PIL image (converted to RGB);
+    a tensor passes through (uint8, or float -> float32; grey [1, H, W] repeated to RGB).
+
+    Raises:
+        ImageLoadError: a path that is missing or not a readable image (the message names it).
+        ValueError: a tensor of another shape or dtype, or another type (named by ``index``).
+    """
+    where = "image" if index is None else f"image {index}"
+    if isinstance(source, str | Path):
+        return _read_file(Path(source))
+    if isinstance(source, Image.Image):
+        return F.pil_to_tensor(source.convert("RGB"))
+    if not isinstance(source, Tensor):
+        raise ValueError(f"{where}: expected a path, a PIL image or a [3, H, W] tensor, got "
+                         f"{type(source).__name__}")
+    if source.ndim != 3 or source.shape[0] not in (1, 3):
+        raise ValueError(f"{where}: expected a [3, H, W] tensor, got shape {tuple(source.shape)}")
+    pixels = source.detach().cpu().as_subclass(Tensor)
+    if pixels.is_floating_point():
+        pixels = pixels.to(torch.float32)
+    elif pixels.dtype != torch.uint8:
+        raise ValueError(f"{where}: tensor must be uint8 or float in [0, 1], got {pixels.dtype}")
+    return pixels.expand(3, -1, -1).contiguous() if pixels.shape[0] == 1 else pixels
+
+
+def _read_file(path: Path) -> Tensor:
+    if not path.is_file():
+        raise ImageLoadError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as pil:
+            rgb = pil.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageLoadError(f"{path}: not a readable image: {err}") from err
+    return F.pil_to_tensor(rgb)
+
+
+def _as_list(images: ImageInput | Iterable[ImageInput]) -> list[ImageInput]:
+    """One image, a [B, 3, H, W] tensor or an iterable of images -> a list of images."""
+    if isinstance(images, Tensor):
+        return list(images) if images.ndim == 4 else [images]
+    if isinstance(images, str | Path | Image.Image):
+        return [images]
+    return list(images)
+
+
+def _categories(model: nn.Module, ids: Sequence[int] | None,
+                names: Sequence[str] | None) -> tuple[list[int], list[str]]:
+    """Category id and name of each label, checked against ``model.num_classes``."""
+    num_classes = getattr(model, "num_classes", None)
+    if not isinstance(num_classes, int):
+        raise ValueError(f"Predictor: the model ({type(model).__name__}) has no int "
+                         f"'num_classes'; expected a DETR")
+    ids = list(range(num_classes)) if ids is None else [int(i) for i in ids]
+    names = [str(i) for i in ids] if names is None else [str(n) for n in names]
+    if len(ids) != num_classes or len(names) != num_classes:
+        raise ValueError(f"Predictor: the model has {num_classes} classes but got "
+                         f"{len(ids)} category ids and {len(names)} names")
+    return ids, names
+
+
+def _label_map_categories(label_map: dict | None,
+                          path: str | Path) -> tuple[list[int] | None, list[str] | None]:
+    """(ids, names) of a checkpoint's label map; (None, None) when it has none."""
+    if label_map is None:
+        return None, None
+    try:
+        ids = category_ids_from_label_map(label_map)
+        names = [str(c["name"]) for c in label_map["categories"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: bad label_map: {exc}") from exc
+    return ids, names
+
+
+def _data_config(path: str | Path) -> DataConfig:
+    """The ``data`` params of a training checkpoint (for the val resize)."""
+    try:
+        data = load_file(path)["params"]["data"]
+        return load_section(DataConfig, dict(data), "params.data")
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: no usable data params (for the val resize; pass "
+                              f"scale and max_size): {exc}") from exc
+
+
+def _inference_precision(precision: str, device: torch.device) -> str:
+    """Like :func:`detr.device.resolve_precision`, but ``auto`` is fp32 on the CPU."""
+    if precision == "auto" and device.type == "cpu":
+        return "fp32"
+    return resolve_precision(precision, device)
+
+
+def _check_options(score_threshold: float, top_k: int) -> None:
+    if not 0.0 <= score_threshold <= 1.0:
+        raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")

@@ -1,0 +1,191 @@
+"""``python -m detr.predict``: detect objects in images, write the detections and pictures.
+
+::
+
+    python -m detr.predict IMAGES... --model CHECKPOINT --out DIR
+    python -m detr.predict photos/ --model official:r101-dc5 --out preds --score-threshold 0.7
+
+``IMAGES``: image files and folders (a folder stands for its .jpg/.jpeg/.png/.bmp/.webp files,
+sorted, not recursive). ``--model``: a training checkpoint of this project, or
+``official[:VARIANT][:PATH]`` with VARIANT one of r50 (default), r50-dc5, r101, r101-dc5: the
+official COCO weights of the release (downloaded), or those in the official-format file PATH.
+
+Writes ``DIR/detections.json``::
+
+    {"images": [{"id": 0, "path": str, "height": int, "width": int, "drawing": "x.png"}, ...],
+     "categories": [{"id": int, "name": str}, ...],
+     "detections": [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}, ...]}
+
+(``detections`` is in COCO results format; ``image_id`` is the index in ``images``) and one
+``DIR/<stem>.png`` per image with its boxes drawn (``<stem>-<id>.png`` when stems repeat).
+Exit status 2, with a message naming the culprit, for a missing or unreadable image or model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+from detr.checkpoint import CheckpointError
+from detr.data.coco import ImageLoadError
+from detr.inference import Detections, Predictor, load_image
+from detr.visualize import draw_detections
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+OFFICIAL_VARIANTS = {"r50": ("resnet50", False), "r50-dc5": ("resnet50", True),
+                     "r101": ("resnet101", False), "r101-dc5": ("resnet101", True)}
+
+
+class UsageError(Exception):
+    """A command-line input (image, folder, model) that cannot be used; exit status 2."""
+
+
+class ModelSpec(NamedTuple):
+    """What ``--model`` names: a training checkpoint, or an official variant and its weights
+    (``True``: the release's download; a path: an official-format file)."""
+
+    official: bool
+    source: Path | bool
+    variant: str = "r50"
+
+
+def parse_model(spec: str) -> ModelSpec:
+    """``CHECKPOINT`` or ``official[:VARIANT][:PATH]`` -> :class:`ModelSpec` (no file access)."""
+    if spec != "official" and not spec.startswith("official:"):
+        return ModelSpec(False, Path(spec))
+    rest = spec.partition(":")[2]
+    variant, _, path = rest.partition(":")
+    if variant in OFFICIAL_VARIANTS:
+        return ModelSpec(True, Path(path) if path else True, variant)
+    if not rest:
+        return ModelSpec(True, True)
+    return ModelSpec(True, Path(rest))  # official:PATH, the R50 architecture
+
+
+def expand_images(sources: Sequence[str | Path]) -> list[Path]:
+    """Image files, with each folder replaced by its image files (sorted, not recursive).
+
+    Raises:
+        UsageError: a source that does not exist, or a folder without image files.
+    """
+    paths: list[Path] = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            found = sorted(p for p in source.iterdir()
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UsageError(f"{source}: folder has no image files "
+                                 f"({', '.join(IMAGE_SUFFIXES)})")
+            paths.extend(found)
+        elif source.is_file():
+            paths.append(source)
+        else:
+            raise UsageError(f"{source}: image not found")
+    return paths
+
+
+def load_predictor(spec: ModelSpec, **options) -> Predictor:
+    """The :class:`Predictor` of ``spec``; ``options`` go to its constructor.
+
+    Raises:
+        UsageError: the checkpoint file is missing or cannot be used (the message names it).
+    """
+    if isinstance(spec.source, Path) and not spec.source.is_file():
+        raise UsageError(f"{spec.source}: model checkpoint not found")
+    try:
+        if not spec.official:
+            return Predictor.from_checkpoint(spec.source, **options)
+        backbone, dilation = OFFICIAL_VARIANTS[spec.variant]
+        return Predictor.from_official(spec.source, backbone=backbone, dilation=dilation,
+                                       **options)
+    except CheckpointError as exc:
+        raise UsageError(f"cannot load the model: {exc}") from exc
+
+
+def output_names(paths: Sequence[Path]) -> list[str]:
+    """``<stem>.png`` per image; ``<stem>-<index>.png`` for a stem already taken."""
+    names: list[str] = []
+    for index, path in enumerate(paths):
+        name = f"{path.stem}.png"
+        names.append(name if name not in names else f"{path.stem}-{index}.png")
+    return names
+
+
+def run(paths: Sequence[Path], predictor: Predictor, out_dir: Path, *,
+        batch_size: int = 8) -> dict:
+    """Predict on ``paths``, draw each image to ``out_dir`` and write ``detections.json``;
+    returns its content (see the module docstring).
+
+    Raises:
+        UsageError: an image that cannot be read (the message names it).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    drawings = output_names(paths)
+    images, results = [], []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        try:
+            pixels = [load_image(p) for p in chunk]
+        except ImageLoadError as exc:
+            raise UsageError(str(exc)) from exc
+        for offset, (image, det) in enumerate(zip(pixels, predictor.predict(pixels),
+                                                  strict=True)):
+            index = start + offset
+            _draw(image, det, predictor, out_dir / drawings[index])
+            images.append({"id": index, "path": str(paths[index]), "height": det.image_size[0],
+                           "width": det.image_size[1], "drawing": drawings[index]})
+            results.extend(det.to_coco(index))
+    content = {"images": images, "categories": _categories(predictor), "detections": results}
+    (out_dir / "detections.json").write_text(json.dumps(content, indent=1) + "\n")
+    return content
+
+
+def _draw(image, det: Detections, predictor: Predictor, path: Path) -> None:
+    drawn = draw_detections(image, det.boxes, det.labels, det.scores,
+                            names=predictor.category_names, score_threshold=0.0)
+    drawn.save(path)
+
+
+def _categories(predictor: Predictor) -> list[dict]:
+    return [{"id": cid, "name": name} for cid, name in predictor.category_names.items()
+            if name != "N/A"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m detr.predict", description="Detect objects in images with DETR.")
+    parser.add_argument("images", nargs="+", help="image files or folders of images")
+    parser.add_argument("--model", required=True,
+                        help="training checkpoint, or official[:r50|r50-dc5|r101|r101-dc5][:PATH]")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--score-threshold", type=float, default=0.5)
+    parser.add_argument("--top-k", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status (2: an unusable input, named on stderr)."""
+    args = _parser().parse_args(argv)
+    try:
+        paths = expand_images(args.images)
+        predictor = load_predictor(
+            parse_model(args.model), device=args.device, precision=args.precision,
+            score_threshold=args.score_threshold, top_k=args.top_k)
+        content = run(paths, predictor, args.out, batch_size=args.batch_size)
+    except (UsageError, ValueError) as exc:
+        print(f"detr.predict: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(content['detections'])} detections in {len(paths)} images -> "
+          f"{args.out / 'detections.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
