@@ -176,9 +176,8 @@ LIBRARY_SECTIONS = {"model": ModelConfig, "loss": LossConfig, "data": DataConfig
                     "train": TrainConfig}
 
 
-def load_params(path: str | Path, sections: dict[str, type] = LIBRARY_SECTIONS) -> dict:
-    """Read ``sections`` of a params YAML file into their dataclasses (strictly); other
-    top-level sections are left to their own readers."""
+def read_params(path: str | Path) -> dict:
+    """The top-level mapping of a params YAML file (ConfigError naming the file otherwise)."""
     import yaml
 
     path = Path(path)
@@ -188,10 +187,27 @@ def load_params(path: str | Path, sections: dict[str, type] = LIBRARY_SECTIONS) 
         raise ConfigError(f"{path}: cannot read params: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def parse_params(data: dict, sections: dict[str, type], *, source: str | Path = "params",
+                 other_sections: bool = True) -> dict:
+    """Typed ``sections`` of a params mapping, strictly; a missing section takes defaults.
+    ``other_sections=False`` also refuses top-level sections not in ``sections``."""
+    unknown = sorted(set(data) - set(sections))
+    if unknown and not other_sections:
+        raise ConfigError(f"{source}: unknown section {unknown[0]!r} "
+                          f"(allowed: {', '.join(sorted(sections))})")
     try:
         return {name: load_section(cls, data.get(name), name) for name, cls in sections.items()}
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_params(path: str | Path, sections: dict[str, type] = LIBRARY_SECTIONS) -> dict:
+    """Read ``sections`` of a params YAML file into their dataclasses (strictly); other
+    top-level sections are left to their own readers."""
+    return parse_params(read_params(path), sections, source=path)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -12,9 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from detr.config import LIBRARY_SECTIONS, ConfigError, load_section
+from detr.config import LIBRARY_SECTIONS, ConfigError, parse_params, read_params
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -108,22 +106,9 @@ def load(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
 
     ``validate.num_queries`` defaults to ``model.num_queries``.
     """
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read params: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    sections = {**PIPELINE_SECTIONS, **LIBRARY_SECTIONS}
-    unknown = sorted(set(data) - set(sections))
-    if unknown:
-        raise ConfigError(f"{path}: unknown section {unknown[0]!r} "
-                          f"(allowed: {', '.join(sorted(sections))})")
-    try:
-        out = {name: load_section(cls, data.get(name), name) for name, cls in sections.items()}
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    data = read_params(path)
+    out = parse_params(data, {**PIPELINE_SECTIONS, **LIBRARY_SECTIONS}, source=path,
+                       other_sections=False)
     if "num_queries" not in (data.get("validate") or {}):
         out["validate"] = dataclasses.replace(out["validate"],
                                               num_queries=out["model"].num_queries)
