@@ -101,6 +101,25 @@ def test_dvc_repro_end_to_end(project):
     assert "metrics/coco.json" in metrics and "AP50" in metrics
 
     _check_registry(root, env)
+    _bad_data_stops_before_training(root, env)
+
+
+def _bad_data_stops_before_training(root: Path, env: dict) -> None:
+    """A dataset that fails validation stops `dvc repro` before train; nothing downstream
+    (checkpoint, registration report, registry) changes."""
+    before = {p: (root / p).read_bytes() for p in ("checkpoints/checkpoint.pth",
+                                                   "reports/register.json")}
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["validate"]["max_boxes_per_image"] = 1  # the demo has images with 2-3 boxes
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    done = subprocess.run([str(BIN / "dvc"), "repro"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode != 0
+    assert _ran(done.stdout) == {"validate"}, done.stdout
+    assert "FAILED images.boxes_per_image_in_bounds" in done.stderr  # names the expectation
+    for path, content in before.items():
+        assert (root / path).read_bytes() == content, path
+    _check_registry(root, env)  # still 2 versions, champion still version 1
 
 
 def _check_registry(root: Path, env: dict) -> None:
