@@ -33,6 +33,14 @@ async def _flow_runs(name: str):
     return runs, logs
 
 
+def test_without_a_server_the_pure_stage_runs(monkeypatch):
+    # First in this module: the module-scoped test server below is not up yet.
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    if stage.prefect_enabled():
+        pytest.skip("the active Prefect profile configures an API URL")
+    assert stage.invoke(lambda **kw: "flow", lambda **kw: "run") == "run"
+
+
 @pytest.mark.slow
 def test_a_stage_becomes_a_flow_run_with_logs(prefect_server, tmp_path):
     assert stage.prefect_enabled()
@@ -47,10 +55,3 @@ def test_a_stage_becomes_a_flow_run_with_logs(prefect_server, tmp_path):
     messages = [log.message for log in logs[runs[0].id]]
     assert any("prepare: demo -> " in m for m in messages), messages  # the stage's own output
     assert any("Finished in state Completed" in m for m in messages), messages
-
-
-def test_without_a_server_the_pure_stage_runs(monkeypatch):
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    if stage.prefect_enabled():
-        pytest.skip("the active Prefect profile configures an API URL")
-    assert stage.invoke(lambda **kw: "flow", lambda **kw: "run") == "run"
