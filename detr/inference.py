@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 from torchvision import tv_tensors
+from torchvision.ops import clip_boxes_to_image
 from torchvision.transforms.v2 import functional as F
 
 from detr import hub
@@ -239,9 +240,7 @@ class Predictor:
         order = scores.argsort(descending=True, stable=True)
         order = order[scores[order] >= threshold][:top_k]
         height, width = size
-        boxes = det["boxes"].float().cpu()[order]
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+        boxes = clip_boxes_to_image(det["boxes"].float().cpu()[order], (height, width))
         labels = det["labels"].cpu()[order].to(torch.int64)
         names = [self.category_names.get(c, str(c)) for c in labels.tolist()]
         return Detections(boxes, scores[order], labels, names, (height, width))
