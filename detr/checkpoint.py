@@ -140,17 +140,20 @@ def check_compatible(own: dict[str, Tensor], state: dict[str, Tensor],
                               + "; ".join(parts))
 
 
-def model_from_checkpoint(path: str | Path, *, map_location: str = "cpu"):
+def model_from_checkpoint(path: str | Path, *, map_location: str = "cpu",
+                          ckpt: dict | None = None):
     """Rebuild the trained model of a training checkpoint (``params`` + ``model``).
 
     Returns ``(model, model_cfg, label_map)``; the model is in eval mode on the CPU.
     ``label_map`` is ``{"categories": [{"id", "name"}, ...]}`` in label order (None for a
     checkpoint without one, e.g. the official COCO ones, whose labels are category ids).
+    ``ckpt``: the checkpoint already read from ``path`` (it is then not read again).
     """
     from detr.config import ConfigError, ModelConfig, load_section
     from detr.models.detr import build_model
 
-    ckpt = load_file(path, map_location=map_location)
+    if ckpt is None:
+        ckpt = load_file(path, map_location=map_location)
     if "model" not in ckpt or "params" not in ckpt:
         raise CheckpointError(f"{path}: not a training checkpoint (needs 'model' and 'params')")
     try:

@@ -148,9 +148,10 @@ class Predictor:
         ``scale`` and ``max_size`` default to the checkpoint's val preset: ``max(scales)`` and
         ``max_size`` of ``params["data"]``. Raises CheckpointError naming ``path``.
         """
-        model, _, label_map = model_from_checkpoint(path)
+        ckpt = load_file(path)
+        model, _, label_map = model_from_checkpoint(path, ckpt=ckpt)
         if scale is None or max_size is None:
-            data = _data_config(path)
+            data = _data_config(ckpt, path)
             scale = max(data.scales) if scale is None else scale
             max_size = data.max_size if max_size is None else max_size
         ids, names = _label_map_categories(label_map, path)
@@ -320,10 +321,10 @@ def _label_map_categories(label_map: dict | None,
     return ids, names
 
 
-def _data_config(path: str | Path) -> DataConfig:
+def _data_config(ckpt: dict, path: str | Path) -> DataConfig:
     """The ``data`` params of a training checkpoint (for the val resize)."""
     try:
-        data = load_file(path)["params"]["data"]
+        data = ckpt["params"]["data"]
         return load_section(DataConfig, dict(data), "params.data")
     except (ConfigError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: no usable data params (for the val resize; pass "

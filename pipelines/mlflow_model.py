@@ -89,8 +89,12 @@ def pip_requirements() -> list[str]:
 
 def slim_checkpoint(source: Path, target: Path) -> Path:
     """Copy a training checkpoint to ``target`` without the resume-only entries (optimiser,
-    scheduler, rng, history): about a third of the size, same weights and params."""
+    scheduler, rng, history): about a third of the size, same weights and params.
+
+    Raises CheckpointError (naming ``source``) when it is not a usable training checkpoint.
+    """
     ckpt = load_file(source)
+    model_from_checkpoint(source, ckpt=ckpt)  # fail fast, before anything is uploaded
     keep = {k: ckpt[k] for k in ("model", "params", "label_map", "epoch") if k in ckpt}
     save_file(keep, target)
     return target
@@ -109,7 +113,6 @@ def log_model(checkpoint: Path, data_cfg: DataConfig, *, name: str = "model",
     settings = inference_settings(data_cfg, score_threshold=score_threshold, top_k=top_k)
     with tempfile.TemporaryDirectory(prefix="detr-pyfunc-") as tmp:
         tmp = Path(tmp)
-        model_from_checkpoint(checkpoint)  # fail fast, with the checkpoint's name
         weights = slim_checkpoint(Path(checkpoint), tmp / "checkpoint.pth")
         (tmp / "inference.json").write_text(json.dumps(settings, indent=2) + "\n")
         (tmp / "detr_model.py").write_text(MODEL_CODE)
