@@ -14,8 +14,10 @@ import csv
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
+from mlflow.entities import Metric, Param
 from prefect import flow
 
 from detr.engine import NonFiniteLossError
@@ -40,8 +42,6 @@ class MlflowLogger:
         self.client, self.run_id, self.pending = MlflowClient(), run_id, []
 
     def __call__(self, values: dict) -> None:
-        from mlflow.entities import Metric
-
         now = _now_ms()
         if "step" in values:  # one optimiser step
             step = int(values["step"])
@@ -64,8 +64,6 @@ class MlflowLogger:
 
 
 def _now_ms() -> int:
-    import time
-
     return int(time.time() * 1000)
 
 
@@ -86,8 +84,6 @@ def run(*, params: dict, dataset_dir: Path = DATASET, out_dir: Path = CHECKPOINT
     logged = tracking.flat_params({k: vars(v) for k, v in sections.items()})
     items = list(logged.items())
     for i in range(0, len(items), 100):
-        from mlflow.entities import Param
-
         batch = [Param(k, v) for k, v in items[i:i + 100]]
         tracking.retry(lambda b=batch: client.log_batch(run_id, params=b), what="log params")
     md5 = tracking.dvc_hash(str(dataset_dir))
@@ -111,8 +107,6 @@ def run(*, params: dict, dataset_dir: Path = DATASET, out_dir: Path = CHECKPOINT
 
 def _log_dataset(client, run_id: str, stats_path: Path, report_path: Path) -> None:
     if stats_path.is_file():
-        from mlflow.entities import Metric
-
         now = _now_ms()
         flat = _flatten(json.loads(stats_path.read_text()), "dataset")
         metrics = [Metric(k, float(v), now, 0) for k, v in flat.items()]
