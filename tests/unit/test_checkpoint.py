@@ -16,7 +16,7 @@ from detr.models.detr import build_model
 BN = ("weight", "bias", "running_mean", "running_var")  # FrozenBatchNorm2d: no num_batches_tracked
 
 
-def _official_r50_keys(num_classes_unused=91) -> set[str]:
+def _official_r50_keys() -> set[str]:
     """The key names of the official detr-r50 checkpoint, written from its structure."""
     keys = {"backbone.0.body.conv1.weight"} | {f"backbone.0.body.bn1.{b}" for b in BN}
     for layer, blocks in zip((1, 2, 3, 4), (3, 4, 6, 3), strict=True):
@@ -118,7 +118,6 @@ def test_pickle_payloads_are_refused(tmp_path, capsys):
 
 
 def test_files_that_are_not_state_dicts(tmp_path):
-    (tmp_path / "list.pth").write_bytes(b"")
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match="expected a dict"):
         load_state_dict_file(tmp_path / "list.pth")
