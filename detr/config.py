@@ -51,6 +51,14 @@ class ModelConfig:
     # supervision per step, faster convergence. Inference uses the first group only, so the
     # deployed model is plain DETR. 1 = the paper.
     query_groups: int = 1
+    # Denoising training (DN-DETR, Li et al. 2022): in training, dn_groups noisy copies of the
+    # ground truth enter the decoder as extra queries that must reconstruct their box and
+    # class; no matching needed, so the decoder learns to localise and classify from the first
+    # steps. Inference never uses them. 0 = the paper.
+    dn_groups: int = 0
+    dn_box_noise: float = 0.4  # box corners move by up to this fraction of half the size
+    dn_label_noise: float = 0.2  # probability that a query is shown a random label
+    dn_labels: bool = True  # False: denoising queries get only the noisy box, no label
 
 
 @dataclass(frozen=True)

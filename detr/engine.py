@@ -82,7 +82,7 @@ def _forward_backward(model, criterion, images, mask, targets, device, precision
                       epoch, step) -> tuple[dict[str, float], Tensor]:
     try:
         with autocast(device, precision):
-            outputs = model(images, mask)
+            outputs = model(images, mask, targets)  # targets feed denoising queries, if any
         losses = criterion(outputs, targets)
     except FloatingPointError as exc:
         raise NonFiniteLossError(f"epoch {epoch}, step {step}: {exc}") from exc

@@ -7,6 +7,7 @@ ResNet stage [B, C, H/32, W/32] (H/16 with DC5) and the mask resized to it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torchvision
@@ -77,22 +78,30 @@ class Backbone(nn.Module):
                     param.requires_grad_(False)
         self.mask_padding = mask_padding
         self._padding: _PaddingMasks | None = None
+        self._stride_table: _Strides | None = None
         if mask_padding:
-            for module in self.body.modules():
-                if isinstance(module, nn.Conv2d | nn.MaxPool2d):
-                    module.register_forward_pre_hook(self._mask_input)
+            for module in _masked_modules(self.body):
+                module.register_forward_pre_hook(self._mask_input)
 
-    def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor, mask: Tensor,
+                padded: bool | None = None) -> tuple[Tensor, Tensor]:
         """[B,3,H,W], [B,H,W] bool (True = padding, at the bottom/right) -> features [B,C,h,w],
-        mask [B,h,w]."""
-        masking = self.mask_padding and bool(mask.any())
-        self._padding = _PaddingMasks(mask) if masking else None
+        mask [B,h,w].
+
+        ``padded``: whether ``mask`` marks any padding. None looks at the mask, a
+        data-dependent branch that ``torch.export`` cannot trace: an exported graph passes
+        True (mask applied, exact with or without padding) or False (the mask is all False).
+        """
+        if padded is None:
+            padded = bool(mask.any())
+        masking = self.mask_padding and padded
+        self._padding = _PaddingMasks(mask, self._strides()) if masking else None
         try:
             features = self.body(images)["0"]
         finally:
             padding, self._padding = self._padding, None
         if padding is not None:
-            return features, ~padding.valid(features)[:, 0]
+            return features, ~padding.valid(features, self._strides().output)[:, 0]
         mask = F.interpolate(mask[None].float(), size=features.shape[-2:])[0].to(torch.bool)
         return features, mask
 
@@ -100,38 +109,75 @@ class Backbone(nn.Module):
         if self._padding is None:
             return None
         x = args[0]
-        return (x * self._padding.valid(x).to(x.dtype),)
+        return (x * self._padding.valid(x, self._padding.strides.inputs[module]).to(x.dtype),)
+
+    def _strides(self) -> _Strides:
+        """The strides of the ResNet, found once by a shape-only probe (architecture only)."""
+        if self._stride_table is None:
+            self._stride_table = _probe_strides(self.body)
+        return self._stride_table
+
+
+class _Strides(NamedTuple):
+    """``inputs``: the stride of each masked module's input; ``output``: of the features."""
+
+    inputs: dict[nn.Module, int]
+    output: int
+
+
+_PROBE_SIZE = 64  # px: a multiple of every ResNet stride (<= 32) that keeps them distinct
+
+
+def _probe_strides(body: nn.Module) -> _Strides:
+    """Strides of ``body``'s masked modules, from one forward pass on the meta device: sizes
+    only, no compute, no side effect on the weights or the BatchNorm statistics. Fixed
+    strides (not sizes compared at run time) keep the masked path traceable with dynamic
+    image sizes."""
+    sizes: dict[nn.Module, int] = {}
+
+    def record(module: nn.Module, args: tuple) -> None:
+        sizes[module] = args[0].shape[-1]
+
+    handles = [m.register_forward_pre_hook(record) for m in _masked_modules(body)]
+    state = {name: torch.empty_like(t, device="meta") for name, t in
+             [*body.named_parameters(), *body.named_buffers()]}
+    try:
+        with torch.no_grad():
+            out = torch.func.functional_call(
+                body, state, (torch.empty(1, 3, _PROBE_SIZE, _PROBE_SIZE, device="meta"),))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return _Strides({m: _PROBE_SIZE // size for m, size in sizes.items()},
+                    _PROBE_SIZE // out["0"].shape[-1])
+
+
+def _masked_modules(body: nn.Module) -> list[nn.Module]:
+    """The modules whose input the padding mask zeroes: every convolution and pooling."""
+    return [m for m in body.modules() if isinstance(m, nn.Conv2d | nn.MaxPool2d)]
 
 
 class _PaddingMasks:
     """Valid-pixel masks of a padded batch at every resolution of the ResNet.
 
     Every strided layer of a ResNet maps a size n to ceil(n / 2) (kernel 7/3/1 with padding
-    3/1/0), so at stride 2**k an image of height h covers ceil(h / 2**k) rows.
+    3/1/0), so at stride s an image of height h covers ceil(h / s) rows.
     """
 
-    def __init__(self, mask: Tensor):
-        self.full = mask.shape[-2:]
+    def __init__(self, mask: Tensor, strides: _Strides):
+        self.strides = strides
         self.heights = (~mask[:, :, 0]).sum(1)  # padding is at the bottom and right
         self.widths = (~mask[:, 0, :]).sum(1)
-        self.cache: dict[tuple[int, int], Tensor] = {}
+        self.cache: dict[int, Tensor] = {}
 
-    def valid(self, x: Tensor) -> Tensor:
-        """[B, 1, h, w] bool, True on real pixels, for a feature map ``x`` [B, C, h, w]."""
-        size = tuple(x.shape[-2:])
-        if size not in self.cache:
-            stride = self._stride(size)
-            rows = torch.arange(size[0], device=x.device) < -(-self.heights // stride)[:, None]
-            cols = torch.arange(size[1], device=x.device) < -(-self.widths // stride)[:, None]
-            self.cache[size] = (rows[:, :, None] & cols[:, None, :])[:, None]
-        return self.cache[size]
-
-    def _stride(self, size: tuple[int, ...]) -> int:
-        for k in range(12):
-            s = 2 ** k
-            if (-(-self.full[0] // s), -(-self.full[1] // s)) == size:
-                return s
-        raise ValueError(f"feature map {size} is not a ResNet stride of the input {self.full}")
+    def valid(self, x: Tensor, stride: int) -> Tensor:
+        """[B, 1, h, w] bool, True on real pixels, for a feature map ``x`` [B, C, h, w] at
+        ``stride``."""
+        if stride not in self.cache:
+            rows = torch.arange(x.shape[-2], device=x.device) < -(-self.heights // stride)[:, None]
+            cols = torch.arange(x.shape[-1], device=x.device) < -(-self.widths // stride)[:, None]
+            self.cache[stride] = (rows[:, :, None] & cols[:, None, :])[:, None]
+        return self.cache[stride]
 
 
 def _load_resnet_file(resnet: nn.Module, path: Path) -> None:
@@ -157,8 +203,10 @@ class Joiner(nn.Sequential):
         super().__init__(backbone, position_embedding)
         self.num_channels = backbone.num_channels
 
-    def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Return ``(features [B,C,h,w], mask [B,h,w], pos [B,d,h,w])``."""
-        features, mask = self[0](images, mask)
+    def forward(self, images: Tensor, mask: Tensor,
+                padded: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Return ``(features [B,C,h,w], mask [B,h,w], pos [B,d,h,w])``; ``padded``: see
+        :meth:`Backbone.forward`."""
+        features, mask = self[0](images, mask, padded)
         pos = self[1](mask).to(features.dtype)
         return features, mask, pos

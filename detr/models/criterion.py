@@ -29,7 +29,10 @@ class SetCriterion(nn.Module):
     and sums the loss terms.
 
     With ``outputs["query_groups"] = G`` (Group DETR) each group of queries is matched to the
-    targets on its own and the groups' losses are summed.
+    targets on its own and the groups' losses are summed. With ``outputs["denoising"]``
+    (DN-DETR) the denoising queries add ``loss_ce_dn``, ``loss_bbox_dn`` and ``loss_giou_dn``
+    (and per aux layer), each query against the object it was made from, weighted like the
+    matched terms and normalised by the number of boxes (all groups summed, as Group DETR).
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, *, eos_coef: float = 0.1,
@@ -67,12 +70,35 @@ class SetCriterion(nn.Module):
         first_group_of_last = len(layers) - groups
         losses.update(self._logged(logits[first_group_of_last], target_classes[first_group_of_last],
                                    targets))
+        if "denoising" in outputs:
+            losses.update(self._denoising(outputs["denoising"], num_boxes))
         return losses
 
     def total(self, losses: dict[str, Tensor]) -> Tensor:
         """Weighted sum of the loss terms (logging-only keys ignored)."""
-        return sum(self.coefs[_AUX_SUFFIX.sub("", k)] * v
-                   for k, v in losses.items() if _AUX_SUFFIX.sub("", k) in self.coefs)
+        return sum(self.coefs[_base_name(k)] * v
+                   for k, v in losses.items() if _base_name(k) in self.coefs)
+
+    def _denoising(self, outputs: dict, num_boxes: Tensor) -> dict[str, Tensor]:
+        """Losses of the denoising queries: fixed targets, no matching, no "no object"."""
+        dn = outputs["batch"]
+        layers = [*outputs.get("aux_outputs", []), outputs]
+        valid = dn.valid
+        labels = dn.labels[valid]
+        tgt = dn.boxes[valid].float()
+        out = {}
+        for i, layer in enumerate(layers):
+            suffix = "_dn" if i == len(layers) - 1 else f"_dn_{i}"
+            logits = layer["pred_logits"][valid].float()
+            src = layer["pred_boxes"][valid].float()
+            ce = F.cross_entropy(logits, labels, reduction="sum") / num_boxes
+            l1 = F.l1_loss(src, tgt, reduction="sum") / num_boxes
+            giou = generalized_box_iou_loss(box_convert(src, "cxcywh", "xyxy"),
+                                            box_convert(tgt, "cxcywh", "xyxy"),
+                                            reduction="sum") / num_boxes
+            out.update({f"loss_ce{suffix}": ce, f"loss_bbox{suffix}": l1,
+                        f"loss_giou{suffix}": giou})
+        return out
 
     def _target_classes(self, logits: Tensor, targets: Sequence[dict], pairs: dict) -> Tensor:
         """[L, B, Q] class of each query's matched target; ``num_classes`` (no object) else."""
@@ -123,6 +149,11 @@ class SetCriterion(nn.Module):
         """Target boxes in the batch, averaged over DDP processes, at least 1."""
         n = torch.as_tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
         return _mean_over_processes(n).clamp(min=1)
+
+
+def _base_name(key: str) -> str:
+    """loss_ce_3 / loss_ce_dn / loss_ce_dn_3 -> loss_ce."""
+    return _AUX_SUFFIX.sub("", key).removesuffix("_dn")
 
 
 def _mean_over_processes(x: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from detr.config import ModelConfig
 from detr.models.backbone import Backbone, Joiner
+from detr.models.denoising import Denoiser, attention_mask
 from detr.models.padding import pad_images
 from detr.models.position_encoding import build_position_encoding
 from detr.models.transformer import Transformer
@@ -44,10 +45,14 @@ class DETR(nn.Module):
         ``aux_outputs``: the same two keys for each decoder layer but the last (if aux_loss);
         ``query_groups``: G, only in training with G > 1 (Group DETR): then Q = G x num_queries,
             group g being queries [g * num_queries, (g + 1) * num_queries).
+        ``denoising``: only in training with a ``denoiser`` and ``targets`` given (DN-DETR):
+            the denoising queries' outputs (``pred_logits``, ``pred_boxes``, ``aux_outputs``)
+            and their :class:`~detr.models.denoising.DenoisingBatch` under ``batch``.
     """
 
     def __init__(self, backbone: Joiner, transformer: Transformer, *, num_classes: int,
-                 num_queries: int, aux_loss: bool = True, query_groups: int = 1):
+                 num_queries: int, aux_loss: bool = True, query_groups: int = 1,
+                 denoiser: Denoiser | None = None):
         super().__init__()
         if query_groups < 1:
             raise ValueError(f"model.query_groups must be >= 1, got {query_groups}")
@@ -64,22 +69,42 @@ class DETR(nn.Module):
         self.query_groups = query_groups
         if query_groups > 1:  # training-only queries; the official keys stay as they are
             self.group_query_embed = nn.Embedding((query_groups - 1) * num_queries, d)
+        self.denoiser = denoiser  # training-only queries; absent unless configured
 
-    def forward(self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None) -> dict:
+    def forward(self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None,
+                targets: Sequence[dict] | None = None, *, padded: bool | None = None) -> dict:
+        """``targets`` (training only) feed the denoising queries when there is a denoiser.
+        ``padded``: whether ``mask`` marks any padding; None looks, a data-dependent branch
+        that ``torch.export`` cannot trace (:mod:`detr.export` passes True or False)."""
         if mask is None:
             images, mask = pad_images(images)
-        features, mask, pos = self.backbone(images, mask)
+        if padded is None:
+            padded = bool(mask.any())
+        features, mask, pos = self.backbone(images, mask, padded)
         # Without padding the attention needs no mask, which lets SDPA use its fastest kernels.
-        attn_mask = mask if bool(mask.any()) else None
-        grouped = self.training and self.query_groups > 1
-        queries, attend = self.query_embed.weight, None
-        if grouped:
+        attn_mask = mask if padded else None
+        groups = self.query_groups if self.training else 1
+        queries, attend, content = self.query_embed.weight, None, None
+        if groups > 1:
             queries = torch.cat([queries, self.group_query_embed.weight])
-            attend = _block_diagonal(self.query_groups, self.num_queries, queries.device)
-        hs, _ = self.transformer(self.input_proj(features), attn_mask, queries, pos, attend)
-        out = self.heads(hs)
-        if grouped:
-            out["query_groups"] = self.query_groups
+            attend = _block_diagonal(groups, self.num_queries, queries.device)
+        dn = None
+        if self.training and self.denoiser is not None and targets is not None:
+            dn = self.denoiser(targets)
+            obj = queries.expand(len(targets), -1, -1)
+            queries = torch.cat([obj, dn.query_pos.to(obj)], dim=1)
+            content = torch.cat([torch.zeros_like(obj), dn.content.to(obj)], dim=1)
+            attend = attention_mask(dn, self.num_queries, groups)
+        hs, _ = self.transformer(self.input_proj(features), attn_mask, queries, pos, attend,
+                                 content)
+        if dn is not None:
+            num_obj = self.num_queries * groups
+            out = self.heads(hs[:, :, :num_obj])
+            out["denoising"] = {**self.heads(hs[:, :, num_obj:]), "batch": dn}
+        else:
+            out = self.heads(hs)
+        if groups > 1:
+            out["query_groups"] = groups
         return out
 
     def heads(self, hs: Tensor) -> dict:
@@ -110,8 +135,15 @@ def build_model(cfg: ModelConfig) -> DETR:
         num_decoder_layers=cfg.dec_layers, dim_feedforward=cfg.dim_feedforward,
         dropout=cfg.dropout, pre_norm=cfg.pre_norm,
     )
+    if cfg.dn_groups < 0:
+        raise ValueError(f"model.dn_groups must be >= 0 (0 = off), got {cfg.dn_groups}")
+    denoiser = None
+    if cfg.dn_groups > 0:
+        denoiser = Denoiser(cfg.num_classes, cfg.hidden_dim, groups=cfg.dn_groups,
+                            box_noise=cfg.dn_box_noise, label_noise=cfg.dn_label_noise,
+                            labels=cfg.dn_labels)
     return DETR(joiner, transformer, num_classes=cfg.num_classes, num_queries=cfg.num_queries,
-                aux_loss=cfg.aux_loss, query_groups=cfg.query_groups)
+                aux_loss=cfg.aux_loss, query_groups=cfg.query_groups, denoiser=denoiser)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

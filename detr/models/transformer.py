@@ -20,7 +20,8 @@ class Attention(nn.Module):
     """Multi-head attention with ``nn.MultiheadAttention``'s parameters, on SDPA.
 
     ``key_padding_mask`` [B, Lk] bool is True where a key must be ignored (padding);
-    ``attend`` [Lq, Lk] bool, True where a query may attend to a key (e.g. query groups).
+    ``attend`` [Lq, Lk] or [B, 1, Lq, Lk] bool, True where a query may attend to a key (query
+    groups, denoising queries).
     Set ``keep_weights = True`` to store the head-averaged attention [B, Lq, Lk] of the last
     call in ``last_weights`` (explicit softmax; for attention maps, not for training speed).
     """
@@ -43,8 +44,9 @@ class Attention(nn.Module):
                 key_padding_mask: Tensor | None = None, attend: Tensor | None = None) -> Tensor:
         d = query.shape[-1]
         w, b = self.in_proj_weight, self.in_proj_bias
-        if query is key:  # self-attention: one matmul for q and k
-            q, k = F.linear(query, w[: 2 * d], b[: 2 * d]).chunk(2, dim=-1)
+        if query is key:  # self-attention: one matmul for q and k (sliced: ONNX opset 17
+            qk = F.linear(query, w[: 2 * d], b[: 2 * d])  # has no Split by output count)
+            q, k = qk[..., :d], qk[..., d:]
         else:
             q, k = F.linear(query, w[:d], b[:d]), F.linear(key, w[d: 2 * d], b[d: 2 * d])
         v = F.linear(value, w[2 * d:], b[2 * d:])
@@ -177,14 +179,17 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(p)
 
     def forward(self, src: Tensor, mask: Tensor | None, query_embed: Tensor,
-                pos: Tensor, query_attend: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                pos: Tensor, query_attend: Tensor | None = None,
+                tgt: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Run encoder and decoder.
 
         Args:
             src: projected features [B, d, h, w]; pos: their encoding [B, d, h, w].
             mask: [B, h, w] bool, True on padding; None when nothing is padded.
-            query_embed: learned query positions [Q, d].
-            query_attend: [Q, Q] bool, which queries may attend to which (None: all).
+            query_embed: query positions, [Q, d] (learned, shared by the batch) or [B, Q, d].
+            query_attend: [Q, Q] or [B, 1, Q, Q] bool, which queries may attend to which
+                (None: all).
+            tgt: the queries' initial content [B, Q, d]; None = zeros (the paper).
 
         Returns:
             ``hs`` [L, B, Q, d] (every decoder layer, normed) and ``memory`` [B, d, h, w].
@@ -193,8 +198,8 @@ class Transformer(nn.Module):
         src = src.flatten(2).transpose(1, 2)
         pos = pos.flatten(2).transpose(1, 2)
         key_mask = None if mask is None else mask.flatten(1)
-        query_pos = query_embed.unsqueeze(0).expand(b, -1, -1)
+        query_pos = query_embed if query_embed.dim() == 3 else query_embed.expand(b, -1, -1)
         memory = self.encoder(src, pos, key_mask)
-        hs = self.decoder(torch.zeros_like(query_pos), memory, pos, query_pos, key_mask,
-                          query_attend)
+        tgt = torch.zeros_like(query_pos) if tgt is None else tgt
+        hs = self.decoder(tgt, memory, pos, query_pos, key_mask, query_attend)
         return hs, memory.transpose(1, 2).reshape(b, d, h, w)
