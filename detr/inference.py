@@ -29,6 +29,7 @@ from torchvision.ops import clip_boxes_to_image
 from torchvision.transforms.v2 import functional as F
 
 from detr import hub
+from detr.attention import QueryAttention, top_query_attention
 from detr.checkpoint import CheckpointError, load_file, model_from_checkpoint
 from detr.config import ConfigError, DataConfig, load_section
 from detr.data.coco import ImageLoadError, category_ids_from_label_map
@@ -223,6 +224,17 @@ class Predictor:
         raw = self.postprocess(outputs, sizes)
         return [self._select(det, size, threshold, top_k)
                 for det, size in zip(raw, sizes.tolist(), strict=True)]
+
+    def attention(self, image: ImageInput, *, top_k: int = 6) -> list[QueryAttention]:
+        """The ``top_k`` best-scoring detections of one image (no score threshold) and where
+        each one's object query looked: :func:`detr.attention.top_query_attention`, boxes and
+        heat maps in the original image's pixels. Draw them with
+        :func:`detr.visualize.attention_figure`."""
+        pixels = load_image(image)
+        with autocast(self.device, self.precision):
+            return top_query_attention(self.model, self.preprocess(pixels).to(self.device),
+                                       postprocess=self.postprocess,
+                                       orig_size=tuple(pixels.shape[-2:]), top_k=top_k)
 
     def preprocess(self, image: Tensor) -> Tensor:
         """uint8 or float [3, H, W] -> float32 [3, H', W']: the val preset of

@@ -6,7 +6,8 @@ truth. Images are a uint8 ``Tensor`` [3, H, W] (or [1, H, W], grey) or a ``PIL.I
 function returns a new RGB ``PIL.Image`` and leaves its inputs untouched.
 
 Colours are fixed per category id (:func:`class_color`), so one class has the same colour in
-every picture of a run and across runs.
+every picture of a run and across runs. Attention maps (:func:`attention_figure`) are heat maps
+in [0, 1] over the image, as :mod:`detr.attention` makes them, drawn dark (low) to yellow (high).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from torchvision.utils import draw_bounding_boxes
 ImageLike = Tensor | Image.Image
 _GOLDEN = 0.618033988749895  # hue step: consecutive ids land far apart on the colour wheel
 _TITLE_PAD = 3  # px around a panel title
+_TITLE_FONT_SIZE = 13
+# Heat colours at 0, .25, .5, .75, 1 (a dark-to-bright ramp in the spirit of "inferno").
+_HEAT_ANCHORS = ((0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164))
 
 
 def class_color(category_id: int) -> tuple[int, int, int]:
@@ -87,9 +91,10 @@ def side_by_side(left: ImageLike, right: ImageLike,
 
 
 def example_grid(images: Sequence[ImageLike], columns: int, *,
-                 background: str | tuple[int, int, int] = "white") -> Image.Image:
+                 background: str | tuple[int, int, int] = "white",
+                 gap: int = 0) -> Image.Image:
     """Images in rows of ``columns``, each in a cell the size of the largest one (top-left
-    aligned); ``ceil(len(images) / columns)`` rows.
+    aligned); ``ceil(len(images) / columns)`` rows, ``gap`` px of background between cells.
 
     Raises:
         ValueError: no images, or ``columns`` < 1.
@@ -103,11 +108,102 @@ def example_grid(images: Sequence[ImageLike], columns: int, *,
     cell_h = max(p.height for p in pictures)
     columns = min(columns, len(pictures))
     rows = math.ceil(len(pictures) / columns)
-    grid = Image.new("RGB", (columns * cell_w, rows * cell_h), background)
+    grid = Image.new("RGB", (columns * cell_w + (columns - 1) * gap,
+                             rows * cell_h + (rows - 1) * gap), background)
     for index, picture in enumerate(pictures):
         row, column = divmod(index, columns)
-        grid.paste(picture, (column * cell_w, row * cell_h))
+        grid.paste(picture, (column * (cell_w + gap), row * (cell_h + gap)))
     return grid
+
+
+def heat_colors(heat: Tensor) -> Tensor:
+    """A heat map [H, W] in [0, 1] -> uint8 RGB [3, H, W], black-purple (0) through red and
+    orange to pale yellow (1): bright where attention is high, readable in grey too."""
+    anchors = torch.tensor(_HEAT_ANCHORS, dtype=torch.float32)
+    position = heat.detach().float().cpu().clamp(0, 1) * (len(anchors) - 1)
+    low = position.floor().long().clamp(max=len(anchors) - 2)
+    frac = (position - low)[..., None]
+    rgb = anchors[low] * (1 - frac) + anchors[low + 1] * frac
+    return rgb.round().to(torch.uint8).permute(2, 0, 1)
+
+
+def overlay_heatmap(image: ImageLike, heat: Tensor, *, alpha: float = 0.6) -> Image.Image:
+    """``image`` blended with the colours of ``heat`` [H, W] (the image's size): ``alpha`` of
+    heat colour, the rest image.
+
+    Raises:
+        ValueError: ``heat`` is not the image's size.
+    """
+    pixels = _as_uint8(image)
+    if tuple(heat.shape) != tuple(pixels.shape[-2:]):
+        raise ValueError(f"heat map {tuple(heat.shape)} is not the image's size "
+                         f"{tuple(pixels.shape[-2:])}")
+    blend = pixels.float() * (1 - alpha) + heat_colors(heat).float() * alpha
+    return F.to_pil_image(blend.round().to(torch.uint8))
+
+
+def attention_figure(image: ImageLike, detections: Sequence, names: Mapping[int, str] | None,
+                     *, columns: int = 4, min_side: int = 0) -> Image.Image:
+    """DETR's decoder attention, as in the paper's figures: a first panel with every
+    detection of ``detections`` drawn, then one panel per detection: its query's attention
+    over the image with its box, titled ``query N: name score``.
+
+    ``detections``: :class:`detr.attention.QueryAttention` items whose ``heat`` and ``box``
+    are in the pixels of ``image``. ``min_side``: enlarge small images (heat maps bilinear,
+    the image nearest) so that the short side is at least this many pixels.
+
+    Raises:
+        ValueError: no detections.
+    """
+    if not detections:
+        raise ValueError("attention_figure: no detections to show")
+    pixels = _as_uint8(image)
+    factor = max(1, math.ceil(min_side / min(pixels.shape[-2:]))) if min_side > 0 else 1
+    boxes = torch.stack([d.box for d in detections]).float() * factor
+    labels = [d.label for d in detections]
+    pixels, _ = _enlarge(pixels, boxes, min_side)
+    size = tuple(pixels.shape[-2:])
+    panels = [(draw_detections(pixels, boxes, labels, [d.score for d in detections], names,
+                               score_threshold=0.0), "detections")]
+    for det, box in zip(detections, boxes, strict=True):
+        heat = F.resize(det.heat[None].float(), list(size), antialias=True)[0]
+        blended = F.pil_to_tensor(overlay_heatmap(pixels, heat / heat.max().clamp(min=1e-12)))
+        drawn = draw_detections(blended, box[None], [det.label], None, names)
+        panels.append((drawn, f"query {det.query}: {_caption(det.label, names, det.score)}"))
+    return example_grid([_titled(panel, title) for panel, title in panels], columns, gap=6)
+
+
+def box_shape_colors(widths: Tensor, heights: Tensor) -> Tensor:
+    """RGB in [0, 1] per box [N, 3] from its normalised width and height, as in the DETR
+    paper's query figure: green for small boxes, red for large wide ones, blue for large tall
+    ones (in between: mixtures)."""
+    widths, heights = widths.float().clamp(0, 1), heights.float().clamp(0, 1)
+    large = (widths * heights).sqrt().mul(2).clamp(0, 1)  # 0 for points, 1 from half the image
+    wide = widths / (widths + heights).clamp(min=1e-9)
+    green = torch.tensor([0.1, 0.7, 0.2])
+    red, blue = torch.tensor([0.85, 0.1, 0.1]), torch.tensor([0.1, 0.25, 0.9])
+    big = wide[:, None] * red + (1 - wide[:, None]) * blue
+    return (1 - large[:, None]) * green + large[:, None] * big
+
+
+def _titled(image: Image.Image, title: str) -> Image.Image:
+    """``image`` under a white band with ``title`` (cut to the image's width)."""
+    font = _font()
+    height = font.getbbox("Ag")[3] + 2 * _TITLE_PAD
+    canvas = Image.new("RGB", (image.width, image.height + height), "white")
+    canvas.paste(image, (0, height))
+    while title and font.getlength(title) > image.width - 2 * _TITLE_PAD:
+        title = title[:-1]
+    ImageDraw.Draw(canvas).text((_TITLE_PAD, _TITLE_PAD), title, fill="black", font=font)
+    return canvas
+
+
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's default font at a readable size (its bitmap font where FreeType is missing)."""
+    try:
+        return ImageFont.load_default(size=_TITLE_FONT_SIZE)
+    except (ImportError, OSError):
+        return ImageFont.load_default()
 
 
 def _as_uint8(image: ImageLike) -> Tensor:

@@ -12,15 +12,25 @@ canonical dataset's ``annotations/val.json`` + ``images/val/``. Writes
 - ``plots_dir/pr_curve.csv`` (DVC plots): ``recall,all,<class>...``: at COCO's 101 recall
   points, the precision (averaged over IoU .50:.95) of the overall curve (``all``, the mean
   of the classes) and of each class with val objects;
-- ``plots_dir/ap_by_size.csv``: ``size,AP,AR`` for small, medium, large (-1: no such objects).
+- ``plots_dir/ap_by_size.csv``: ``size,AP,AR`` for small, medium, large (-1: no such objects);
+- ``report_dir/figures/``: ``pr_curves.png``, ``ap_by_size.png``, ``train_loss.png`` (from
+  ``plots_dir/train_loss.csv``, columns ``epoch,loss,...``, when the train stage wrote it),
+  ``query_specialisation.png`` (the box centres every query predicts over val, from the raw
+  per-query predictions) and ``examples_grid.png`` (the examples in one picture);
+- ``report_dir/attention/<image_id>.png``: for the first ``evaluate.attention_images`` val
+  images, the last decoder layer's cross-attention of their ``evaluate.attention_queries``
+  best-scoring queries (:mod:`detr.attention`);
+- ``report_dir/report.html``: all of the above in one self-contained HTML file
+  (:mod:`pipelines.report`).
+
+The PNGs are DVC plots (``plots:`` in dvc.yaml), next to the CSVs.
 
 Classes are named by category name (``<name>_<id>`` where names repeat or one is ``all``).
 With ``run_file`` present (the MLflow run the train stage started) the run also gets the
 statistics as metrics (undefined ones left out), ``AP_class_<class>`` metrics and, under
 ``evaluation/``: ``coco_table.txt``, the tables ``coco_stats.json`` and ``per_class_ap.json``,
-``pr_curves.png``, ``ap_by_size.png``, ``train_loss.png`` (from ``plots_dir/train_loss.csv``,
-columns ``epoch,loss,...``, when the train stage wrote it), ``examples_grid.png`` and
-``examples/``. Inside a Prefect flow run, the table is also the ``coco-ap-ar`` artifact.
+the figures (``pr_curves.png`` ...), ``examples/``, ``attention/`` and ``report.html``.
+Inside a Prefect flow run, the table is also the ``coco-ap-ar`` artifact.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import re
 import sys
 from collections import Counter
@@ -38,9 +49,11 @@ import torch
 from PIL import Image
 from prefect import flow
 from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import functional as TF
 
+from detr.attention import top_query_attention
 from detr.checkpoint import CheckpointError, model_from_checkpoint
-from detr.config import ConfigError, DataConfig, TrainConfig
+from detr.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from detr.data.batching import collate
 from detr.data.coco import (
     AnnotationError,
@@ -53,15 +66,25 @@ from detr.device import resolve_precision, select_device
 from detr.engine import evaluate
 from detr.evaluation import STAT_NAMES, CocoEvaluation, evaluate_detections, format_per_class
 from detr.models.postprocess import PostProcess
-from detr.visualize import draw_detections, example_grid, side_by_side
+from detr.queries import QueryBoxes, query_boxes
+from detr.visualize import attention_figure, draw_detections, example_grid, side_by_side
 from pipelines import params as pipeline_params
 from pipelines import stage, tracking
 from pipelines.params import EvaluateConfig
-from pipelines.plots import ALL, SIZES, evaluation_figures
+from pipelines.plots import ALL, SIZES, evaluation_figures, query_figure
+from pipelines.report import Picture, write_report
 
 DEFAULT_CHECKPOINT = Path("checkpoints/checkpoint.pth")
 EXAMPLE_MIN_SIDE = 256  # px: small images are enlarged so box captions stay legible
 ARTIFACT_DIR = "evaluation"
+FIGURE_DPI = 110
+FIGURE_CAPTIONS = {
+    "pr_curves.png": "Precision-recall per class and overall (all areas, 100 detections)",
+    "ap_by_size.png": "AP and AR by COCO object size",
+    "train_loss.png": "Training loss by epoch (train stage)",
+    "query_specialisation.png": "What each object query specialises in: the centre of the "
+                                "box it predicts on every val image",
+}
 _METRIC_UNSAFE = re.compile(r"[^\w.\- ]")  # what MLflow refuses in metric names (and / :)
 
 
@@ -87,7 +110,7 @@ def run(*, checkpoint: Path, dataset_dir: Path, cfg: EvaluateConfig, data_cfg: D
     checkpoint, dataset_dir = Path(checkpoint), Path(dataset_dir)
     report_dir, plots_dir = Path(report_dir), Path(plots_dir)
     _check_inputs(checkpoint, dataset_dir)
-    model, _, label_map = model_from_checkpoint(checkpoint)
+    model, model_cfg, label_map = model_from_checkpoint(checkpoint)
     val = CocoDetection.from_root(dataset_dir, "val", transforms=make_transforms(
         "val", scales=data_cfg.scales, max_size=data_cfg.max_size))
     category_ids = _category_ids(label_map, val, checkpoint)
@@ -98,10 +121,21 @@ def run(*, checkpoint: Path, dataset_dir: Path, cfg: EvaluateConfig, data_cfg: D
     print(format_per_class(evaluation))
     _write_reports(evaluation, labels, Path(metrics_path), plots_dir, report_dir)
     examples = write_examples(val, predictions, report_dir / "examples", cfg)
+    attention = write_attention(model, val, category_ids, report_dir / "attention", cfg)
+    figures = write_figures(evaluation, labels, plots_dir, report_dir / "figures",
+                            query_boxes(predictions, _image_sizes(val)), examples)
+    report = write_report(
+        report_dir / "report.html", evaluation=evaluation, labels=labels,
+        facts=_facts(checkpoint, dataset_dir, model_cfg, evaluation, train_cfg),
+        figures=[Picture(figures[n], FIGURE_CAPTIONS[n]) for n in FIGURE_CAPTIONS
+                 if n in figures],
+        attention=[Picture(p, f"val image {p.stem}", photo=True) for p in attention],
+        examples=[Picture(p, f"val image {p.stem}", photo=True) for p in examples])
+    print(f"evaluate: report written to {report}")
     stage.publish_table(key="coco-ap-ar", rows=stat_rows(evaluation),
                         description=f"COCO AP/AR of {checkpoint} on {dataset_dir} (val)")
     if run_file is not None and Path(run_file).is_file():
-        _log_to_mlflow(Path(run_file), evaluation, labels, plots_dir, examples)
+        _log_to_mlflow(Path(run_file), evaluation, labels, report_dir, figures)
     elif run_file is not None:
         print(f"evaluate: no MLflow run file at {run_file}; results not logged to MLflow",
               file=sys.stderr)
@@ -145,6 +179,74 @@ def write_examples(val: CocoDetection, predictions: dict[int, dict], out_dir: Pa
         paths.append(out_dir / f"{target['image_id']}.png")
         side_by_side(truth, shown).save(paths[-1])
     return paths
+
+
+def write_attention(model, val: CocoDetection, category_ids: list | None, out_dir: Path,
+                    cfg: EvaluateConfig) -> list[Path]:
+    """``out_dir/<image_id>.png`` for the first ``cfg.attention_images`` images of ``val``:
+    their ``cfg.attention_queries`` best-scoring detections and where each one's query
+    looked (:func:`detr.visualize.attention_figure`); small images enlarged to
+    ``EXAMPLE_MIN_SIDE``. Earlier PNGs in ``out_dir`` are removed first."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("*.png"):
+        old.unlink()
+    raw = CocoDetection(val.image_dir, val.ann_file)
+    names = {c["id"]: c["name"] for c in raw.categories}
+    device = next(model.parameters()).device
+    postprocess = PostProcess(category_ids).to(device)
+    model.eval()
+    paths = []
+    for index in range(min(cfg.attention_images, len(val))):
+        image, target = val[index]
+        pixels, _ = raw[index]
+        height, width = pixels.shape[-2:]
+        factor = max(1, math.ceil(EXAMPLE_MIN_SIDE / min(height, width)))
+        display = (height * factor, width * factor)
+        found = top_query_attention(model, image.to(device), postprocess=postprocess,
+                                    orig_size=(height, width), top_k=cfg.attention_queries,
+                                    display_size=display)
+        shown = TF.resize(pixels, list(display), interpolation=TF.InterpolationMode.NEAREST)
+        paths.append(out_dir / f"{target['image_id']}.png")
+        attention_figure(shown, found, names, columns=min(len(found) + 1, 5)).save(paths[-1])
+    return paths
+
+
+def write_figures(evaluation: CocoEvaluation, labels: dict[int, str], plots_dir: Path,
+                  out_dir: Path, queries: QueryBoxes,
+                  examples: list[Path]) -> dict[str, Path]:
+    """The PNGs of the module doc in ``out_dir`` (earlier ones removed); by file name."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("*.png"):
+        old.unlink()
+    figures = {**evaluation_figures(evaluation, labels, plots_dir),
+               "query_specialisation.png": query_figure(queries)}
+    paths = {}
+    for name, figure in figures.items():
+        paths[name] = out_dir / name
+        figure.savefig(paths[name], dpi=FIGURE_DPI)
+    if examples:
+        paths["examples_grid.png"] = out_dir / "examples_grid.png"
+        example_grid(_load_images(examples), columns=2, gap=12).save(paths["examples_grid.png"])
+    return paths
+
+
+def _image_sizes(val: CocoDetection) -> dict[int, tuple[int, int]]:
+    """(height, width) of every val image, by id, from the annotations."""
+    return {int(i): (int(img["height"]), int(img["width"])) for i, img in val.coco.imgs.items()}
+
+
+def _facts(checkpoint: Path, dataset_dir: Path, model_cfg: ModelConfig,
+           evaluation: CocoEvaluation, train_cfg: TrainConfig) -> dict[str, object]:
+    """The report's header lines."""
+    return {
+        "checkpoint": checkpoint, "dataset": f"{dataset_dir} (val split)",
+        "model": f"DETR {model_cfg.backbone}{' DC5' if model_cfg.dilation else ''}, "
+                 f"{model_cfg.enc_layers}+{model_cfg.dec_layers} layers, d={model_cfg.hidden_dim}, "
+                 f"{model_cfg.num_queries} queries, {model_cfg.num_classes} classes",
+        "val images": evaluation.num_images, "detections scored": evaluation.num_detections,
+        "device / precision": f"{train_cfg.device} / {train_cfg.precision}",
+        "evaluated at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
 
 
 def _check_inputs(checkpoint: Path, dataset_dir: Path) -> None:
@@ -228,7 +330,7 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 
 
 def _log_to_mlflow(run_file: Path, evaluation: CocoEvaluation, labels: dict[int, str],
-                   plots_dir: Path, examples: list[Path]) -> None:
+                   report_dir: Path, figures: dict[str, Path]) -> None:
     """Everything of the module doc into the run of ``run_file``; server calls retried."""
     import mlflow
 
@@ -240,14 +342,14 @@ def _log_to_mlflow(run_file: Path, evaluation: CocoEvaluation, labels: dict[int,
         for name, data in _tables(evaluation, labels).items():
             _retry(f"log table {name}", mlflow.log_table, data=data,
                    artifact_file=f"{ARTIFACT_DIR}/{name}")
-        for name, figure in evaluation_figures(evaluation, labels, plots_dir).items():
-            _retry(f"log {name}", mlflow.log_figure, figure, f"{ARTIFACT_DIR}/{name}")
-        if examples:
-            _retry("log the example grid", mlflow.log_image,
-                   example_grid(_load_images(examples), columns=2),
-                   artifact_file=f"{ARTIFACT_DIR}/examples_grid.png")
-            _retry("log the examples", mlflow.log_artifacts, str(examples[0].parent),
-                   f"{ARTIFACT_DIR}/examples")
+        for name, path in figures.items():
+            _retry(f"log {name}", mlflow.log_artifact, str(path), ARTIFACT_DIR)
+        for folder in ("examples", "attention"):
+            if any((report_dir / folder).glob("*.png")):
+                _retry(f"log the {folder}", mlflow.log_artifacts, str(report_dir / folder),
+                       f"{ARTIFACT_DIR}/{folder}")
+        _retry("log the report", mlflow.log_artifact, str(report_dir / "report.html"),
+               ARTIFACT_DIR)
 
 
 def _retry(what: str, fn, *args, **kwargs) -> None:
@@ -313,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="COCO statistics JSON (DVC metrics)")
     parser.add_argument("--plots", type=Path, default=Path("plots"), help="CSVs for DVC plots")
     parser.add_argument("--reports", type=Path, default=Path("reports/evaluation"),
-                        help="table, per-class AP, examples/")
+                        help="table, per-class AP, figures, examples, attention, report.html")
     parser.add_argument("--run-file", type=Path, default=tracking.RUN_FILE,
                         help="MLflow run of the train stage (skipped when absent)")
     args = parser.parse_args(argv)

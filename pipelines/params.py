@@ -1,8 +1,8 @@
 """``params.yaml``: every section typed and strict, read once.
 
 Library sections (``model``, ``loss``, ``data``, ``train``) are defined in :mod:`detr.config`;
-the pipeline's own (``prepare``, ``validate``, ``evaluate``, ``register``) here. An unknown
-section, an unknown key or a wrong type is an error naming it.
+the pipeline's own (``prepare``, ``validate``, ``evaluate``, ``register``, ``schedule``)
+here. An unknown section, an unknown key or a wrong type is an error naming it.
 """
 
 from __future__ import annotations
@@ -52,6 +52,17 @@ class EvaluateConfig:
     batch_size: int = 4
     num_examples: int = 8  # val images drawn with predictions vs ground truth
     score_threshold: float = 0.5  # for the drawings only; COCO AP uses every detection
+    attention_images: int = 2  # val images drawn with the decoder attention of...
+    attention_queries: int = 4  # ...their best-scoring queries (0 images: none drawn)
+
+    def __post_init__(self) -> None:
+        checks = {"batch_size": self.batch_size >= 1, "num_examples": self.num_examples >= 0,
+                  "score_threshold": 0 <= self.score_threshold <= 1,
+                  "attention_images": self.attention_images >= 0,
+                  "attention_queries": self.attention_queries >= 1}
+        for key, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"evaluate.{key}: {getattr(self, key)!r} is out of range")
 
 
 @dataclass(frozen=True)
@@ -97,8 +108,37 @@ class ValidateConfig:
                 raise ConfigError(f"validate.{key}: {getattr(self, key)!r} is out of range")
 
 
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The scheduled ``retrain`` deployment (``schedule:``; ``make deploy`` applies it)."""
+
+    cron: str = "0 3 * * 1"  # Mondays 03:00; also editable, pausable in the Prefect UI
+    timezone: str = "UTC"  # IANA name, e.g. Europe/Paris
+    deployment: str = "weekly"  # shown in Prefect as retrain/<deployment>
+    work_pool: str = "detr-ops"  # a process work pool; `make serve` starts its worker
+    lock_wait_s: float = 3600.0  # a retrain started while another trains waits this long
+    push: bool = True  # `dvc push` after the run when a default DVC remote is configured
+
+    def __post_init__(self) -> None:
+        from prefect.client.schemas.schedules import CronSchedule
+        from pydantic import ValidationError
+
+        try:
+            CronSchedule(cron=self.cron, timezone=self.timezone)
+        except ValidationError as exc:
+            problem = "; ".join(e["msg"] for e in exc.errors())
+            raise ConfigError(f"schedule: cron {self.cron!r} / timezone {self.timezone!r}: "
+                              f"{problem}") from None
+        if self.lock_wait_s < 0:
+            raise ConfigError(f"schedule.lock_wait_s: {self.lock_wait_s!r} is negative")
+        for key in ("deployment", "work_pool"):
+            if not getattr(self, key).strip():
+                raise ConfigError(f"schedule.{key}: empty name")
+
+
 PIPELINE_SECTIONS: dict[str, type] = {"prepare": PrepareConfig, "validate": ValidateConfig,
-                                      "evaluate": EvaluateConfig, "register": RegisterConfig}
+                                      "evaluate": EvaluateConfig, "register": RegisterConfig,
+                                      "schedule": ScheduleConfig}
 
 
 def load(path: str | Path = PARAMS_FILE) -> dict[str, Any]:

@@ -1,23 +1,31 @@
-"""The evaluate stage's matplotlib figures, logged to MLflow by :mod:`pipelines.evaluate`.
+"""The evaluate stage's matplotlib figures, saved and logged to MLflow by
+:mod:`pipelines.evaluate`.
 
 :func:`evaluation_figures` gives ``pr_curves.png`` (precision-recall per class and overall),
 ``ap_by_size.png`` (AP and AR by COCO object size) and, when the train stage wrote
-``plots_dir/train_loss.csv`` (columns ``epoch,loss,...``), ``train_loss.png``.
+``plots_dir/train_loss.csv`` (columns ``epoch,loss,...``), ``train_loss.png`` (the total loss
+and each ``loss_*`` term). :func:`query_figure` is the paper's "what each query specialises
+in" picture.
 """
 
 from __future__ import annotations
 
 import csv
+import math
+import re
 import sys
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from detr.evaluation import CocoEvaluation
-from detr.visualize import class_color
+from detr.queries import QueryBoxes
+from detr.visualize import box_shape_colors, class_color
 
 ALL = "all"  # the class name of the mean PR curve
 SIZES = ("small", "medium", "large")
+_AUX_TERM = re.compile(r"_\d+$")  # loss_ce_0: an auxiliary decoder layer's term
 
 
 def evaluation_figures(evaluation: CocoEvaluation, labels: dict[int, str],
@@ -69,24 +77,70 @@ def _size_figure(stats: dict[str, float]) -> Figure:
     return figure
 
 
-def _read_loss(path: Path) -> tuple[list[float], list[float]] | None:
-    """``(epochs, losses)`` from the train stage's CSV, or None when absent or unusable."""
+def query_figure(queries: QueryBoxes, *, max_panels: int = 100) -> Figure:
+    """One small square per query (the first ``max_panels``): the centre of the box it
+    predicts on each image, in that image's normalised coordinates (top left = (0, 0)),
+    coloured by the box's size and shape (:func:`detr.visualize.box_shape_colors`)."""
+    count = min(queries.num_queries, max_panels)
+    columns = min(10, math.ceil(math.sqrt(count)))
+    rows = math.ceil(count / columns)
+    figure = Figure(figsize=(1.45 * columns, 1.45 * rows + 0.8), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False)
+    size = max(2.0, 40 / math.sqrt(max(len(queries.image_ids), 1)))  # fewer points, bigger
+    for index, ax in enumerate(axes.flat):
+        ax.set(xticks=[], yticks=[], xlim=(0, 1), ylim=(1, 0), aspect="equal")
+        if index >= count:
+            ax.set_axis_off()
+            continue
+        boxes = queries.boxes[index]
+        order = (boxes[:, 2] * boxes[:, 3]).argsort(descending=True)  # small boxes on top
+        ax.scatter(boxes[order, 0], boxes[order, 1], s=size, linewidths=0,
+                   c=box_shape_colors(boxes[order, 2], boxes[order, 3]).numpy())
+        ax.set_title(f"query {index}", fontsize=8, pad=2)
+    shown = "" if count == queries.num_queries else f" (first {count})"
+    figure.suptitle(f"Box centres predicted by each query{shown} on {len(queries.image_ids)} "
+                    f"val images\ngreen: small box; red: large, wide; blue: large, tall; "
+                    f"purple: large, square",
+                    fontsize=9)
+    return figure
+
+
+def _read_loss(path: Path) -> tuple[list[float], dict[str, list[float]]] | None:
+    """``(epochs, {"loss": ..., "loss_ce": ...})`` from the train stage's CSV (the total and
+    the last decoder layer's ``loss_*`` terms; ``loss_ce_0``... of the auxiliary layers
+    are left out), or None when absent or unusable."""
     if not path.is_file():
         return None
     try:
         with path.open(newline="") as f:
-            rows = [(float(r["epoch"]), float(r["loss"])) for r in csv.DictReader(f)]
+            rows = list(csv.DictReader(f))
+        names = [c for c in rows[0] if c == "loss" or (c.startswith("loss_")
+                                                       and not _AUX_TERM.search(c))] if rows else []
+        epochs = [float(r["epoch"]) for r in rows]
+        curves = {c: [float(r[c]) if r[c] not in ("", None) else math.nan for r in rows]
+                  for c in names}
     except (KeyError, TypeError, ValueError) as exc:
         print(f"evaluate: {path}: no epoch,loss columns ({exc}); loss curve skipped",
               file=sys.stderr)
         return None
-    return ([s for s, _ in rows], [v for _, v in rows]) if rows else None
+    if not rows or "loss" not in curves:
+        return None
+    return epochs, curves
 
 
-def _loss_figure(epochs: list[float], losses: list[float]) -> Figure:
-    figure = Figure(figsize=(6, 4), layout="constrained")
-    ax = figure.subplots()
-    ax.plot(epochs, losses, linewidth=1, marker="o")
-    ax.set(title="Training loss (epoch mean)", xlabel="epoch", ylabel="loss")
-    ax.grid(alpha=0.3)
+def _loss_figure(epochs: list[float], curves: dict[str, list[float]]) -> Figure:
+    """Total loss (left) and its unweighted terms (right) by epoch."""
+    terms = {k: v for k, v in curves.items() if k != "loss"}
+    figure = Figure(figsize=(11 if terms else 6, 4), layout="constrained")
+    axes = figure.subplots(1, 2 if terms else 1, squeeze=False)[0]
+    axes[0].plot(epochs, curves["loss"], linewidth=1.5, marker="o", color="black")
+    axes[0].set(title="Training loss (epoch mean)", xlabel="epoch", ylabel="loss")
+    if terms:
+        for name, values in sorted(terms.items()):
+            axes[1].plot(epochs, values, linewidth=1, marker=".", label=name)
+        axes[1].set(title="Loss terms (unweighted, last decoder layer)", xlabel="epoch")
+        axes[1].legend(fontsize="small")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return figure

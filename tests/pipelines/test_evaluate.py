@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 from detr.evaluation import STAT_NAMES
@@ -16,7 +17,9 @@ from pipelines.params import EvaluateConfig
 from tests.conftest import tiny_training
 
 pytestmark = pytest.mark.slow
-EVAL_CFG = EvaluateConfig(batch_size=2, num_examples=2, score_threshold=0.0)
+EVAL_CFG = EvaluateConfig(batch_size=2, num_examples=2, score_threshold=0.0,
+                          attention_images=2, attention_queries=3)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +106,11 @@ def test_mlflow_run_has_metrics_and_artifacts(tracked):
     assert any(k.startswith("AP_class_") for k in run.data.metrics)
     paths = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     for name in ("coco_table.txt", "coco_stats.json", "per_class_ap.json", "pr_curves.png",
-                 "ap_by_size.png", "train_loss.png", "examples_grid.png", "examples"):
+                 "ap_by_size.png", "train_loss.png", "examples_grid.png", "examples",
+                 "query_specialisation.png", "attention", "report.html"):
         assert f"evaluation/{name}" in paths
+    attention = client.list_artifacts(run.info.run_id, "evaluation/attention")
+    assert len(attention) == EVAL_CFG.attention_images
     table = client.download_artifacts(run.info.run_id, "evaluation/coco_table.txt")
     assert Path(table).read_text().rstrip("\n") == result.table
     stats = json.loads(Path(client.download_artifacts(
@@ -112,6 +118,52 @@ def test_mlflow_run_has_metrics_and_artifacts(tracked):
     assert stats["columns"][:2] == ["metric", "value"] and len(stats["data"]) == 12
     assert Path(run.info.artifact_uri.removeprefix("file://")).is_relative_to(
         Path(tracked[0]))  # nothing written outside the test's folder
+
+
+def _stage_outs(stages: dict, name: str) -> list[str]:
+    return [next(iter(o)) if isinstance(o, dict) else o for o in stages[name].get("outs", [])]
+
+
+def test_every_dvc_plot_is_written_by_evaluate_or_train(tracked):
+    """Each path under `plots:` in dvc.yaml is an output of evaluate (then this run wrote it:
+    a file, or a folder with PNGs) or of train (the fixture wrote train_loss.csv)."""
+    out = tracked[0]
+    pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    plots = [next(iter(p)) if isinstance(p, dict) else p for p in pipeline["plots"]]
+    evaluate_outs = _stage_outs(pipeline["stages"], "evaluate")
+    train_outs = _stage_outs(pipeline["stages"], "train")
+
+    def under(path: str, outs: list[str]) -> bool:
+        return any(path == o or path.startswith(o.rstrip("/") + "/") for o in outs)
+
+    images = [p for p in plots if p.endswith(".png") or "." not in Path(p).name]
+    assert len(images) >= 4  # examples, attention, query specialisation, PR curves
+    for plot in plots:
+        assert under(plot, evaluate_outs) or under(plot, train_outs), plot
+        target = out / plot
+        assert target.exists(), plot
+        if target.is_dir():
+            assert len(list(target.glob("*.png"))) == EVAL_CFG.attention_images, plot
+        elif target.suffix == ".png":
+            with Image.open(target) as image:
+                assert image.width > 100 and image.height > 100, plot
+
+
+def test_attention_maps_and_html_report(tracked, tiny_dataset):
+    out, _, _, result = tracked
+    reports = out / "reports" / "evaluation"
+    val = json.loads((tiny_dataset / "annotations" / "val.json").read_text())
+    first = sorted(image["id"] for image in val["images"])[:EVAL_CFG.attention_images]
+    attention = sorted((reports / "attention").glob("*.png"))
+    assert sorted(p.stem for p in attention) == sorted(str(i) for i in first)
+    with Image.open(attention[0]) as image:  # the overview + one panel per query, one row
+        assert image.width > 3 * image.height
+    html = (reports / "report.html").read_text(encoding="utf-8")
+    assert result.table in html
+    figures = 4  # PR curves, AP by size, losses, query specialisation (examples: one each)
+    assert html.count('src="data:image/') == (figures + EVAL_CFG.attention_images
+                                               + EVAL_CFG.num_examples)
+    assert "http://" not in html and "https://" not in html
 
 
 def test_without_run_file_the_files_are_still_written(checkpoint, tiny_dataset, tmp_path,

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_params_files_load(name):
     params = load(ROOT / name)
     assert set(params) == {"prepare", "validate", "model", "loss", "data", "train", "evaluate",
-                           "register"}
+                           "register", "schedule"}
     assert params["validate"].num_queries == params["model"].num_queries
 
 
@@ -39,4 +39,27 @@ def test_unknown_section_key_or_type_names_the_culprit(tmp_path):
         load(path)
     path.write_text("prepare:\n  demo:\n    num_trian: 3\n")
     with pytest.raises(ConfigError, match=r"prepare.demo.num_trian: unknown key"):
+        load(path)
+
+
+def test_schedule_section_refuses_a_bad_cron_or_timezone(tmp_path):
+    path = tmp_path / "params.yaml"
+    assert load(ROOT / "params.yaml")["schedule"].cron == "0 3 * * 1"
+    path.write_text("schedule:\n  cron: '61 3 * * 1'\n")
+    with pytest.raises(ConfigError, match=r"schedule: cron '61 3 \* \* 1'.*Invalid cron"):
+        load(path)
+    path.write_text("schedule:\n  timezone: Mars/Olympus\n")
+    with pytest.raises(ConfigError, match="Invalid timezone"):
+        load(path)
+    path.write_text("schedule:\n  crontab: '0 3 * * 1'\n")
+    with pytest.raises(ConfigError, match=r"schedule.crontab: unknown key"):
+        load(path)
+
+
+@pytest.mark.parametrize("line", ["attention_queries: 0", "attention_images: -1",
+                                  "score_threshold: 1.5", "batch_size: 0"])
+def test_evaluate_section_refuses_out_of_range_values(tmp_path, line):
+    path = tmp_path / "params.yaml"
+    path.write_text(f"evaluate:\n  {line}\n")
+    with pytest.raises(ConfigError, match=f"evaluate.{line.split(':')[0]}: .* out of range"):
         load(path)

@@ -72,3 +72,50 @@ def test_side_by_side_and_grid_sizes():
     assert example_grid([_black(8, 10)], columns=4).size == (10, 8)
     with pytest.raises(ValueError, match="columns"):
         example_grid([left], columns=0)
+
+
+def test_grid_gap_separates_cells():
+    grid = example_grid([Image.new("RGB", (10, 8), "black")] * 3, columns=2, gap=4)
+    assert grid.size == (24, 20)
+    assert grid.getpixel((11, 2)) == (255, 255, 255)  # the gap between the first two cells
+
+
+def test_heat_colours_run_dark_to_bright_and_overlay_keeps_the_size():
+    from detr.visualize import heat_colors, overlay_heatmap
+
+    colours = heat_colors(torch.tensor([[0.0, 0.5, 1.0]]))
+    assert colours.shape == (3, 1, 3) and colours.dtype == torch.uint8
+    brightness = colours.float().sum(0)[0]
+    assert brightness[0] < brightness[1] < brightness[2]
+    blended = overlay_heatmap(_black(40, 48), torch.ones(40, 48))
+    assert blended.size == (48, 40) and blended.getpixel((5, 5)) != BLACK
+    with pytest.raises(ValueError, match="size"):
+        overlay_heatmap(_black(40, 48), torch.ones(10, 10))
+
+
+def test_attention_figure_has_a_panel_per_detection_plus_the_overview():
+    from detr.attention import QueryAttention
+    from detr.visualize import attention_figure
+
+    heat = torch.zeros(40, 48)
+    heat[10:20, 10:20] = 1.0
+    items = [QueryAttention(query=q, score=0.9 - q / 10, label=q, box=torch.tensor(
+        [8.0, 8.0, 24.0, 24.0]), heat=heat) for q in range(3)]
+    figure = attention_figure(_black(), items, {0: "a", 1: "b", 2: "c"}, columns=4,
+                              min_side=80)
+    cell_w = 48 * 2  # enlarged x2 to reach 80 px
+    assert figure.width == 4 * cell_w + 3 * 6 and figure.height > 80
+    centre = figure.getpixel((cell_w + 6 + 2 * 15, figure.height - 80 + 2 * 15))
+    corner = figure.getpixel((cell_w + 6 + 2 * 45, figure.height - 4))
+    assert sum(centre) > sum(corner)  # attended cells are bright, the rest dark
+    with pytest.raises(ValueError, match="no detections"):
+        attention_figure(_black(), [], None)
+
+
+def test_box_shape_colours_follow_the_papers_legend():
+    from detr.visualize import box_shape_colors
+
+    colours = box_shape_colors(torch.tensor([0.02, 0.9, 0.3]), torch.tensor([0.02, 0.3, 0.9]))
+    small, wide, tall = colours
+    assert small.argmax() == 1 and wide.argmax() == 0 and tall.argmax() == 2
+    assert ((colours >= 0) & (colours <= 1)).all()
