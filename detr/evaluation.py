@@ -32,7 +32,9 @@ ignored by COCOeval, as in the official DETR evaluation.
 """
 
 import contextlib
+import functools
 import io
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,10 +285,19 @@ def _load_results(gt: COCO, results: list[dict]) -> COCO:
 
 
 def _capture_summary(evaluator: COCOeval) -> str:
-    """Run ``summarize()`` and return what it prints, the 12 lines without a final newline."""
+    """Run ``summarize()`` and return what it prints, the 12 lines without a final newline.
+
+    pycocotools reports only through ``print``. Its module gets a ``print`` that writes to a
+    buffer for the call: capturing ``sys.stdout`` alone misses the table where a framework has
+    replaced the builtin (Prefect's ``log_prints`` sends stdout prints to a run logger; an
+    explicit ``file`` is passed through)."""
     buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
+    module = sys.modules[type(evaluator).__module__]
+    module.print = functools.partial(print, file=buffer)
+    try:
         evaluator.summarize()
+    finally:
+        del module.print
     return buffer.getvalue().rstrip("\n")
 
 

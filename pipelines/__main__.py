@@ -1,7 +1,8 @@
 """``python -m pipelines <stage> [options]``: the commands dvc.yaml runs.
 
 Stages: prepare, validate, train, evaluate, register; promote (move @champion by hand);
-summary (print the last run's AP/AR table, registration and where the UIs are).
+summary (print the last run's AP/AR table, registration and where the UIs are); retrain (the
+parent flow: new data, stale stages, push, registration); deploy (its scheduled deployment).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ COMMANDS = {
     "register": ("pipelines.register", "main"),
     "promote": ("pipelines.register", "promote_main"),
     "summary": ("pipelines.summary", "main"),
+    "retrain": ("pipelines.retrain", "main"),
+    "deploy": ("pipelines.deploy", "main"),
 }
 
 
@@ -27,12 +30,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module, func = COMMANDS[argv[0]]
     from detr.config import ConfigError
+    from pipelines.tracking import TrackingUnavailableError
 
     try:
         return getattr(importlib.import_module(module), func)(argv[1:])
     except ConfigError as exc:
         print(f"{argv[0]}: bad params: {exc}", file=sys.stderr)
         return 2
+    except TrackingUnavailableError as exc:  # after the retries: no traceback, the reason
+        print(f"{argv[0]}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # spawn-started workers re-import __main__: keep this guard

@@ -2,8 +2,12 @@
 
 ``invoke(flow, run, **kwargs)``: with a Prefect API configured (``PREFECT_API_URL`` in the
 environment or the active Prefect profile), the stage runs as its Prefect flow: it shows in the
-UI with its logs and artifacts. Without one, the pure ``run`` is called directly, so a plain
-``dvc repro`` needs no server and does not start a temporary one (~8 s a stage).
+UI with its logs and artifacts. So does a Prefect server that ``make serve`` started for this
+project and that answers now (:func:`pipelines.servers.live_url`). Without one, the pure ``run``
+is called directly, so a plain ``dvc repro`` needs no server and does not start a temporary one
+(~8 s a stage). ``PIPELINES_STAGE_FLOWS=0`` also calls ``run`` directly: the ``retrain`` flow
+sets it for the stages it runs, which it shows as its own tasks (a stage in a subprocess could
+only open a second, unlinked flow run).
 """
 
 from __future__ import annotations
@@ -12,17 +16,38 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+FLOWS_SWITCH = "PIPELINES_STAGE_FLOWS"
 
-def prefect_enabled() -> bool:
+
+def prefect_api_url() -> str | None:
+    """The Prefect API the stages report to: configured (environment, profile), else the
+    project's own server from ``make serve`` if it is up; None without either, or when
+    ``PIPELINES_STAGE_FLOWS=0``."""
+    if os.environ.get(FLOWS_SWITCH, "1") == "0":
+        return None
     if os.environ.get("PREFECT_API_URL"):
-        return True
+        return os.environ["PREFECT_API_URL"]
     from prefect.settings import get_current_settings
 
-    return bool(get_current_settings().api.url)
+    if get_current_settings().api.url:
+        return str(get_current_settings().api.url)
+    from pipelines import servers, tracking
+
+    return servers.live_url("prefect", tracking.project_root())
+
+
+def prefect_enabled() -> bool:
+    return prefect_api_url() is not None
 
 
 def invoke(flow: Callable[..., Any], run: Callable[..., Any], **kwargs: Any) -> Any:
-    return flow(**kwargs) if prefect_enabled() else run(**kwargs)
+    url = prefect_api_url()
+    if url is None:
+        return run(**kwargs)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        return flow(**kwargs)
 
 
 def _in_flow_run() -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipelines import tracking
+from pipelines import servers, tracking
 
 TABLE = Path("reports/evaluation/coco_table.txt")
 REGISTER = Path("reports/register.json")
@@ -22,8 +22,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{reg.get('champion_version_before') or 'none'}")
         print(f"  load it: mlflow.pyfunc.load_model('{reg['alias_uri']}')")
     print(f"\nMLflow runs and registry: {tracking.tracking_uri()}")
-    print("  UI:       make mlflow-ui   -> http://127.0.0.1:5000")
-    print("  Prefect:  make prefect-ui  -> http://127.0.0.1:4200 (then run with "
-          "PREFECT_API_URL=http://127.0.0.1:4200/api to see each stage there)")
+    mlflow_ui = servers.live_url("mlflow", tracking.project_root())
+    prefect_api = servers.live_url("prefect", tracking.project_root())
+    if mlflow_ui and prefect_api:  # `make serve` is up: the stages used it
+        print(f"  UI:       {mlflow_ui} (MLflow), {prefect_api.removesuffix('/api')} (Prefect: "
+              "each stage is a flow run)")
+    else:
+        print("  UI:       make serve       -> MLflow http://127.0.0.1:5000, Prefect "
+              "http://127.0.0.1:4200 (the next `make run` then shows each stage as a flow run)")
     print("  DVC:      .venv/bin/dvc metrics show | dvc plots show | dvc exp run -S train.epochs=20")
     return 0

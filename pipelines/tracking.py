@@ -1,13 +1,21 @@
 """MLflow tracking: where runs go, one run per pipeline execution, tags, retries.
 
 Tracking URI: ``MLFLOW_TRACKING_URI`` when set (a server such as ``http://127.0.0.1:5000``),
-else a SQLite file in the project (``sqlite:///<root>/mlflow.db``: MLflow 3 refuses a plain
-folder store, and the registry needs SQL). Artifacts of the SQLite store go to
-``<root>/mlartifacts``.
+else the project's MLflow server if ``make serve`` started it and it answers now, else a SQLite
+file in the project (``sqlite:///<root>/mlflow.db``: MLflow 3 refuses a plain folder store, and
+the registry needs SQL). Artifacts of the SQLite store go to ``<root>/mlartifacts``; the
+project's server keeps both in the same places, so it is one store either way.
 
 One MLflow run spans train, evaluate and register: ``train`` starts it and writes its id to
 ``reports/mlflow_run.json`` (a DVC output); the later stages read that file and log into the
 same run (:func:`resume_run`).
+
+A server that is down or restarting: every call goes through :func:`retry` (``attempts``
+tries, exponential backoff from ``backoff_s``; environment ``DETR_MLFLOW_ATTEMPTS``,
+``DETR_MLFLOW_BACKOFF_S``), then fails with :class:`TrackingUnavailableError` naming the server
+and the call. MLflow's own HTTP retries (7 with backoff factor 2 by default: about four minutes
+per call against a dead server) are cut to 2 quick ones unless set in the environment, so that
+this policy is the one in force: a dead server fails a stage after about half a minute.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -23,7 +32,12 @@ from typing import Any, TypeVar
 
 RUN_FILE = Path("reports/mlflow_run.json")
 EXPERIMENT = "detr"
+ATTEMPTS, BACKOFF_S = 5, 1.0  # defaults of retry(): waits of 1, 2, 4, 8 s between attempts
 T = TypeVar("T")
+
+
+class TrackingUnavailableError(RuntimeError):
+    """MLflow could not be reached after every retry (the message names the server and call)."""
 
 
 def project_root() -> Path:
@@ -33,12 +47,18 @@ def project_root() -> Path:
 
 def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
-    return uri or f"sqlite:///{project_root() / 'mlflow.db'}"
+    if uri:
+        return uri
+    from pipelines import servers
+
+    return servers.live_url("mlflow", project_root()) or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
 def configure() -> str:
     """Point MLflow at :func:`tracking_uri` (registry included); returns the URI."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # retry() does the rest
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     import mlflow
 
     uri = tracking_uri()
@@ -47,11 +67,21 @@ def configure() -> str:
     return uri
 
 
-def retry(fn: Callable[[], T], *, what: str, attempts: int = 4, backoff_s: float = 1.0) -> T:
-    """Call ``fn``, retrying with exponential backoff on connection-type errors (the tracking
-    server being restarted or briefly away). Other errors are raised at once."""
+def retry(fn: Callable[[], T], *, what: str, attempts: int | None = None,
+          backoff_s: float | None = None) -> T:
+    """Call ``fn``, retrying with exponential backoff (``backoff_s``, twice that, ...) on
+    connection-type errors (the tracking server being restarted or briefly away). Other errors
+    are raised at once. ``attempts``/``backoff_s`` default to the environment's
+    ``DETR_MLFLOW_ATTEMPTS``/``DETR_MLFLOW_BACKOFF_S``, else :data:`ATTEMPTS`/:data:`BACKOFF_S`.
+
+    Raises:
+        TrackingUnavailableError: still failing after the last attempt.
+    """
     from mlflow.exceptions import MlflowException
 
+    attempts = attempts or int(os.environ.get("DETR_MLFLOW_ATTEMPTS") or ATTEMPTS)
+    backoff_s = backoff_s if backoff_s is not None else float(
+        os.environ.get("DETR_MLFLOW_BACKOFF_S") or BACKOFF_S)
     transient = (ConnectionError, TimeoutError, OSError, MlflowException)
     for attempt in range(1, attempts + 1):
         try:
@@ -60,10 +90,19 @@ def retry(fn: Callable[[], T], *, what: str, attempts: int = 4, backoff_s: float
             if isinstance(exc, MlflowException) and not _is_transient(exc):
                 raise
             if attempt == attempts:
-                raise RuntimeError(f"MLflow at {tracking_uri()} unreachable while trying to "
-                                   f"{what} ({attempts} attempts): {exc}") from exc
-            time.sleep(backoff_s * 2 ** (attempt - 1))
+                raise TrackingUnavailableError(
+                    f"MLflow at {tracking_uri()} unreachable while trying to {what} "
+                    f"({attempts} attempts, {backoff_s * (2 ** (attempts - 1) - 1):g} s of "
+                    f"backoff): {_first_line(exc)}") from exc
+            wait = backoff_s * 2 ** (attempt - 1)
+            print(f"MLflow at {tracking_uri()} unreachable while trying to {what} (attempt "
+                  f"{attempt}/{attempts}); retrying in {wait:g} s", file=sys.stderr, flush=True)
+            time.sleep(wait)
     raise AssertionError("unreachable")
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _is_transient(exc: Exception) -> bool:
@@ -112,7 +151,11 @@ def read_run_id(run_file: Path = RUN_FILE) -> str:
 
 @contextmanager
 def resume_run(run_file: Path = RUN_FILE):
-    """Make the pipeline's run active (``with resume_run(): mlflow.log_metric(...)``)."""
+    """Make the pipeline's run active (``with resume_run(): mlflow.log_metric(...)``).
+
+    On leaving, the run is marked FINISHED; on an error, FAILED, best effort: a server that is
+    away then must not replace the error that got us here with its own.
+    """
     import mlflow
 
     configure()
@@ -120,8 +163,28 @@ def resume_run(run_file: Path = RUN_FILE):
     run = retry(lambda: mlflow.start_run(run_id=run_id), what=f"resume run {run_id}")
     try:
         yield run
-    finally:
-        mlflow.end_run()
+    except BaseException:
+        _end_run(run_id, "FAILED", quiet=True)
+        raise
+    _end_run(run_id, "FINISHED", quiet=False)
+
+
+def _end_run(run_id: str, status: str, *, quiet: bool) -> None:
+    import mlflow
+
+    try:
+        try:
+            mlflow.end_run(status)  # leaves the run here first, then tells the server
+        except Exception:
+            if quiet:
+                raise
+            retry(lambda: mlflow.MlflowClient().set_terminated(run_id, status),
+                  what=f"mark run {run_id} {status}")
+    except Exception as exc:
+        if not quiet:
+            raise
+        print(f"MLflow: could not mark run {run_id} {status}: {_first_line(exc)}",
+              file=sys.stderr)
 
 
 def run_tags() -> dict[str, str]:

@@ -1,9 +1,11 @@
 """detr.evaluation on hand-made ground truth and detections whose COCO scores are known exactly."""
 
+import builtins
 import contextlib
 import io
 import json
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -282,3 +284,20 @@ def test_bad_inputs_name_the_culprit():
     del no_area.dataset["annotations"][1]["area"]
     with pytest.raises(ValueError, match=r"annotation 2 lacks \['area'\]"):
         evaluate_detections(no_area, perfect())
+
+
+def test_table_is_captured_when_a_framework_reroutes_print(monkeypatch):
+    """Prefect's ``log_prints`` replaces ``print``: stdout prints go to a run logger, prints to
+    an explicit file pass through. The table must not end up in the log (it was empty, and the
+    evaluate stage failed whenever it ran as a Prefect flow)."""
+    logged, real = [], builtins.print
+
+    def log_prints(*args, **kwargs):
+        if kwargs.get("file") not in (None, sys.stdout, sys.stderr):
+            return real(*args, **kwargs)
+        logged.append(" ".join(map(str, args)))
+
+    monkeypatch.setattr(builtins, "print", log_prints)
+    result = evaluate_detections(make_gt(), perfect())
+    assert len(result.table.splitlines()) == 12 and LINE.match(result.table.splitlines()[0])
+    assert not any("Average Precision" in line for line in logged)

@@ -1,0 +1,240 @@
+"""The retrain flow's logic on a small DVC project with stand-in stages (no torch, seconds).
+
+Real DVC (stage skipping, dvc.lock, `dvc update` of an imported folder, `dvc push` to a local
+remote) and, where marked, a real Prefect test server (task runs, logs, artifacts, the Failed
+state of a bad dataset). The real stages under a real worker: test_servers.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import prefect_queries as pq
+import pytest
+import yaml
+
+from pipelines import retrain
+
+BIN = Path(sys.executable).parent
+STAGES = ["prepare", "validate", "train", "evaluate", "register"]
+
+# The stand-in stages: same files as the real ones (the reports the flow reads included).
+TOY = '''
+import json, sys
+from pathlib import Path
+import yaml
+
+params = yaml.safe_load(open("params.yaml"))
+stage = sys.argv[1]
+
+def write(path, data):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(data if isinstance(data, str) else json.dumps(data))
+
+if stage == "prepare":
+    files = sorted(p.name for p in Path("data/raw").iterdir())
+    write("data/dataset/files.json", files)
+    print(f"toy prepare: {len(files)} files")
+elif stage == "validate":
+    ok = params["validate"]["max_boxes_per_image"] >= 2
+    write("reports/validation/validation.json", {
+        "success": ok, "data_docs": "reports/validation/data_docs/index.html",
+        "expectations": [
+            {"name": "ids_unique", "table": "images", "expectation": "expect_unique",
+             "success": True, "element_count": 3, "unexpected_count": 0, "examples": []},
+            {"name": "boxes_per_image_in_bounds", "table": "images",
+             "expectation": "expect_column_values_to_be_between", "success": ok,
+             "element_count": 3, "unexpected_count": 0 if ok else 2,
+             "examples": [] if ok else [{"split": "train", "id": 7, "num_boxes": 3}]}]})
+    print("toy validate:", "passed" if ok else "FAILED")
+    sys.exit(0 if ok else 1)
+elif stage == "train":
+    epochs = params["train"]["epochs"]
+    write("checkpoints/model.txt", f"epochs={epochs} " + open("data/dataset/files.json").read())
+    with open("train_runs.log", "a") as log:  # not a DVC output: counts real runs
+        log.write(f"{epochs}\\n")
+    print(f"toy train: {epochs} epochs")
+elif stage == "evaluate":
+    names = ["AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
+             "AR_1", "AR_10", "AR_100", "AR_small", "AR_medium", "AR_large"]
+    write("metrics/coco.json", {n: 0.25 for n in names})
+    write("reports/evaluation/coco_table.txt", "\\n".join(f" {n} = 0.250" for n in names))
+    print("toy evaluate: AP 0.250")
+elif stage == "register":
+    registry = Path("registry.json")
+    versions = json.loads(registry.read_text()) if registry.exists() else []
+    versions.append(len(versions) + 1)
+    registry.write_text(json.dumps(versions))
+    write("reports/register.json", {
+        "model_name": "toy", "version": versions[-1],
+        "decision": "champion" if len(versions) == 1 else "challenger", "metric": "AP",
+        "value": 0.25, "champion_version_before": None, "champion_value_before": None,
+        "model_uri": f"models:/toy/{versions[-1]}", "alias_uri": "models:/toy@champion",
+        "run_id": "r", "tracking_uri": "sqlite:///toy.db"})
+    print(f"toy register: version {versions[-1]}")
+'''
+
+# Listed out of order on purpose: the flow runs them in dependency order.
+DVC_YAML = '''
+stages:
+  evaluate:
+    cmd: python toy.py evaluate
+    deps: [checkpoints, toy.py]
+    metrics: [{metrics/coco.json: {cache: false}}]
+    outs: [{reports/evaluation: {cache: false}}]
+  register:
+    cmd: python toy.py register
+    deps: [checkpoints, metrics/coco.json]
+    outs: [{reports/register.json: {cache: false}}]
+  prepare:
+    cmd: python toy.py prepare
+    deps: [data/raw, toy.py]
+    outs: [data/dataset]
+  train:
+    cmd: python toy.py train
+    deps: [data/dataset, reports/validation]
+    params: [train.epochs]
+    outs: [checkpoints]
+  validate:
+    cmd: python toy.py validate
+    deps: [data/dataset]
+    params: [validate.max_boxes_per_image]
+    outs: [{reports/validation: {cache: false}}]
+'''
+
+PARAMS = {"prepare": {"source": "data/raw"}, "validate": {"max_boxes_per_image": 100},
+          "train": {"epochs": 2}, "schedule": {"lock_wait_s": 0, "push": True}}
+
+
+def _sh(cmd: list[str], cwd: Path) -> str:
+    env = {**retrain.stage_environment(), "DVC_NO_ANALYTICS": "1"}
+    env = {k: v for k, v in env.items() if not k.startswith(("MLFLOW_", "DVC_ROOT"))}
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{cmd}: {done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A DVC project whose raw data is a folder imported with `dvc import-url`."""
+    source = tmp_path_factory.mktemp("upstream")
+    (source / "a.jpg").write_text("a")
+    root = tmp_path_factory.mktemp("toy")
+    (root / "toy.py").write_text(textwrap.dedent(TOY))
+    (root / "dvc.yaml").write_text(textwrap.dedent(DVC_YAML))
+    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    (root / "data").mkdir()
+    _sh([str(BIN / "dvc"), "init", "--no-scm", "-q"], root)
+    _sh([str(BIN / "dvc"), "import-url", str(source), "data/raw"], root)
+    return root, source
+
+
+def test_plan_orders_stages_by_dependency_and_finds_imports(toy):
+    root, _ = toy
+    plan = retrain.make_plan(root)
+    assert list(plan.stages) == STAGES
+    assert plan.imports == ("data/raw.dvc",) and plan.remote is None and not plan.warnings
+
+
+def test_a_path_source_missing_from_prepare_deps_is_warned(tmp_path):
+    (tmp_path / "params.yaml").write_text("prepare:\n  source: data/elsewhere\n")
+    assert retrain._source_warnings(tmp_path, ["data/elsewhere/..", "data"]) == []
+    warnings = retrain._source_warnings(tmp_path, ["data/raw", "toy.py"])
+    assert len(warnings) == 1 and "data/elsewhere" in warnings[0] and "dvc.yaml" in warnings[0]
+
+
+def test_the_failure_message_names_what_the_real_validate_stage_found(tiny_dataset, tmp_path):
+    from pipelines.params import ValidateConfig
+    from pipelines.validate import run as validate
+
+    report = validate(tiny_dataset, ValidateConfig(max_boxes_per_image=1, workers=1),
+                      tmp_path / "validation")
+    assert not report.success
+    message = retrain.validation_failure(tmp_path / "validation/validation.json")
+    assert message.startswith("the dataset failed validation")
+    for outcome in report.failed:
+        assert f"FAILED {outcome.table}.{outcome.name} ({outcome.expectation})" in message
+    assert "images.boxes_per_image_in_bounds" in message
+    assert retrain.validation_failure(tmp_path / "missing.json") is None
+
+
+def test_a_second_run_is_refused_while_one_holds_the_lock(toy):
+    root, _ = toy
+    lock_before = (root / "dvc.lock").read_bytes() if (root / "dvc.lock").exists() else None
+    with retrain.retrain_lock(root, 0):
+        with pytest.raises(retrain.RetrainBusy, match=rf"pid {os.getpid()} .*refused"):
+            retrain.run(root, lock_wait_s=0.5)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+        done = subprocess.run([sys.executable, "-m", "pipelines", "retrain", "--project",
+                               str(root), "--lock-wait", "0"], capture_output=True, text=True,
+                              env={**env, "PIPELINES_STAGE_FLOWS": "0"}, timeout=300)
+    assert done.returncode == 3, done.stderr
+    assert "another retrain is still running" in done.stderr and "refused" in done.stderr
+    now = (root / "dvc.lock").read_bytes() if (root / "dvc.lock").exists() else None
+    assert now == lock_before and not (root / "train_runs.log").exists()  # nothing ran
+
+
+@pytest.mark.slow
+def test_retrain_flow_runs_stale_stages_as_tasks(prefect_server, toy, tmp_path_factory):
+    root, source = toy
+    first = retrain.retrain_flow(project_dir=str(root))
+    assert first["stages"] == dict.fromkeys(STAGES, "ran") and first["registered"]
+    assert first["pushed"] is False  # no remote yet
+    run = pq.flow_runs("retrain", limit=1)[0]
+    assert run.state.is_completed()
+    tasks = pq.task_runs(run.id)
+    assert [t.name for t in tasks] == ["update-data", *STAGES, "push", "decision"]
+    assert all(t.state.is_completed() for t in tasks)
+    messages = pq.wait_for_logs(run.id, "toy train: 2 epochs")
+    assert any("toy train: 2 epochs" in m for m in messages)  # the stage's own output
+    assert any("Running stage 'train'" in m for m in messages)  # DVC's
+    train_logs = [log for log in pq.logs(run.id) if log.task_run_id == tasks[3].id]
+    assert any("toy train" in log.message for log in train_logs)  # under the train task
+    arts = {a.key: a for a in pq.artifacts(run.id)}
+    assert set(arts) == {"coco-ap-ar", "registration"}
+    rows = json.loads(arts["coco-ap-ar"].data) if isinstance(arts["coco-ap-ar"].data, str) \
+        else arts["coco-ap-ar"].data
+    assert rows[0]["metric"] == "AP" and rows[0]["value"] == 0.25 and len(rows) == 12
+    assert "models:/toy/1" in arts["registration"].data
+
+    # New upstream data and a DVC remote: the import is updated, everything downstream re-runs
+    # and the outputs are pushed.
+    (source / "b.jpg").write_text("b")
+    remote = tmp_path_factory.mktemp("remote")
+    _sh([str(BIN / "dvc"), "remote", "add", "-d", "local", str(remote)], root)
+    second = retrain.retrain_flow(project_dir=str(root))
+    assert second["stages"] == dict.fromkeys(STAGES, "ran") and second["pushed"]
+    assert json.loads((root / "data/dataset/files.json").read_text()) == ["a.jpg", "b.jpg"]
+    assert any(remote.rglob("*")), "dvc push wrote nothing to the remote"
+
+    # Nothing changed: DVC skips every stage, nothing is registered, the lock file stays.
+    lock = (root / "dvc.lock").read_bytes()
+    third = retrain.retrain_flow(project_dir=str(root))
+    assert third["stages"] == dict.fromkeys(STAGES, "skipped") and not third["registered"]
+    assert "no new model" in third["message"] and "models:/toy/2" in third["message"]
+    assert (root / "dvc.lock").read_bytes() == lock
+    assert (root / "train_runs.log").read_text().split() == ["2", "2"]
+    assert "Data and pipelines are up to date" in _sh([str(BIN / "dvc"), "status"], root)
+
+
+@pytest.mark.slow
+def test_failed_validation_fails_the_run_naming_the_expectation(prefect_server, toy):
+    root, _ = toy
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["validate"]["max_boxes_per_image"] = 1
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    checkpoint = (root / "checkpoints/model.txt").read_bytes()
+    state = retrain.retrain_flow(project_dir=str(root), return_state=True)
+    assert state.is_failed()
+    assert "images.boxes_per_image_in_bounds" in state.message, state.message
+    assert "images.ids_unique" not in state.message.split("FAILED")[0]  # only the failed one
+    run = pq.flow_runs("retrain", limit=1)[0]
+    assert run.state.is_failed() and "boxes_per_image_in_bounds" in run.state.message
+    names = {t.name: t.state.type.value for t in pq.task_runs(run.id)}
+    assert names["validate"] == "FAILED" and "train" not in names  # stopped before training
+    assert (root / "checkpoints/model.txt").read_bytes() == checkpoint
