@@ -163,5 +163,8 @@ def model_from_checkpoint(path: str | Path, *, map_location: str = "cpu",
     # Weights come from the checkpoint: don't fetch or read backbone weights again.
     cfg = dataclasses.replace(cfg, backbone_weights=None)
     model = build_model(cfg)
-    load_weights(model, ckpt["model"])
+    try:
+        load_weights(model, ckpt["model"])
+    except CheckpointError as exc:  # its params describe another model than its weights
+        raise CheckpointError(f"{path}: {exc}") from None
     return model.eval(), cfg, ckpt.get("label_map")

@@ -24,10 +24,16 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from detr import distributed
-from detr.checkpoint import load_file, load_state_dict_file, load_weights, save_file
+from detr.checkpoint import (
+    CheckpointError,
+    load_file,
+    load_state_dict_file,
+    load_weights,
+    save_file,
+)
 from detr.config import DataConfig, LossConfig, ModelConfig, TrainConfig, load_params, to_dict
 from detr.data.batching import collate
-from detr.data.coco import CocoDetection
+from detr.data.coco import AnnotationError, CocoDetection
 from detr.data.transforms import make_transforms
 from detr.device import resolve_precision
 from detr.engine import Callback, evaluate, train_one_epoch
@@ -46,6 +52,7 @@ class FitResult:
     epochs: int
     evaluation: CocoEvaluation | None
     history: list[dict]
+    start_epoch: int = 0  # > 0: resumed from the checkpoint of epoch start_epoch - 1
 
 
 def fit(*, model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig,
@@ -73,8 +80,13 @@ def fit(*, model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig,
     model = build_model(model_cfg).to(info.device)
     init_weights = init_weights if init_weights is not None else train_cfg.init_weights
     if init_weights is not None:
-        print(load_weights(model, load_state_dict_file(init_weights), finetune=True),
-              file=sys.stderr)
+        try:
+            report = load_weights(model, load_state_dict_file(init_weights), finetune=True)
+        except CheckpointError as exc:  # name the file (load_weights does not know it)
+            if str(init_weights) in str(exc):
+                raise
+            raise CheckpointError(f"{init_weights}: {exc}") from None
+        print(report, file=sys.stderr)
     if train_cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     criterion = build_criterion(model_cfg.num_classes, loss_cfg).to(info.device)
@@ -116,7 +128,7 @@ def fit(*, model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig,
         evaluation = _evaluate(model, postprocess, val_loader, val_ds, info, precision,
                                train_cfg, progress)
     distributed.shutdown(info)
-    return FitResult(out_dir / CHECKPOINT, last, evaluation, history)
+    return FitResult(out_dir / CHECKPOINT, last, evaluation, history, start_epoch)
 
 
 def _datasets(root: Path, cfg: DataConfig) -> tuple[CocoDetection, CocoDetection]:
@@ -126,6 +138,9 @@ def _datasets(root: Path, cfg: DataConfig) -> tuple[CocoDetection, CocoDetection
     val = CocoDetection.from_root(root, "val", transforms=make_transforms("val", **kw))
     if train.label_to_category != val.label_to_category:
         raise ValueError(f"{root}: train and val annotation files list different categories")
+    for ds, use in ((train, "train"), (val, "evaluate")):
+        if len(ds) == 0:  # else an "empty" training would save an untrained model
+            raise AnnotationError(f"{ds.ann_file}: no images in this split: nothing to {use} on")
     return train, val
 
 

@@ -64,10 +64,12 @@ def load_tables(dataset_dir: str | Path, *, workers: int = 2) -> DatasetTables:
     root = Path(dataset_dir)
     raw = {split: _read_split(root, split) for split in SPLITS}
     images = _frame(raw, "images", ["id", "file_name", "width", "height"])
-    names = images["file_name"]  # a non-string name is no name (image_file_name_present fails)
-    images["file_name"] = names.where(names.map(lambda v: isinstance(v, str) and v != ""), None)
+    # A non-string name is no name (the *_present expectation fails and names the record).
+    images["file_name"] = _strings(images["file_name"])
     annotations = _annotation_frame(raw)
     categories = _frame(raw, "categories", ["id", "name", "supercategory"])
+    categories["name"] = _strings(categories["name"])
+    categories["supercategory"] = _strings(categories["supercategory"])
     _add_file_facts(images, root, workers)
     _link_annotations(annotations, images, categories)
     images["num_boxes"] = _boxes_per_image(images, annotations)
@@ -78,10 +80,10 @@ def load_tables(dataset_dir: str | Path, *, workers: int = 2) -> DatasetTables:
 def _read_split(root: Path, split: str) -> dict[str, list]:
     path = root / "annotations" / f"{split}.json"
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes())  # bytes: UTF-8/16/32 detected as JSON allows
     except FileNotFoundError:
         raise DatasetLayoutError(f"{path}: annotation file not found") from None
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
         raise DatasetLayoutError(f"{path}: not valid JSON: {exc}") from None
     for key in ("images", "annotations", "categories"):
         if not isinstance(data, dict) or not isinstance(data.get(key), list):
@@ -103,15 +105,39 @@ def _field(record: Any, column: str) -> Any:
     return record.get(column) if isinstance(record, dict) else None
 
 
+def _strings(values: pd.Series) -> pd.Series:
+    """Non-empty strings kept, anything else (numbers, lists, "", text that is not valid
+    Unicode, such as a lone surrogate escaped in the JSON) null."""
+    return values.where(values.map(_is_text), None)
+
+
+def _is_text(value: Any) -> bool:
+    if not isinstance(value, str) or value == "":
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _numeric(values: pd.Series) -> pd.Series:
     numbers = pd.to_numeric(values.map(_number_or_none), errors="coerce").astype("float64")
-    if numbers.notna().all() and (numbers % 1 == 0).all():
+    exact = numbers.abs() <= 2**53  # beyond, float64 holds no exact int (and int64 overflows)
+    if numbers.notna().all() and exact.all() and (numbers % 1 == 0).all():
         return numbers.astype("int64")  # plain ints read better in the report
     return numbers
 
 
 def _number_or_none(value: Any) -> Any:
-    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+    """``value`` if it is a number a float can hold (not a bool, not a 400-digit int)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        float(value)
+    except OverflowError:
+        return None
+    return value
 
 
 def _annotation_frame(raw: dict[str, dict]) -> pd.DataFrame:
@@ -163,7 +189,7 @@ def _check_file(path: str | None) -> tuple:
         return (None,) * 5
     try:
         data = Path(path).read_bytes()
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL byte or a lone surrogate in the name
         return (False, None, None, None, None)
     sha1 = hashlib.sha1(data, usedforsecurity=False).hexdigest()
     try:

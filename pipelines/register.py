@@ -227,11 +227,13 @@ def move_alias(client, name: str, alias: str, version: str, *, previous) -> None
         problems = _roll_back(client, name, alias, version, previous)
         if not isinstance(exc, Exception):
             raise
+        undo = (f"version {version} deleted, @{alias} "
+                f"{f'on version {previous.version}' if previous else 'unset'}")
         raise RegistrationError(
-            f"could not point {name}@{alias} at version {version}: {exc}. Rolled back: version "
-            f"{version} deleted, @{alias} "
-            f"{f'on version {previous.version}' if previous else 'unset'}"
-            f"{'; rollback problems: ' + '; '.join(problems) if problems else ''}") from exc
+            f"could not point {name}@{alias} at version {version}: {exc}. "
+            + (f"Rolled back: {undo}" if not problems else
+               f"Rollback incomplete ({'; '.join(problems)}); what remains to do: {undo}")
+        ) from exc
 
 
 def _roll_back(client, name: str, alias: str, version: str, previous) -> list[str]:

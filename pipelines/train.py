@@ -20,6 +20,8 @@ from pathlib import Path
 from mlflow.entities import Metric, Param
 from prefect import flow
 
+from detr.checkpoint import CheckpointError
+from detr.data.coco import AnnotationError, ImageLoadError
 from detr.engine import NonFiniteLossError
 from detr.train import fit
 from pipelines import stage, tracking
@@ -96,13 +98,28 @@ def run(*, params: dict, dataset_dir: Path = DATASET, out_dir: Path = CHECKPOINT
                      train_cfg=params["train"], data_root=dataset_dir, out_dir=out_dir,
                      init_weights=init_weights, callback=logger, progress=progress,
                      evaluate_at_end=False)
-    except NonFiniteLossError as exc:
-        logger.flush()
-        client.set_terminated(run_id, status="FAILED")
-        raise SystemExit(f"train: {exc}") from None
+    except BaseException as exc:  # the run must not stay RUNNING; the checkpoint stays
+        if not isinstance(exc, tracking.TrackingUnavailableError):  # else MLflow is away
+            _fail_run(client, run_id, logger,
+                      "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        if isinstance(exc, NonFiniteLossError):
+            raise SystemExit(f"train: {exc}") from None
+        raise
     logger.flush()
+    if result.start_epoch:
+        tracking.retry(lambda: client.set_tag(run_id, "resumed_from_epoch",
+                                              str(result.start_epoch)), what="tag run")
     _write_history(plot_path, result.history)
     return result.checkpoint
+
+
+def _fail_run(client, run_id: str, logger: MlflowLogger, status: str) -> None:
+    """Best effort (the training error matters more, and MLflow may be what failed)."""
+    try:
+        logger.flush()
+        client.set_terminated(run_id, status=status)
+    except Exception as exc:
+        print(f"train: could not mark MLflow run {run_id} {status}: {exc}", file=sys.stderr)
 
 
 def _log_dataset(client, run_id: str, stats_path: Path, report_path: Path) -> None:
@@ -147,6 +164,8 @@ def train_flow(**kwargs) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m pipelines train``: 0 trained, 1 NaN/inf loss (``SystemExit`` with the step
+    and the term), 2 unusable params, dataset or init weights (the message names the file)."""
     parser = argparse.ArgumentParser(prog="python -m pipelines train")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--data", type=Path, default=DATASET)
@@ -157,8 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.params import load
 
     params = load(args.params)
-    checkpoint = stage.invoke(train_flow, run, params=params, dataset_dir=args.data,
-                              out_dir=args.out, init_weights=args.init_weights,
-                              progress=sys.stderr.isatty())
+    try:
+        checkpoint = stage.invoke(train_flow, run, params=params, dataset_dir=args.data,
+                                  out_dir=args.out, init_weights=args.init_weights,
+                                  progress=sys.stderr.isatty())
+    except (CheckpointError, AnnotationError, ImageLoadError, FileNotFoundError) as exc:
+        print(f"train: {exc}", file=sys.stderr)
+        return 2
     print(f"train: checkpoint {checkpoint}")
     return 0

@@ -115,7 +115,7 @@ def dataset_statistics(tables: DatasetTables) -> dict[str, Any]:
             "boxes_per_image_max": int(per_image.max()) if len(images) else 0,
             "area": {k: int(area.between(lo, hi, inclusive="left").sum())
                      for k, (lo, hi) in AREA_RANGES.items()},
-            "per_class": {str(k): int(v) for k, v in sorted(per_class.items())},
+            "per_class": dict(sorted((str(k), int(v)) for k, v in per_class.items())),
         }
     return stats
 

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,17 +41,140 @@ class AnnotationError(ValueError):
     """The annotation file is malformed (e.g. an annotation names an unknown category)."""
 
 
+# An absolute path (POSIX, Windows drive or UNC) or a ".." component: it would leave the folder.
+# pipelines.dataset_tables.UNSAFE_FILE_NAME is the same rule (a test keeps them equal).
+_UNSAFE_FILE_NAME = re.compile(r"^(?:[/\\]|[A-Za-z]:)|(?:^|[/\\])\.\.(?:[/\\]|$)")
+
+
 def load_coco(ann_file: str | Path) -> COCO:
-    """Load a COCO json with pycocotools, without its progress prints on stdout.
+    """Read a COCO json, check the structure the dataset relies on, index it with pycocotools
+    (without its progress prints on stdout).
+
+    Checked, so that a bad file fails here, naming the file, the record and the field, rather
+    than deep inside pycocotools or in the middle of a training: ``images``, ``categories``
+    (and ``annotations``, if present) are lists of objects; images have a unique int ``id``, a
+    ``file_name`` relative to the image folder (no ``..``, not absolute) and, if given, int
+    ``width``/``height`` > 0; categories a unique int ``id`` and a string ``name``;
+    annotations a unique int ``id``, an ``image_id`` and a ``category_id`` that exist, a
+    ``bbox`` of four finite numbers and, if given, ``iscrowd`` 0/1 and a finite ``area``.
+    Box geometry (zero size, outside the image) is not an error here: such boxes are dropped
+    or clamped when an item is read; the pipeline's validate stage reports them.
 
     Raises:
         FileNotFoundError: ``ann_file`` does not exist (the message names it).
+        AnnotationError: not JSON, or not a COCO detection file as above.
     """
     path = Path(ann_file)
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError
+        raise AnnotationError(f"{path}: not valid JSON: {err}") from None
+    _check_coco(data, path)
+    coco = COCO()
+    coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(path))
+        coco.createIndex()
+    return coco
+
+
+def _check_coco(data: Any, path: Path) -> None:
+    """Raise AnnotationError unless ``data`` has the structure :func:`load_coco` documents."""
+    if not isinstance(data, dict):
+        raise AnnotationError(f"{path}: expected a JSON object with 'images', 'annotations' and "
+                              f"'categories', got {type(data).__name__}")
+    images = _records(data, "images", path)
+    image_ids = _unique_ids(images, "images", path)
+    for i, image in enumerate(images):
+        name = image.get("file_name")
+        if not isinstance(name, str) or not name.strip():
+            raise AnnotationError(f"{path}: image {image['id']} (images[{i}]): file_name must "
+                                  f"be a non-empty string, got {_short(name)}")
+        if _UNSAFE_FILE_NAME.search(name):
+            raise AnnotationError(f"{path}: image {image['id']} (images[{i}]): file_name "
+                                  f"{_short(name)} must be relative to the image folder, "
+                                  f"without '..'")
+        for key in ("width", "height"):
+            value = image.get(key)
+            if key in image and not (_is_int(value) and value > 0):
+                raise AnnotationError(f"{path}: image {image['id']} (images[{i}]): {key} must "
+                                      f"be a positive integer, got {_short(value)}")
+    categories = _records(data, "categories", path)
+    category_ids = _unique_ids(categories, "categories", path)
+    for i, category in enumerate(categories):
+        if not isinstance(category.get("name"), str):
+            raise AnnotationError(f"{path}: category {category['id']} (categories[{i}]): name "
+                                  f"must be a string, got {_short(category.get('name'))}")
+    annotations = _records(data, "annotations", path, required=False)
+    _unique_ids(annotations, "annotations", path)
+    for i, ann in enumerate(annotations):
+        _check_annotation(ann, path, i, image_ids, category_ids)
+
+
+def _records(data: dict, key: str, path: Path, *, required: bool = True) -> list[dict]:
+    if key not in data and not required:
+        data[key] = []
+    records = data.get(key)
+    if not isinstance(records, list):
+        raise AnnotationError(f"{path}: '{key}' must be a list of objects, got "
+                              f"{type(records).__name__}")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise AnnotationError(f"{path}: {key}[{i}] must be an object, got "
+                                  f"{type(record).__name__} {_short(record)}")
+    return records
+
+
+def _unique_ids(records: list[dict], key: str, path: Path) -> set[int]:
+    seen: set[int] = set()
+    for i, record in enumerate(records):
+        value = record.get("id")
+        if not _is_int(value):
+            raise AnnotationError(f"{path}: {key}[{i}]: id must be an integer, got "
+                                  f"{_short(value)}")
+        if value in seen:
+            raise AnnotationError(f"{path}: {key}[{i}]: id {value} is used twice")
+        seen.add(value)
+    return seen
+
+
+def _check_annotation(ann: dict, path: Path, index: int, image_ids: set[int],
+                      category_ids: set[int]) -> None:
+    where = f"{path}: annotation {ann['id']} (annotations[{index}])"
+    for key, known, table in (("image_id", image_ids, "images"),
+                              ("category_id", category_ids, "categories")):
+        value = ann.get(key)
+        if not _is_int(value) or value not in known:
+            raise AnnotationError(f"{where}: {key} {_short(value)} is not in '{table}'")
+    where = f"{path}: annotation {ann['id']} of image {ann['image_id']} (annotations[{index}])"
+    bbox = ann.get("bbox")
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_finite, bbox))):
+        raise AnnotationError(f"{where}: bbox must be [x, y, w, h], four finite numbers, got "
+                              f"{_short(bbox)}")
+    if "iscrowd" in ann and ann["iscrowd"] not in (0, 1):
+        raise AnnotationError(f"{where}: iscrowd must be 0 or 1, got {_short(ann['iscrowd'])}")
+    if "area" in ann and not _is_finite(ann["area"]):
+        raise AnnotationError(f"{where}: area must be a finite number, got "
+                              f"{_short(ann['area'])}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def category_ids_from_label_map(label_map: dict[str, Any]) -> list[int]:
@@ -81,9 +207,11 @@ class CocoDetection(Dataset):
     - ``target["image_id"]``: int, the json's image id.
     - ``target["orig_size"]``: int64 [2], ``(H, W)`` of the image file.
 
-    Raises (from ``__getitem__``):
-        ImageLoadError: the image file is missing, unreadable, or its size differs from the
-            json's ``width``/``height``; the message names the path and the image id.
+    Raises:
+        FileNotFoundError, AnnotationError: (constructor) the json is missing or malformed,
+            see :func:`load_coco`; the message names the file, the record and the field.
+        ImageLoadError: (``__getitem__``) the image file is missing, unreadable, or its size
+            differs from the json's ``width``/``height``; the message names the path and id.
     """
 
     def __init__(
@@ -165,25 +293,12 @@ class CocoDetection(Dataset):
         self, anns: list[dict[str, Any]], image_id: int, canvas_size: tuple[int, int]
     ) -> tuple[tv_tensors.BoundingBoxes, torch.Tensor]:
         """XYXY boxes clamped to the image, without degenerate ones, and their labels."""
-        labels = torch.tensor([self._label_of(a, image_id) for a in anns], dtype=torch.int64)
-        xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        # load_coco checked every category id and bbox (four finite numbers).
+        labels = torch.tensor([self.category_to_label[a["category_id"]] for a in anns],
+                              dtype=torch.int64)
+        xywh = torch.tensor([[float(v) for v in a["bbox"]] for a in anns],
+                            dtype=torch.float32).reshape(-1, 4)
         boxes = tv_tensors.BoundingBoxes(xywh, format="XYWH", canvas_size=canvas_size)
         boxes = F.clamp_bounding_boxes(F.convert_bounding_box_format(boxes, new_format="XYXY"))
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         return tv_tensors.wrap(boxes[keep], like=boxes), labels[keep]
-
-    def _label_of(self, ann: dict[str, Any], image_id: int) -> int:
-        """Contiguous label of ``ann``, after checking its bbox has four numbers."""
-        bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4):
-            raise AnnotationError(
-                f"{self.ann_file}: annotation {ann.get('id')} of image {image_id}: bbox must be "
-                f"[x, y, w, h], got {bbox!r}"
-            )
-        try:
-            return self.category_to_label[int(ann["category_id"])]
-        except KeyError as err:
-            raise AnnotationError(
-                f"{self.ann_file}: annotation {ann.get('id')} of image {image_id} has "
-                f"category_id {ann.get('category_id')}, which is not in 'categories'"
-            ) from err

@@ -150,5 +150,5 @@ def test_transforms_receive_image_and_target(dataset: CocoDetection) -> None:
 
 def test_malformed_bbox_is_named(tmp_path: Path) -> None:
     root = _write(tmp_path, {"x.png": Image.new("RGB", (8, 8))}, [_ann(4, 1, 3, [0, 0, 4])])
-    with pytest.raises(AnnotationError, match=r"annotation 4 of image 1: bbox"):
+    with pytest.raises(AnnotationError, match=r"annotation 4 of image 1 \(annotations\[0\]\): bbox"):
         CocoDetection.from_root(root, "train")[0]
