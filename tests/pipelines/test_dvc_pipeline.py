@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,65 +10,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-STAGES = ("prepare", "validate", "train", "evaluate", "register")
-
-TINY_PARAMS = {
-    "prepare": {"demo": {"num_train": 16, "num_val": 4, "image_size": 64, "max_objects": 3}},
-    "validate": {"workers": 1},
-    "model": {"backbone": "resnet18", "norm": "bn", "freeze_stem": False, "hidden_dim": 32,
-              "nheads": 2, "enc_layers": 1, "dec_layers": 2, "dim_feedforward": 64,
-              "dropout": 0.0, "num_queries": 8, "query_groups": 2},
-    "data": {"scales": [64], "max_size": 64, "crop_scales": [64], "crop_size": [48, 64],
-             "num_workers": 0},
-    "train": {"epochs": 1, "batch_size": 4, "lr": 1.0e-3, "lr_backbone": 1.0e-3,
-              "warmup_steps": 0, "precision": "fp32", "channels_last": False, "device": "cpu"},
-    "evaluate": {"batch_size": 4, "num_examples": 2},
-    # A second version can't beat the first by 0.5 AP: it must become @challenger.
-    "register": {"model_name": "detr-e2e", "min_improvement": 0.5},
-}
-
-
-def _project_files() -> list[str]:
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                            cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    return [f for f in listed.splitlines() if (ROOT / f).is_file()]
-
-
-def _sh(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"{cmd} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-    return done
-
-
-def _ran(output: str) -> set[str]:
-    return {s for s in STAGES if f"Running stage '{s}'" in output}
+from tests.pipelines.project import BIN, STAGES, make_project, project_env
+from tests.pipelines.project import ran_stages as _ran
+from tests.pipelines.project import sh as _sh
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A git + DVC project copied from this checkout, params made tiny, committed."""
     root = tmp_path_factory.mktemp("project")
-    for rel in _project_files():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, root / rel)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for section, values in TINY_PARAMS.items():
-        for key, value in values.items():
-            if isinstance(value, dict):
-                params[section][key].update(value)
-            else:
-                params[section][key] = value
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "PREFECT_API", "DVC_"))}
-    env.update(PATH=f"{BIN}:{env['PATH']}", DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="2",
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t")
-    _sh(["git", "init", "-q"], root, env)
-    _sh(["git", "add", "-A"], root, env)
-    _sh(["git", "commit", "-qm", "init"], root, env)
+    env = project_env()
+    make_project(root, env)
     return root, env
 
 

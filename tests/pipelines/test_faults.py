@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -19,7 +18,9 @@ import pytest
 import torch
 import yaml
 
-from tests.pipelines.test_dvc_pipeline import BIN, TINY_PARAMS, _project_files, _ran, _sh
+from tests.pipelines.project import BIN, TINY_PARAMS, make_project, project_env
+from tests.pipelines.project import ran_stages as _ran
+from tests.pipelines.project import sh as _sh
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,32 +34,12 @@ PARAMS = {**TINY_PARAMS,
 KILL_TIMEOUT_S = 600.0
 
 
-def _tiny_params(path: Path) -> None:
-    params = yaml.safe_load(path.read_text())
-    for section, values in PARAMS.items():
-        for key, value in values.items():
-            if isinstance(value, dict):
-                params[section][key].update(value)
-            else:
-                params[section][key] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """The project copy with its dataset prepared and validated; MLflow in its mlflow.db."""
     root = tmp_path_factory.mktemp("faults")
-    for rel in _project_files():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, root / rel)
-    _tiny_params(root / "params.yaml")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "PREFECT_API", "DVC_"))}
-    env.update(PATH=f"{BIN}:{env['PATH']}", DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="2",
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t")
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
-        _sh(cmd, root, env)
+    env = project_env()
+    make_project(root, env, PARAMS)
     _sh([str(BIN / "dvc"), "repro", "validate"], root, env)
     return SimpleNamespace(root=root, env=env, dvc=str(BIN / "dvc"))
 

@@ -21,7 +21,7 @@ import yaml
 
 from detr.evaluation import STAT_NAMES
 from tests.pipelines.mlflow_server import BIN, MlflowServer, free_port
-from tests.pipelines.test_dvc_pipeline import TINY_PARAMS
+from tests.pipelines.project import TINY_PARAMS
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

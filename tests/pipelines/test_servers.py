@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -25,11 +24,9 @@ import prefect_queries as pq
 import psutil
 import pytest
 import yaml
-from test_dvc_pipeline import TINY_PARAMS, _project_files
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-STAGES = ["prepare", "validate", "train", "evaluate", "register"]
+from tests.pipelines.project import BIN, ROOT, STAGES, TINY_PARAMS, make_project
+
 MODEL = TINY_PARAMS["register"]["model_name"]
 SCREENSHOTS = ROOT / "reports" / "screenshots"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -62,22 +59,6 @@ def _sh(cmd: list[str], root: Path, env: dict, timeout: int = 600) -> str:
     return done.stdout
 
 
-def _make_project(root: Path, env: dict) -> None:
-    for rel in _project_files():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, root / rel)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for section, values in TINY_PARAMS.items():
-        for key, value in values.items():
-            if isinstance(value, dict):
-                params[section][key].update(value)
-            else:
-                params[section][key] = value
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
-        _sh(cmd, root, env)
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """`infra/serve.sh` in a tiny project copy on free ports; `infra/stop.sh` afterwards."""
@@ -89,7 +70,7 @@ def served(tmp_path_factory):
                MLFLOW_PORT=str(_free_port()), PREFECT_WORKER_QUERY_SECONDS="2",
                SERVE_TIMEOUT_S="300", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
                GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    _make_project(root, env)
+    make_project(root, env)
     began = time.monotonic()
     try:
         out = _sh(["infra/serve.sh"], root, env)

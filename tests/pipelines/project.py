@@ -1,0 +1,86 @@
+"""A throwaway copy of this project for end-to-end tests: git + DVC, tiny params.
+
+Shared by the tests that run the real pipeline (``dvc repro``), the servers and the fault
+injections, so that they all build the copy, its params and its environment the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+STAGES = ("prepare", "validate", "train", "evaluate", "register")
+
+TINY_PARAMS = {
+    "prepare": {"demo": {"num_train": 16, "num_val": 4, "image_size": 64, "max_objects": 3}},
+    "validate": {"workers": 1},
+    "model": {"backbone": "resnet18", "norm": "bn", "freeze_stem": False, "hidden_dim": 32,
+              "nheads": 2, "enc_layers": 1, "dec_layers": 2, "dim_feedforward": 64,
+              "dropout": 0.0, "num_queries": 8, "query_groups": 2},
+    "data": {"scales": [64], "max_size": 64, "crop_scales": [64], "crop_size": [48, 64],
+             "num_workers": 0},
+    "train": {"epochs": 1, "batch_size": 4, "lr": 1.0e-3, "lr_backbone": 1.0e-3,
+              "warmup_steps": 0, "precision": "fp32", "channels_last": False, "device": "cpu"},
+    "evaluate": {"batch_size": 4, "num_examples": 2},
+    # A second version can't beat the first by 0.5 AP: it must become @challenger.
+    "register": {"model_name": "detr-e2e", "min_improvement": 0.5},
+}
+
+
+def project_files() -> list[str]:
+    """What a clone of this checkout would hold (tracked and not-ignored files)."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return [f for f in listed.splitlines() if (ROOT / f).is_file()]
+
+
+def sh(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run ``cmd``; fail the test with the tail of its output if it exits non-zero."""
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, f"{cmd} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    return done
+
+
+def ran_stages(dvc_output: str) -> set[str]:
+    """The stages ``dvc repro`` says it ran."""
+    return {s for s in STAGES if f"Running stage '{s}'" in dvc_output}
+
+
+def update_params(path: Path, overrides: dict) -> None:
+    """Merge ``overrides`` (section -> key -> value; nested dicts merged) into a params file."""
+    params = yaml.safe_load(path.read_text())
+    for section, values in overrides.items():
+        for key, value in values.items():
+            if isinstance(value, dict):
+                params[section][key].update(value)
+            else:
+                params[section][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def project_env(drop: tuple[str, ...] = ("MLFLOW_", "PREFECT_API", "DVC_"), **extra: str) -> dict:
+    """This environment without settings that would point the copy elsewhere, this venv's
+    bin/ first on PATH, and a git identity."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env.update(PATH=f"{BIN}:{env['PATH']}", DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="2",
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t", **extra)
+    return env
+
+
+def make_project(root: Path, env: dict, params: dict = TINY_PARAMS) -> None:
+    """Copy the project into ``root``, apply ``params``, and commit it to a new git repo."""
+    for rel in project_files():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, root / rel)
+    update_params(root / "params.yaml", params)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        sh(cmd, root, env)
