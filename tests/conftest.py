@@ -40,6 +40,18 @@ def tiny_dataset(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_dataset, tmp_path_factory):
+    """A training checkpoint of a tiny model after one epoch on the tiny dataset (read-only:
+    tests that change a checkpoint copy it first)."""
+    from detr.train import fit
+
+    model, loss, data, train = tiny_training(epochs=1)
+    return fit(model_cfg=model, loss_cfg=loss, data_cfg=data, train_cfg=train,
+               data_root=tiny_dataset, out_dir=tmp_path_factory.mktemp("tiny_checkpoint"),
+               progress=False, evaluate_at_end=False).checkpoint
+
+
 def tiny_training(**train_overrides):
     """(model, loss, data, train) configs that train a step in well under a second."""
     from detr.config import DataConfig, LossConfig, TrainConfig

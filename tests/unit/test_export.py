@@ -11,8 +11,6 @@ from torch import nn
 
 from detr.models.backbone import Backbone, _probe_strides
 from detr.models.detr import build_model
-from detr.train import fit
-from tests.conftest import tiny_training
 
 
 def test_the_exported_masked_path_equals_the_eager_paths(tiny_cfg):
@@ -51,12 +49,9 @@ def test_stride_probe_is_shape_only_and_side_effect_free():
     assert _probe_strides(Backbone("resnet50", dilation=True).body).output == 16
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tiny_dataset, tmp_path_factory):
-    model, loss, data, train = tiny_training(epochs=1)
-    return fit(model_cfg=model, loss_cfg=loss, data_cfg=data, train_cfg=train,
-               data_root=tiny_dataset, out_dir=tmp_path_factory.mktemp("ckpt"),
-               progress=False, evaluate_at_end=False).checkpoint
+@pytest.fixture
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.mark.slow

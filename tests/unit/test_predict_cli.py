@@ -13,17 +13,11 @@ from PIL import Image
 
 from detr.checkpoint import load_file
 from detr.predict import ModelSpec, main, output_names, parse_model
-from detr.train import fit
-from tests.conftest import tiny_training
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tiny_dataset, tmp_path_factory):
-    """A training checkpoint of a tiny model after one epoch on the tiny dataset."""
-    model, loss, data, train = tiny_training(epochs=1)
-    return fit(model_cfg=model, loss_cfg=loss, data_cfg=data, train_cfg=train,
-               data_root=tiny_dataset, out_dir=tmp_path_factory.mktemp("ckpt"),
-               progress=False, evaluate_at_end=False).checkpoint
+@pytest.fixture
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture
