@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import re
 import sys
 from collections import Counter
@@ -46,12 +45,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from PIL import Image
 from prefect import flow
 from torch.utils.data import DataLoader
-from torchvision.transforms.v2 import functional as TF
 
-from detr.attention import top_query_attention
 from detr.checkpoint import CheckpointError, model_from_checkpoint
 from detr.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from detr.data.batching import collate
@@ -66,18 +62,16 @@ from detr.device import resolve_precision, select_device
 from detr.engine import evaluate
 from detr.evaluation import STAT_NAMES, CocoEvaluation, evaluate_detections, format_per_class
 from detr.models.postprocess import PostProcess
-from detr.queries import QueryBoxes, query_boxes
-from detr.visualize import attention_figure, draw_detections, example_grid, side_by_side
+from detr.queries import query_boxes
 from pipelines import params as pipeline_params
 from pipelines import stage, tracking
 from pipelines.params import EvaluateConfig
-from pipelines.plots import ALL, SIZES, evaluation_figures, query_figure
+from pipelines.pictures import image_sizes, write_attention, write_examples, write_figures
+from pipelines.plots import ALL, SIZES
 from pipelines.report import Picture, write_report
 
 DEFAULT_CHECKPOINT = Path("checkpoints/checkpoint.pth")
-EXAMPLE_MIN_SIDE = 256  # px: small images are enlarged so box captions stay legible
 ARTIFACT_DIR = "evaluation"
-FIGURE_DPI = 110
 FIGURE_CAPTIONS = {
     "pr_curves.png": "Precision-recall per class and overall (all areas, 100 detections)",
     "ap_by_size.png": "AP and AR by COCO object size",
@@ -123,7 +117,7 @@ def run(*, checkpoint: Path, dataset_dir: Path, cfg: EvaluateConfig, data_cfg: D
     examples = write_examples(val, predictions, report_dir / "examples", cfg)
     attention = write_attention(model, val, category_ids, report_dir / "attention", cfg)
     figures = write_figures(evaluation, labels, plots_dir, report_dir / "figures",
-                            query_boxes(predictions, _image_sizes(val)), examples)
+                            query_boxes(predictions, image_sizes(val)), examples)
     report = write_report(
         report_dir / "report.html", evaluation=evaluation, labels=labels,
         facts=_facts(checkpoint, dataset_dir, model_cfg, evaluation, train_cfg),
@@ -155,84 +149,6 @@ def stat_rows(evaluation: CocoEvaluation) -> list[dict]:
     lines = evaluation.table.splitlines()
     return [{"metric": name, "value": evaluation.stats[name], "line": line.strip()}
             for name, line in zip(STAT_NAMES, lines, strict=True)]
-
-
-def write_examples(val: CocoDetection, predictions: dict[int, dict], out_dir: Path,
-                   cfg: EvaluateConfig) -> list[Path]:
-    """``out_dir/<image_id>.png`` for the first ``cfg.num_examples`` images of ``val``:
-    ground truth (left) beside detections scoring >= ``cfg.score_threshold`` (right).
-    Earlier PNGs in ``out_dir`` are removed first. Returns the paths written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.glob("*.png"):
-        old.unlink()
-    raw = CocoDetection(val.image_dir, val.ann_file)  # original pixels and xyxy pixel boxes
-    names = {c["id"]: c["name"] for c in raw.categories}
-    paths = []
-    for index in range(min(cfg.num_examples, len(raw))):
-        image, target = raw[index]
-        truth = draw_detections(image, target["boxes"],
-                                [raw.label_to_category[i] for i in target["labels"].tolist()],
-                                None, names, min_side=EXAMPLE_MIN_SIDE)
-        found = predictions[target["image_id"]]
-        shown = draw_detections(image, found["boxes"], found["labels"], found["scores"], names,
-                                score_threshold=cfg.score_threshold, min_side=EXAMPLE_MIN_SIDE)
-        paths.append(out_dir / f"{target['image_id']}.png")
-        side_by_side(truth, shown).save(paths[-1])
-    return paths
-
-
-def write_attention(model, val: CocoDetection, category_ids: list | None, out_dir: Path,
-                    cfg: EvaluateConfig) -> list[Path]:
-    """``out_dir/<image_id>.png`` for the first ``cfg.attention_images`` images of ``val``:
-    their ``cfg.attention_queries`` best-scoring detections and where each one's query
-    looked (:func:`detr.visualize.attention_figure`); small images enlarged to
-    ``EXAMPLE_MIN_SIDE``. Earlier PNGs in ``out_dir`` are removed first."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.glob("*.png"):
-        old.unlink()
-    raw = CocoDetection(val.image_dir, val.ann_file)
-    names = {c["id"]: c["name"] for c in raw.categories}
-    device = next(model.parameters()).device
-    postprocess = PostProcess(category_ids).to(device)
-    model.eval()
-    paths = []
-    for index in range(min(cfg.attention_images, len(val))):
-        image, target = val[index]
-        pixels, _ = raw[index]
-        height, width = pixels.shape[-2:]
-        factor = max(1, math.ceil(EXAMPLE_MIN_SIDE / min(height, width)))
-        display = (height * factor, width * factor)
-        found = top_query_attention(model, image.to(device), postprocess=postprocess,
-                                    orig_size=(height, width), top_k=cfg.attention_queries,
-                                    display_size=display)
-        shown = TF.resize(pixels, list(display), interpolation=TF.InterpolationMode.NEAREST)
-        paths.append(out_dir / f"{target['image_id']}.png")
-        attention_figure(shown, found, names, columns=min(len(found) + 1, 5)).save(paths[-1])
-    return paths
-
-
-def write_figures(evaluation: CocoEvaluation, labels: dict[int, str], plots_dir: Path,
-                  out_dir: Path, queries: QueryBoxes,
-                  examples: list[Path]) -> dict[str, Path]:
-    """The PNGs of the module doc in ``out_dir`` (earlier ones removed); by file name."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.glob("*.png"):
-        old.unlink()
-    figures = {**evaluation_figures(evaluation, labels, plots_dir),
-               "query_specialisation.png": query_figure(queries)}
-    paths = {}
-    for name, figure in figures.items():
-        paths[name] = out_dir / name
-        figure.savefig(paths[name], dpi=FIGURE_DPI)
-    if examples:
-        paths["examples_grid.png"] = out_dir / "examples_grid.png"
-        example_grid(_load_images(examples), columns=2, gap=12).save(paths["examples_grid.png"])
-    return paths
-
-
-def _image_sizes(val: CocoDetection) -> dict[int, tuple[int, int]]:
-    """(height, width) of every val image, by id, from the annotations."""
-    return {int(i): (int(img["height"]), int(img["width"])) for i, img in val.coco.imgs.items()}
 
 
 def _facts(checkpoint: Path, dataset_dir: Path, model_cfg: ModelConfig,
@@ -369,11 +285,6 @@ def _tables(evaluation: CocoEvaluation, labels: dict[int, str]) -> dict[str, dic
                               "category_id": list(per_class), "AP": list(per_class.values()),
                               "evaluated_at": [stamp] * len(per_class)},
     }
-
-
-def _load_images(paths: list[Path]) -> list[Image.Image]:
-    """The example PNGs read into memory (Pillow closes a single-frame file once loaded)."""
-    return [Image.open(path).convert("RGB") for path in paths]
 
 
 def _defined(stats: dict[str, float]) -> dict[str, float]:

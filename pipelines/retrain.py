@@ -23,8 +23,8 @@ A failed stage fails the run; a dataset that fails validation fails it with a me
 the failed expectations (from ``reports/validation/validation.json``). The stages run with
 ``PIPELINES_STAGE_FLOWS=0``: a stage in a subprocess could only open a second, unlinked flow run.
 
-One at a time: the whole run holds an exclusive lock (``.dvc/tmp/retrain.lock``, released by
-the OS if the process dies). A second run waits up to ``schedule.lock_wait_s`` and is then
+One at a time: the whole run holds an exclusive lock (:mod:`pipelines.lock`, released by the OS
+if the process dies). A second run waits up to ``schedule.lock_wait_s`` and is then
 refused (:class:`RetrainBusy`), so two runs never train, write ``dvc.lock``, the DVC cache or
 the registry at once. The deployment adds a Prefect concurrency limit of 1 (queued runs wait
 in Prefect). Exit codes: 0 done, 1 a stage or validation failed, 2 bad params, 3 refused.
@@ -38,12 +38,9 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,21 +49,16 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from pipelines import stage
+from pipelines.lock import RetrainBusy, retrain_lock
 from pipelines.params import PARAMS_FILE, ScheduleConfig, load
 
 BIN = Path(sys.executable).parent
-LOCK_FILE = Path(".dvc/tmp/retrain.lock")
-HOLDER_FILE = Path(".dvc/tmp/retrain.holder.json")
 VALIDATION_REPORT = Path("reports/validation/validation.json")
 REGISTER_REPORT = Path("reports/register.json")
 COCO_METRICS = Path("metrics/coco.json")
 COCO_TABLE = Path("reports/evaluation/coco_table.txt")
 
 Step = Callable[..., Any]  # step(name, fn, *args) -> fn(*args), as a task or directly
-
-
-class RetrainBusy(RuntimeError):
-    """Another retrain run holds the lock and did not finish within the wait."""
 
 
 class StageFailed(RuntimeError):
@@ -124,54 +116,6 @@ def _direct(name: str, fn: Callable[..., Any], *args: Any) -> Any:
 
 def _as_task(name: str, fn: Callable[..., Any], *args: Any) -> Any:
     return task(fn, name=name, task_run_name=name, cache_policy=NO_CACHE)(*args)
-
-
-# ---- the lock ----------------------------------------------------------------------------
-
-@contextmanager
-def retrain_lock(root: Path, wait_s: float) -> Iterator[None]:
-    """Hold the project's retrain lock; wait up to ``wait_s`` for another holder, then raise
-    :class:`RetrainBusy` naming it (pid, host, flow run, since when)."""
-    from filelock import FileLock, Timeout
-
-    lock_path = root / LOCK_FILE
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(lock_path)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        print(f"retrain: another retrain is running ({_holder(root)}); waiting up to "
-              f"{wait_s:.0f} s")
-        try:
-            lock.acquire(timeout=wait_s, poll_interval=1.0)
-        except Timeout:
-            raise RetrainBusy(f"another retrain is still running after {wait_s:.0f} s "
-                              f"({_holder(root)}); this run was refused and changed nothing "
-                              f"(lock: {lock_path})") from None
-    try:
-        (root / HOLDER_FILE).write_text(json.dumps({
-            "pid": os.getpid(), "host": socket.gethostname(), "flow_run": _flow_run_id(),
-            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
-        yield
-    finally:
-        (root / HOLDER_FILE).unlink(missing_ok=True)
-        lock.release()
-
-
-def _holder(root: Path) -> str:
-    try:
-        info = json.loads((root / HOLDER_FILE).read_text())
-    except (OSError, ValueError):
-        return "holder unknown"
-    run = f", flow run {info['flow_run']}" if info.get("flow_run") else ""
-    return f"pid {info.get('pid')} on {info.get('host')}{run}, since {info.get('since')}"
-
-
-def _flow_run_id() -> str | None:
-    from prefect.context import FlowRunContext
-
-    context = FlowRunContext.get()
-    return str(context.flow_run.id) if context and context.flow_run else None
 
 
 # ---- the steps ---------------------------------------------------------------------------
