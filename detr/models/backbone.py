@@ -18,6 +18,8 @@ from torchvision.ops import FrozenBatchNorm2d
 
 # Channels of the last stage of each supported ResNet.
 NUM_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+# Channels of layer3, for a backbone that stops there (stride 16).
+LAYER3_CHANNELS = {"resnet18": 256, "resnet34": 256, "resnet50": 1024, "resnet101": 1024}
 # The stages the official release trains; the stem and layer1 stay frozen.
 TRAINABLE_STAGES = ("layer2", "layer3", "layer4")
 
@@ -39,11 +41,14 @@ def _imagenet_weights(name: str):
 
 
 class Backbone(nn.Module):
-    """A torchvision ResNet truncated after ``layer4``.
+    """A torchvision ResNet truncated after ``layer4`` (or ``layer3``).
 
     Args:
         name: resnet18 / resnet34 / resnet50 / resnet101.
         dilation: replace the stride of layer4 by dilation (DC5).
+        last_stage: "layer4" (the paper, stride 32) or "layer3": stop one stage earlier, for
+            features at stride 16 with fewer channels and less compute than DC5 (small objects
+            on small images; resnet18/34, which cannot dilate, too). layer4 is then not built.
         norm: "frozen_bn" (official, for pretrained weights), "bn" or "gn" (from scratch).
         weights: None (random), "imagenet" (torchvision download) or a path to a ResNet
             state dict (torchvision key names, ``fc.*`` optional).
@@ -55,10 +60,16 @@ class Backbone(nn.Module):
     """
 
     def __init__(self, name: str, *, dilation: bool = False, norm: str = "frozen_bn",
-                 weights: str | None = None, freeze_stem: bool = True, mask_padding: bool = True):
+                 weights: str | None = None, freeze_stem: bool = True, mask_padding: bool = True,
+                 last_stage: str = "layer4"):
         super().__init__()
         if name not in NUM_CHANNELS:
             raise ValueError(f"model.backbone: unknown {name!r} (one of {sorted(NUM_CHANNELS)})")
+        if last_stage not in ("layer3", "layer4"):
+            raise ValueError(f"model.last_stage: unknown {last_stage!r} (layer3 or layer4)")
+        if dilation and last_stage == "layer3":
+            raise ValueError("model.dilation (DC5) dilates layer4, which last_stage: layer3 "
+                             "leaves out; use one or the other")
         if dilation and name in ("resnet18", "resnet34"):
             raise ValueError(f"model.dilation (DC5) needs resnet50 or resnet101: torchvision's "
                              f"{name} blocks do not support dilation")
@@ -70,8 +81,12 @@ class Backbone(nn.Module):
         )
         if weights not in (None, "imagenet"):
             _load_resnet_file(resnet, Path(weights))
-        self.body = IntermediateLayerGetter(resnet, return_layers={"layer4": "0"})
-        self.num_channels = NUM_CHANNELS[name]
+        if last_stage == "layer3":
+            # IntermediateLayerGetter keeps the children up to the returned one: no layer4.
+            self.num_channels = LAYER3_CHANNELS[name]
+        else:
+            self.num_channels = NUM_CHANNELS[name]
+        self.body = IntermediateLayerGetter(resnet, return_layers={last_stage: "0"})
         if freeze_stem:
             for pname, param in self.body.named_parameters():
                 if not pname.startswith(TRAINABLE_STAGES):

@@ -128,7 +128,7 @@ def build_model(cfg: ModelConfig) -> DETR:
     """Build a DETR from the ``model:`` config section (weights: see ``cfg.backbone_weights``)."""
     backbone = Backbone(cfg.backbone, dilation=cfg.dilation, norm=cfg.norm,
                         weights=cfg.backbone_weights, freeze_stem=cfg.freeze_stem,
-                        mask_padding=cfg.mask_padding)
+                        mask_padding=cfg.mask_padding, last_stage=cfg.last_stage)
     joiner = Joiner(backbone, build_position_encoding(cfg.position_embedding, cfg.hidden_dim))
     transformer = Transformer(
         d_model=cfg.hidden_dim, nhead=cfg.nheads, num_encoder_layers=cfg.enc_layers,

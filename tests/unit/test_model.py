@@ -164,6 +164,26 @@ def test_dilation_halves_the_backbone_stride():
         Backbone("resnet18", dilation=True)
 
 
+def test_last_stage_layer3_gives_stride_16_without_layer4(tiny_cfg):
+    from detr.models.backbone import Backbone
+
+    x, mask = torch.randn(2, 3, 96, 64), torch.zeros(2, 96, 64, dtype=torch.bool)
+    mask[1, 40:] = True  # the second image is 40 px high: 3 rows at stride 16
+    backbone = Backbone("resnet18", norm="bn", last_stage="layer3")
+    features, out_mask = backbone.eval()(x, mask)
+    assert features.shape == (2, 256, 6, 4) and backbone.num_channels == 256
+    assert (~out_mask[1]).all(1).tolist() == [True] * 3 + [False] * 3
+    assert not any(k.startswith("layer4") for k in backbone.body.state_dict())
+    assert Backbone("resnet50", last_stage="layer3").num_channels == 1024
+    model = build_model(dataclasses.replace(tiny_cfg, last_stage="layer3")).eval()
+    assert model.input_proj.in_channels == 256
+    assert torch.isfinite(model([torch.randn(3, 64, 80), torch.randn(3, 48, 48)])["pred_boxes"]).all()
+    with pytest.raises(ValueError, match="last_stage"):
+        Backbone("resnet50", dilation=True, last_stage="layer3")
+    with pytest.raises(ValueError, match="last_stage"):
+        Backbone("resnet50", last_stage="layer2")
+
+
 def test_group_norm_backbone_builds_and_runs(tiny_cfg):
     model = build_model(dataclasses.replace(tiny_cfg, norm="gn")).eval()
     assert isinstance(model.backbone[0].body.bn1, nn.GroupNorm)
