@@ -121,7 +121,7 @@ def official_model(repo: Path, cfg: ModelConfig, device: torch.device):
 
         model.class_embed = torch.nn.Linear(cfg.hidden_dim, cfg.num_classes + 1)
         criterion = SetCriterion(cfg.num_classes, criterion.matcher, criterion.weight_dict,
-                                 loss.eos_coef, criterion.losses)
+                                 loss.eos_coef, criterion.losses).to(device)
 
     def loss_fn(outputs, targets):
         losses = criterion(outputs, targets)
@@ -158,6 +158,20 @@ def run_config(name: str, args, device: torch.device) -> list[tuple]:
         rows.append((name, "ours bf16+channels_last",
                      *measure(model, ours_loss, images, targets, bf16=True,
                               channels_last=True, **kw)))
+    if device.type == "cuda":
+        # cuDNN's autotuner (off by default, and in the official code): both sides again.
+        torch.backends.cudnn.benchmark = True
+        if args.official is not None:
+            rows.append((name, "official fp32 +cudnn.bench",
+                         *measure(ref, ref_loss, images, targets, bf16=False,
+                                  channels_last=False, **kw)))
+        rows.append((name, "ours fp32+CL +cudnn.bench",
+                     *measure(model, ours_loss, images, targets, bf16=False,
+                              channels_last=True, **kw)))
+        rows.append((name, "ours bf16+CL +cudnn.bench",
+                     *measure(model, ours_loss, images, targets, bf16=True,
+                              channels_last=True, **kw)))
+        torch.backends.cudnn.benchmark = False
     return rows
 
 
