@@ -62,6 +62,11 @@ class ModelConfig:
     dn_box_noise: float = 0.4  # box corners move by up to this fraction of half the size
     dn_label_noise: float = 0.2  # probability that a query is shown a random label
     dn_labels: bool = True  # False: denoising queries get only the noisy box, no label
+    # Dense auxiliary head (one-to-many, in the spirit of Co-DETR / H-DETR), training only:
+    # every encoder token is classified as the smallest ground-truth box that contains it (and
+    # the token under each box centre as that box), else "no object". It supervises the
+    # backbone and encoder per location from the first step; inference never uses it.
+    dense_aux: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,7 @@ class LossConfig:
     bbox_loss_coef: float = 5.0
     giou_loss_coef: float = 2.0
     eos_coef: float = 0.1  # relative weight of the no-object class in the cross-entropy
+    dense_loss_coef: float = 1.0  # weight of the dense auxiliary class loss (model.dense_aux)
 
 
 @dataclass(frozen=True)

@@ -37,12 +37,12 @@ class SetCriterion(nn.Module):
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, *, eos_coef: float = 0.1,
                  ce_loss_coef: float = 1.0, bbox_loss_coef: float = 5.0,
-                 giou_loss_coef: float = 2.0):
+                 giou_loss_coef: float = 2.0, dense_loss_coef: float = 1.0):
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
         self.coefs = {"loss_ce": ce_loss_coef, "loss_bbox": bbox_loss_coef,
-                      "loss_giou": giou_loss_coef}
+                      "loss_giou": giou_loss_coef, "loss_ce_dense": dense_loss_coef}
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
@@ -72,6 +72,8 @@ class SetCriterion(nn.Module):
                                    targets))
         if "denoising" in outputs:
             losses.update(self._denoising(outputs["denoising"], num_boxes))
+        if "dense" in outputs:
+            losses["loss_ce_dense"] = self._dense(outputs["dense"], targets)
         return losses
 
     def total(self, losses: dict[str, Tensor]) -> Tensor:
@@ -99,6 +101,18 @@ class SetCriterion(nn.Module):
             out.update({f"loss_ce{suffix}": ce, f"loss_bbox{suffix}": l1,
                         f"loss_giou{suffix}": giou})
         return out
+
+    def _dense(self, dense: dict, targets: Sequence[dict]) -> Tensor:
+        """Cross-entropy of every real encoder token against :func:`dense_targets`, the
+        no-object class weighted by ``eos_coef``, as a weighted mean."""
+        logits, mask = dense["pred_logits"].float(), dense["mask"]
+        classes = torch.stack([dense_targets(t["boxes"].to(logits.device),
+                                             t["labels"].to(logits.device), ~m, self.num_classes)
+                               for t, m in zip(targets, mask, strict=True)])
+        weights = self.empty_weight[classes] * (~mask).flatten(1)
+        ce = F.cross_entropy(logits.flatten(0, 1), classes.flatten(), reduction="none")
+        total = _mean_over_processes(weights.sum().detach()).clamp(min=1)
+        return (ce * weights.flatten()).sum() / total
 
     def _target_classes(self, logits: Tensor, targets: Sequence[dict], pairs: dict) -> Tensor:
         """[L, B, Q] class of each query's matched target; ``num_classes`` (no object) else."""
@@ -151,6 +165,32 @@ class SetCriterion(nn.Module):
         return _mean_over_processes(n).clamp(min=1)
 
 
+def dense_targets(boxes: Tensor, labels: Tensor, valid: Tensor, num_classes: int) -> Tensor:
+    """Class of each cell of a feature map: [h * w] int64.
+
+    ``boxes`` [N, 4] normalised cxcywh and ``labels`` [N] of one image; ``valid`` [h, w] bool,
+    True on the image (padding at the bottom/right). A cell takes the label of the smallest box
+    that contains its centre; the cell under each box's centre takes that box even when the box
+    is smaller than a cell; every other cell (and the padding) is ``num_classes``, no object.
+    """
+    h, w = valid.shape
+    classes = torch.full((h * w,), num_classes, dtype=torch.int64, device=boxes.device)
+    if len(boxes) == 0:
+        return classes
+    rows, cols = valid[:, 0].sum(), valid[0].sum()  # the image's extent in cells
+    cy = (torch.arange(h, device=boxes.device) + 0.5) / rows
+    cx = (torch.arange(w, device=boxes.device) + 0.5) / cols
+    cy, cx = (c.flatten()[:, None] for c in torch.meshgrid(cy, cx, indexing="ij"))
+    x0, y0, x1, y1 = box_convert(boxes.float(), "cxcywh", "xyxy").unbind(-1)
+    inside = (cx > x0) & (cx < x1) & (cy > y0) & (cy < y1)  # [h * w, N]
+    centre_row = (boxes[:, 1] * rows).long().clamp(0, int(rows) - 1)
+    centre_col = (boxes[:, 0] * cols).long().clamp(0, int(cols) - 1)
+    inside[centre_row * w + centre_col, torch.arange(len(boxes), device=boxes.device)] = True
+    area = torch.where(inside, (boxes[:, 2] * boxes[:, 3]).float()[None], torch.inf)
+    smallest = area.argmin(1)
+    return torch.where(inside.any(1), labels[smallest], classes)
+
+
 def _base_name(key: str) -> str:
     """loss_ce_3 / loss_ce_dn / loss_ce_dn_3 -> loss_ce."""
     return _AUX_SUFFIX.sub("", key).removesuffix("_dn")
@@ -197,4 +237,4 @@ def build_criterion(num_classes: int, cfg: LossConfig) -> SetCriterion:
                                cost_giou=cfg.set_cost_giou)
     return SetCriterion(num_classes, matcher, eos_coef=cfg.eos_coef,
                         ce_loss_coef=cfg.ce_loss_coef, bbox_loss_coef=cfg.bbox_loss_coef,
-                        giou_loss_coef=cfg.giou_loss_coef)
+                        giou_loss_coef=cfg.giou_loss_coef, dense_loss_coef=cfg.dense_loss_coef)

@@ -48,11 +48,13 @@ class DETR(nn.Module):
         ``denoising``: only in training with a ``denoiser`` and ``targets`` given (DN-DETR):
             the denoising queries' outputs (``pred_logits``, ``pred_boxes``, ``aux_outputs``)
             and their :class:`~detr.models.denoising.DenoisingBatch` under ``batch``.
+        ``dense``: only in training with ``dense_aux``: ``pred_logits`` [B, h*w, num_classes + 1]
+            of every encoder token and the feature padding ``mask`` [B, h, w].
     """
 
     def __init__(self, backbone: Joiner, transformer: Transformer, *, num_classes: int,
                  num_queries: int, aux_loss: bool = True, query_groups: int = 1,
-                 denoiser: Denoiser | None = None):
+                 denoiser: Denoiser | None = None, dense_aux: bool = False):
         super().__init__()
         if query_groups < 1:
             raise ValueError(f"model.query_groups must be >= 1, got {query_groups}")
@@ -70,6 +72,8 @@ class DETR(nn.Module):
         if query_groups > 1:  # training-only queries; the official keys stay as they are
             self.group_query_embed = nn.Embedding((query_groups - 1) * num_queries, d)
         self.denoiser = denoiser  # training-only queries; absent unless configured
+        # training-only dense class head on the encoder tokens; absent unless configured
+        self.dense_embed = nn.Linear(d, num_classes + 1) if dense_aux else None
 
     def forward(self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None,
                 targets: Sequence[dict] | None = None, *, padded: bool | None = None) -> dict:
@@ -95,8 +99,8 @@ class DETR(nn.Module):
             queries = torch.cat([obj, dn.query_pos.to(obj)], dim=1)
             content = torch.cat([torch.zeros_like(obj), dn.content.to(obj)], dim=1)
             attend = attention_mask(dn, self.num_queries, groups)
-        hs, _ = self.transformer(self.input_proj(features), attn_mask, queries, pos, attend,
-                                 content)
+        hs, memory = self.transformer(self.input_proj(features), attn_mask, queries, pos, attend,
+                                      content)
         if dn is not None:
             num_obj = self.num_queries * groups
             out = self.heads(hs[:, :, :num_obj])
@@ -105,6 +109,9 @@ class DETR(nn.Module):
             out = self.heads(hs)
         if groups > 1:
             out["query_groups"] = groups
+        if self.training and self.dense_embed is not None:
+            out["dense"] = {"pred_logits": self.dense_embed(memory.flatten(2).transpose(1, 2)),
+                            "mask": mask}
         return out
 
     def heads(self, hs: Tensor) -> dict:
@@ -143,7 +150,8 @@ def build_model(cfg: ModelConfig) -> DETR:
                             box_noise=cfg.dn_box_noise, label_noise=cfg.dn_label_noise,
                             labels=cfg.dn_labels)
     return DETR(joiner, transformer, num_classes=cfg.num_classes, num_queries=cfg.num_queries,
-                aux_loss=cfg.aux_loss, query_groups=cfg.query_groups, denoiser=denoiser)
+                aux_loss=cfg.aux_loss, query_groups=cfg.query_groups, denoiser=denoiser,
+                dense_aux=cfg.dense_aux)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
