@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-# Keys of the classification head: re-initialised when the number of classes changes.
-CLASS_HEAD_PREFIX = "class_embed."
+# Heads sized by the number of classes: re-initialised when fine-tuning to other classes.
+CLASS_HEAD_PREFIX = ("class_embed.", "dense_embed.")
 
 
 class CheckpointError(RuntimeError):
@@ -99,7 +99,7 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], *,
                  finetune: bool = False) -> LoadReport:
     """Load ``state`` into ``model``, strictly.
 
-    With ``finetune``, class-head tensors (``class_embed.*``) whose shape differs (another
+    With ``finetune``, class-head tensors (``class_embed.*``, ``dense_embed.*``) whose shape differs (another
     number of classes) keep the model's fresh initialisation and are reported as skipped; every
     other key must match in name and shape.
 

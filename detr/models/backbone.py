@@ -18,8 +18,6 @@ from torchvision.ops import FrozenBatchNorm2d
 
 # Channels of the last stage of each supported ResNet.
 NUM_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
-# Channels of layer3, for a backbone that stops there (stride 16).
-LAYER3_CHANNELS = {"resnet18": 256, "resnet34": 256, "resnet50": 1024, "resnet101": 1024}
 # The stages the official release trains; the stem and layer1 stay frozen.
 TRAINABLE_STAGES = ("layer2", "layer3", "layer4")
 
@@ -81,11 +79,9 @@ class Backbone(nn.Module):
         )
         if weights not in (None, "imagenet"):
             _load_resnet_file(resnet, Path(weights))
-        if last_stage == "layer3":
-            # IntermediateLayerGetter keeps the children up to the returned one: no layer4.
-            self.num_channels = LAYER3_CHANNELS[name]
-        else:
-            self.num_channels = NUM_CHANNELS[name]
+        # layer3 has half layer4's channels. IntermediateLayerGetter keeps the children up to
+        # the returned one, so with "layer3" there is no layer4.
+        self.num_channels = NUM_CHANNELS[name] // (2 if last_stage == "layer3" else 1)
         self.body = IntermediateLayerGetter(resnet, return_layers={last_stage: "0"})
         if freeze_stem:
             for pname, param in self.body.named_parameters():

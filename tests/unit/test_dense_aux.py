@@ -4,6 +4,7 @@ import dataclasses
 
 import torch
 
+from detr.checkpoint import load_weights
 from detr.config import LossConfig
 from detr.models.criterion import build_criterion, dense_targets
 from detr.models.detr import build_model
@@ -56,3 +57,11 @@ def test_dense_head_is_training_only_and_its_loss_reaches_the_backbone(tiny_cfg)
     assert "dense" not in a
     assert torch.equal(a["pred_boxes"], b["pred_boxes"])
     assert torch.equal(a["pred_logits"], b["pred_logits"])
+
+
+def test_finetuning_to_other_classes_starts_the_dense_head_fresh(tiny_cfg):
+    trained = build_model(dataclasses.replace(tiny_cfg, num_classes=4, dense_aux=True))
+    model = build_model(dataclasses.replace(tiny_cfg, num_classes=6, dense_aux=True))
+    report = load_weights(model, trained.state_dict(), finetune=True)
+    assert sorted(report.skipped) == ["class_embed.bias", "class_embed.weight",
+                                      "dense_embed.bias", "dense_embed.weight"]
