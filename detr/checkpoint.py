@@ -20,7 +20,10 @@ import torch
 from torch import Tensor, nn
 
 # Heads sized by the number of classes: re-initialised when fine-tuning to other classes.
-CLASS_HEAD_PREFIX = ("class_embed.", "dense_embed.")
+CLASS_HEAD_PREFIX = ("class_embed.", "dense_embed.", "denoiser.dn_label_embed.")
+# Parts used in training only (Group DETR queries, DN-DETR denoiser, dense head): the official
+# checkpoints have none, and inference never uses them, so they may be absent on either side.
+TRAINING_ONLY_PREFIX = ("group_query_embed.", "denoiser.", "dense_embed.")
 
 
 class CheckpointError(RuntimeError):
@@ -97,23 +100,35 @@ class LoadReport:
 
 def load_weights(model: nn.Module, state: dict[str, Tensor], *,
                  finetune: bool = False) -> LoadReport:
-    """Load ``state`` into ``model``, strictly.
+    """Load ``state`` into ``model``, strictly except for training-only parts.
 
-    With ``finetune``, class-head tensors (``class_embed.*``, ``dense_embed.*``) whose shape differs (another
-    number of classes) keep the model's fresh initialisation and are reported as skipped; every
-    other key must match in name and shape.
+    Training-only tensors (``group_query_embed.*``, ``denoiser.*``, ``dense_embed.*``) that the
+    checkpoint lacks keep the model's fresh initialisation, and those the model lacks are
+    dropped; both are reported as skipped. So an official checkpoint loads into a model trained
+    with query groups, denoising or the dense head, and such a model's checkpoint into a plain one.
+    With ``finetune``, class-sized tensors (``class_embed.*``, ``dense_embed.*``,
+    ``denoiser.dn_label_embed.*``) and training-only ones whose shape differs (another number of
+    classes or queries) keep the fresh initialisation too. Every other key must match in name
+    and shape.
 
     Raises:
         CheckpointError: missing, unexpected or mis-shaped keys (another architecture).
     """
     own = model.state_dict()
     report = LoadReport()
+    for key in sorted(set(own) - set(state)):
+        if key.startswith(TRAINING_ONLY_PREFIX):
+            report.skipped[key] = "not in checkpoint (training-only part, starts fresh)"
+    for key in sorted(set(state) - set(own)):
+        if key.startswith(TRAINING_ONLY_PREFIX):
+            report.skipped[key] = "not in model (training-only part not configured), dropped"
     if finetune:
-        for key in [k for k in state if k.startswith(CLASS_HEAD_PREFIX)]:
-            if key in own and own[key].shape != state[key].shape:
+        for key in sorted(set(state) & set(own)):
+            if (key.startswith(CLASS_HEAD_PREFIX + TRAINING_ONLY_PREFIX)
+                    and own[key].shape != state[key].shape):
                 report.skipped[key] = (f"shape {tuple(state[key].shape)} in checkpoint, "
-                                       f"{tuple(own[key].shape)} in model (new class head)")
-        state = {k: v for k, v in state.items() if k not in report.skipped}
+                                       f"{tuple(own[key].shape)} in model (starts fresh)")
+    state = {k: v for k, v in state.items() if k not in report.skipped}
     check_compatible(own, state, set(report.skipped))
     model.load_state_dict(state, strict=not report.skipped)
     report.loaded = sorted(state)

@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 from detr.checkpoint import CheckpointError
-from detr.data.coco import ImageLoadError
+from detr.data.coco import IMAGE_SUFFIXES, ImageLoadError
 from detr.inference import Detections, Predictor, load_image
 from detr.visualize import draw_detections
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 OFFICIAL_VARIANTS = {"r50": ("resnet50", False), "r50-dc5": ("resnet50", True),
                      "r101": ("resnet101", False), "r101-dc5": ("resnet101", True)}
 
@@ -79,7 +78,7 @@ def expand_images(sources: Sequence[str | Path]) -> list[Path]:
                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
                 raise UsageError(f"{source}: folder has no image files "
-                                 f"({', '.join(IMAGE_SUFFIXES)})")
+                                 f"({', '.join(sorted(IMAGE_SUFFIXES))})")
             paths.extend(found)
         elif source.is_file():
             paths.append(source)

@@ -33,6 +33,10 @@ Target = dict[str, Any]
 Transforms = Callable[[tv_tensors.Image, Target], tuple[Any, Target]]
 
 
+# File suffixes read as images where a folder is scanned (YOLO import, `detr.predict`): PIL reads them all.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+
+
 class ImageLoadError(OSError):
     """An image listed in the annotations is missing, unreadable or not the size it claims."""
 

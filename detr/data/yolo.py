@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from detr.data.coco import IMAGE_SUFFIXES
 from detr.data.formats import (
     SPLITS,
     FormatError,
@@ -19,8 +20,6 @@ from detr.data.formats import (
     split_by_ratio,
     write_canonical,
 )
-
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 
 
 def import_yolo(out_dir: PathLike, yolo_root: PathLike, *,

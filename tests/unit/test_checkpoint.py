@@ -103,6 +103,40 @@ def test_checkpoint_from_another_architecture_is_refused(tmp_path, tiny_cfg):
         load_weights(detr.detr_resnet50(), load_state_dict_file(path), finetune=True)
 
 
+def test_training_only_parts_may_be_absent_on_either_side(tiny_cfg):
+    """An official-style checkpoint (no training-only parts) fine-tunes a model with query
+    groups, denoising and the dense head; such a model's checkpoint loads into a plain one."""
+    import dataclasses
+
+    extras = dict(query_groups=3, dn_groups=2, dense_aux=True)
+    plain = build_model(dataclasses.replace(tiny_cfg, num_classes=4))
+    rich = build_model(dataclasses.replace(tiny_cfg, num_classes=6, **extras))
+    before = {k: v.clone() for k, v in rich.state_dict().items()}
+    report = load_weights(rich, plain.state_dict(), finetune=True)
+    fresh = {k for k in before if k.startswith(("group_query_embed.", "denoiser.", "dense_embed."))}
+    assert fresh and fresh | {"class_embed.weight", "class_embed.bias"} == set(report.skipped)
+    for key in fresh:  # kept their initialisation
+        assert torch.equal(rich.state_dict()[key], before[key])
+    assert torch.equal(rich.query_embed.weight, plain.query_embed.weight)
+
+    # Same classes, other number of groups: the extra queries start fresh, the rest loads.
+    other = build_model(dataclasses.replace(tiny_cfg, num_classes=6, **{**extras, "query_groups": 2}))
+    report = load_weights(other, rich.state_dict(), finetune=True)
+    assert set(report.skipped) == {"group_query_embed.weight"}
+
+    # The trained model's checkpoint into a plain model: training-only parts are dropped.
+    target = build_model(dataclasses.replace(tiny_cfg, num_classes=6))
+    report = load_weights(target, rich.state_dict())
+    assert set(report.skipped) == fresh
+    assert "not in model" in str(report)
+    assert torch.equal(target.class_embed.weight, rich.class_embed.weight)
+
+    # Without finetune a different class count is still refused.
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        load_weights(build_model(dataclasses.replace(tiny_cfg, num_classes=4, **extras)),
+                     rich.state_dict())
+
+
 class Payload:
     def __reduce__(self):
         return (print, ("this must never run",))
