@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detr.config import LossConfig, ModelConfig  # noqa: E402
 from detr.device import autocast, bf16_supported  # noqa: E402
+from detr.models.backbone import fold_batchnorm  # noqa: E402
 from detr.models.criterion import build_criterion  # noqa: E402
 from detr.models.detr import build_model  # noqa: E402
 
@@ -65,11 +66,12 @@ def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
 
 
 def measure(model, loss_fn, images, targets, *, bf16: bool, channels_last: bool, steps: int,
-            warmup: int, device: torch.device) -> tuple[float, float]:
-    """(training images/s, inference images/s)."""
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        images = images.contiguous(memory_format=torch.channels_last)
+            warmup: int, device: torch.device, fold: bool = False) -> tuple[float, float]:
+    """(training images/s, inference images/s); ``fold``: infer with the BatchNorms folded
+    into the convolutions, as :class:`detr.inference.Predictor` does."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=layout)  # in place: set it both ways, rounds alternate
+    images = images.contiguous(memory_format=layout)
     precision = "bf16" if bf16 else "fp32"
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-4)
@@ -84,11 +86,12 @@ def measure(model, loss_fn, images, targets, *, bf16: bool, channels_last: bool,
 
     def infer():
         with torch.inference_mode(), autocast(device, precision):
-            model(images)
+            net(images)
 
     model.train()
     t_train = timed(train_step, steps, warmup, device)
     model.eval()
+    net = fold_batchnorm(model) if fold else model
     t_infer = timed(infer, steps, warmup, device)
     return len(images) / t_train, len(images) / t_infer
 
@@ -131,48 +134,54 @@ def official_model(repo: Path, cfg: ModelConfig, device: torch.device):
     return model.to(device), loss_fn
 
 
-def run_config(name: str, args, device: torch.device) -> list[tuple]:
+def run_config(name: str, args, device: torch.device) -> dict[str, list[tuple]]:
+    """{variant: [(train img/s, infer img/s) per round]}; the variants take turns in each
+    round, so slow drifts of the device (clocks, temperature, other jobs) hit them alike."""
     cfg, size, batch = CONFIGS[name]
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     criterion = build_criterion(cfg.num_classes, LossConfig()).to(device)
     images, targets = make_batch(cfg, size, batch, device)
-    rows = []
-    kw = {"steps": args.steps, "warmup": args.warmup, "device": device}
     ours_loss = lambda out, tgt: criterion.total(criterion(out, tgt))  # noqa: E731
+    # (variant, model, loss, bf16, channels_last, cudnn.benchmark, folded BN for inference)
+    variants = []
     if args.official is not None:
         ref, ref_loss = official_model(args.official, cfg, device)
         ref.load_state_dict(model.state_dict())
         with torch.no_grad():
             diff = (ref.eval()(images)["pred_boxes"] - model.eval()(images)["pred_boxes"]).abs()
         print(f"[{name}] max |official - ours| on pred_boxes: {diff.max().item():.2e}")
-        rows.append((name, "official fp32", *measure(ref, ref_loss, images, targets, bf16=False,
-                                                     channels_last=False, **kw)))
-    rows.append((name, "ours fp32", *measure(model, ours_loss, images, targets, bf16=False,
-                                             channels_last=False, **kw)))
+        variants.append(("official fp32", ref, ref_loss, False, False, False, False))
+    variants.append(("ours fp32", model, ours_loss, False, False, False, False))
     # channels_last changes memory layout only, not numerics: still the official config.
-    rows.append((name, "ours fp32+channels_last",
-                 *measure(model, ours_loss, images, targets, bf16=False, channels_last=True,
-                          **kw)))
+    variants.append(("ours fp32+channels_last", model, ours_loss, False, True, False, False))
+    # Inference as the Predictor runs it: BatchNorm folded into the convolutions.
+    variants.append(("ours fp32+CL+folded BN", model, ours_loss, False, True, False, True))
     if bf16_supported(device):
-        rows.append((name, "ours bf16+channels_last",
-                     *measure(model, ours_loss, images, targets, bf16=True,
-                              channels_last=True, **kw)))
+        variants.append(("ours bf16+channels_last", model, ours_loss, True, True, False, False))
     if device.type == "cuda":
         # cuDNN's autotuner (off by default, and in the official code): both sides again.
-        torch.backends.cudnn.benchmark = True
         if args.official is not None:
-            rows.append((name, "official fp32 +cudnn.bench",
-                         *measure(ref, ref_loss, images, targets, bf16=False,
-                                  channels_last=False, **kw)))
-        rows.append((name, "ours fp32+CL +cudnn.bench",
-                     *measure(model, ours_loss, images, targets, bf16=False,
-                              channels_last=True, **kw)))
-        rows.append((name, "ours bf16+CL +cudnn.bench",
-                     *measure(model, ours_loss, images, targets, bf16=True,
-                              channels_last=True, **kw)))
-        torch.backends.cudnn.benchmark = False
-    return rows
+            variants.append(("official fp32 +cudnn.bench", ref, ref_loss, False, False, True, False))
+        variants.append(("ours fp32+CL +cudnn.bench", model, ours_loss, False, True, True, False))
+        variants.append(("ours fp32+CL+fold +cudnn.bench", model, ours_loss, False, True, True,
+                         True))
+        variants.append(("ours bf16+CL +cudnn.bench", model, ours_loss, True, True, True, False))
+    results: dict[str, list[tuple]] = {v[0]: [] for v in variants}
+    kw = {"steps": args.steps, "warmup": args.warmup, "device": device}
+    for _ in range(args.repeats):
+        for variant, net, loss_fn, bf16, channels_last, bench, fold in variants:
+            torch.backends.cudnn.benchmark = bench
+            results[variant].append(measure(net, loss_fn, images, targets, bf16=bf16,
+                                            channels_last=channels_last, fold=fold, **kw))
+    torch.backends.cudnn.benchmark = False
+    return results
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -180,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--configs", default="tiny,r50")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of all variants; the table gives medians over rounds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--official", type=Path, default=None,
                         help="path of a facebookresearch/detr checkout to compare against")
@@ -188,17 +199,22 @@ def main(argv: list[str] | None = None) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"CPU x{torch.get_num_threads()} threads")
     print(f"device: {name}; torch {torch.__version__}")
-    rows = [r for c in args.configs.split(",") for r in run_config(c, args, device)]
-    base = {}
+    print(f"{args.steps} timed steps after {args.warmup} warm-up, {args.repeats} round(s)")
     print(f"\n{'config':6} {'variant':26} {'train img/s':>12} {'infer img/s':>12} "
-          f"{'train x':>8} {'infer x':>8}")
-    for cfg, variant, train, infer in rows:
-        base.setdefault(cfg, (train, infer))
-        b = base[cfg]
-        print(f"{cfg:6} {variant:26} {train:12.2f} {infer:12.2f} {train / b[0]:8.2f} "
-              f"{infer / b[1]:8.2f}")
-    print("\n(x = relative to the first row of the config: the official code when given)")
-
+          f"{'train x':>8} {'infer x':>8}  x range over rounds (train; infer)")
+    for cfg in args.configs.split(","):
+        results = run_config(cfg, args, device)
+        base = next(iter(results.values()))
+        for variant, rounds in results.items():
+            train, infer = (_median([r[i] for r in rounds]) for i in (0, 1))
+            rel = [(r[0] / b[0], r[1] / b[1]) for r, b in zip(rounds, base, strict=True)]
+            spread = "; ".join(f"{min(x[i] for x in rel):.2f}-{max(x[i] for x in rel):.2f}"
+                               for i in (0, 1))
+            print(f"{cfg:6} {variant:26} {train:12.2f} {infer:12.2f} "
+                  f"{train / _median([b[0] for b in base]):8.2f} "
+                  f"{infer / _median([b[1] for b in base]):8.2f}  {spread}", flush=True)
+    print("\n(x = relative to the first row of the config: the official code when given; "
+          "the range compares each round with the same round's first row)")
 
 if __name__ == "__main__":
     main()

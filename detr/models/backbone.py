@@ -6,6 +6,7 @@ ResNet stage [B, C, H/32, W/32] (H/16 with DC5) and the mask resized to it.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import NamedTuple
 
@@ -13,6 +14,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 
@@ -221,3 +223,39 @@ class Joiner(nn.Sequential):
         features, mask = self[0](images, mask, padded)
         pos = self[1](mask).to(features.dtype)
         return features, mask, pos
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` for inference in which every BatchNorm that directly follows a
+    convolution (``convN``/``bnN`` siblings and ``Sequential(conv, bn)``, as in torchvision's
+    ResNets) is folded into that convolution's weight and bias, and replaced by an identity.
+
+    Frozen or eval-mode BatchNorm is a per-channel affine map, so the outputs are the same up to
+    float rounding, with one pass over each activation and several kernel launches fewer per
+    layer. Tensors that are not folded are shared with ``module``, not copied; hooks (the padding
+    masks) and the stride table follow the copy. ``module`` itself is left untouched.
+    """
+    if module.training:
+        raise ValueError("fold_batchnorm: the model must be in eval mode (running statistics)")
+    shared = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    folded = copy.deepcopy(module, memo=shared)
+    for parent in list(folded.modules()):
+        children = dict(parent.named_children())
+        pairs = [(c, n) for n in children if n.startswith("bn")
+                 for c in [f"conv{n[2:]}"] if c in children]
+        if isinstance(parent, nn.Sequential):
+            names = list(children)
+            pairs += list(zip(names, names[1:], strict=False))
+        for conv_name, bn_name in pairs:
+            conv, bn = children[conv_name], children[bn_name]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, _FOLDABLE):
+                conv.weight, conv.bias = fuse_conv_bn_weights(
+                    conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight,
+                    bn.bias)
+                conv.weight.requires_grad_(False)
+                conv.bias.requires_grad_(False)
+                setattr(parent, bn_name, nn.Identity())
+    return folded
+
+
+_FOLDABLE = (nn.BatchNorm2d, FrozenBatchNorm2d)
