@@ -1,3 +1,4 @@
+import dataclasses
 import pickle
 
 import pytest
@@ -106,8 +107,6 @@ def test_checkpoint_from_another_architecture_is_refused(tmp_path, tiny_cfg):
 def test_training_only_parts_may_be_absent_on_either_side(tiny_cfg):
     """An official-style checkpoint (no training-only parts) fine-tunes a model with query
     groups, denoising and the dense head; such a model's checkpoint loads into a plain one."""
-    import dataclasses
-
     extras = dict(query_groups=3, dn_groups=2, dense_aux=True)
     plain = build_model(dataclasses.replace(tiny_cfg, num_classes=4))
     rich = build_model(dataclasses.replace(tiny_cfg, num_classes=6, **extras))
