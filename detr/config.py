@@ -27,9 +27,9 @@ class ModelConfig:
     num_classes: int = 91  # logits = num_classes + 1; the last one is "no object"
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
     dilation: bool = False  # DC5: dilate the last ResNet stage (stride 16 instead of 32)
-    # "layer3": stop the ResNet one stage early, stride 16 (for small objects on small images,
-    # cheaper than DC5 and possible on resnet18/34). "layer4" = the paper.
-    last_stage: Literal["layer3", "layer4"] = "layer4"
+    # "layer3" / "layer2": stop the ResNet one / two stages early, stride 16 / 8 (for small
+    # objects on small images, cheaper than DC5 and possible on resnet18/34). "layer4" = the paper.
+    last_stage: Literal["layer2", "layer3", "layer4"] = "layer4"
     # "frozen_bn" is the official choice for pretrained backbones; from scratch it is the
     # identity (no normalisation at all), so use "bn" or "gn" there.
     norm: Literal["frozen_bn", "bn", "gn"] = "frozen_bn"

@@ -22,6 +22,8 @@ from torchvision.ops import FrozenBatchNorm2d
 NUM_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 # The stages the official release trains; the stem and layer1 stay frozen.
 TRAINABLE_STAGES = ("layer2", "layer3", "layer4")
+# Where the ResNet may end: each stage earlier halves the stride and the channels.
+LAST_STAGES = ("layer2", "layer3", "layer4")
 
 
 def _norm_layer(norm: str):
@@ -41,14 +43,15 @@ def _imagenet_weights(name: str):
 
 
 class Backbone(nn.Module):
-    """A torchvision ResNet truncated after ``layer4`` (or ``layer3``).
+    """A torchvision ResNet truncated after ``layer4`` (or ``layer3`` / ``layer2``).
 
     Args:
         name: resnet18 / resnet34 / resnet50 / resnet101.
         dilation: replace the stride of layer4 by dilation (DC5).
-        last_stage: "layer4" (the paper, stride 32) or "layer3": stop one stage earlier, for
-            features at stride 16 with fewer channels and less compute than DC5 (small objects
-            on small images; resnet18/34, which cannot dilate, too). layer4 is then not built.
+        last_stage: "layer4" (the paper, stride 32), "layer3" or "layer2": stop one or two
+            stages earlier, for features at stride 16 or 8 with fewer channels and less compute
+            than DC5 (small objects on small images; resnet18/34, which cannot dilate, too).
+            The stages after it are not built.
         norm: "frozen_bn" (official, for pretrained weights), "bn" or "gn" (from scratch).
         weights: None (random), "imagenet" (torchvision download) or a path to a ResNet
             state dict (torchvision key names, ``fc.*`` optional).
@@ -65,10 +68,10 @@ class Backbone(nn.Module):
         super().__init__()
         if name not in NUM_CHANNELS:
             raise ValueError(f"model.backbone: unknown {name!r} (one of {sorted(NUM_CHANNELS)})")
-        if last_stage not in ("layer3", "layer4"):
-            raise ValueError(f"model.last_stage: unknown {last_stage!r} (layer3 or layer4)")
-        if dilation and last_stage == "layer3":
-            raise ValueError("model.dilation (DC5) dilates layer4, which last_stage: layer3 "
+        if last_stage not in LAST_STAGES:
+            raise ValueError(f"model.last_stage: unknown {last_stage!r} (one of {LAST_STAGES})")
+        if dilation and last_stage != "layer4":
+            raise ValueError(f"model.dilation (DC5) dilates layer4, which last_stage: {last_stage} "
                              "leaves out; use one or the other")
         if dilation and name in ("resnet18", "resnet34"):
             raise ValueError(f"model.dilation (DC5) needs resnet50 or resnet101: torchvision's "
@@ -82,8 +85,8 @@ class Backbone(nn.Module):
         if weights not in (None, "imagenet"):
             _load_resnet_file(resnet, Path(weights))
         # layer3 has half layer4's channels. IntermediateLayerGetter keeps the children up to
-        # the returned one, so with "layer3" there is no layer4.
-        self.num_channels = NUM_CHANNELS[name] // (2 if last_stage == "layer3" else 1)
+        # the returned one, so with "layer3" there is no layer4 (with "layer2", no layer3 either).
+        self.num_channels = NUM_CHANNELS[name] >> (2 - LAST_STAGES.index(last_stage))
         self.body = IntermediateLayerGetter(resnet, return_layers={last_stage: "0"})
         if freeze_stem:
             for pname, param in self.body.named_parameters():

@@ -181,7 +181,26 @@ def test_last_stage_layer3_gives_stride_16_without_layer4(tiny_cfg):
     with pytest.raises(ValueError, match="last_stage"):
         Backbone("resnet50", dilation=True, last_stage="layer3")
     with pytest.raises(ValueError, match="last_stage"):
-        Backbone("resnet50", last_stage="layer2")
+        Backbone("resnet50", dilation=True, last_stage="layer2")
+    with pytest.raises(ValueError, match="last_stage"):
+        Backbone("resnet50", last_stage="layer1")
+
+
+def test_last_stage_layer2_gives_stride_8_without_layer3(tiny_cfg):
+    from detr.models.backbone import Backbone
+
+    x, mask = torch.randn(2, 3, 64, 48), torch.zeros(2, 64, 48, dtype=torch.bool)
+    mask[1, 24:] = True  # the second image is 24 px high: 3 rows at stride 8
+    backbone = Backbone("resnet18", norm="bn", last_stage="layer2")
+    features, out_mask = backbone.eval()(x, mask)
+    assert features.shape == (2, 128, 8, 6) and backbone.num_channels == 128
+    assert (~out_mask[1]).all(1).tolist() == [True] * 3 + [False] * 5
+    assert not any(k.startswith(("layer3", "layer4")) for k in backbone.body.state_dict())
+    assert Backbone("resnet50", last_stage="layer2").num_channels == 512
+    model = build_model(dataclasses.replace(tiny_cfg, last_stage="layer2", dense_aux=True))
+    assert model.input_proj.in_channels == 128
+    out = model.train()([torch.randn(3, 64, 80), torch.randn(3, 48, 48)])
+    assert out["dense"]["pred_logits"].shape[1] == 8 * 10  # one class per stride-8 token
 
 
 def test_group_norm_backbone_builds_and_runs(tiny_cfg):
