@@ -56,8 +56,16 @@ class Attention(nn.Module):
             mask = attend if mask is None else mask & attend
         if self.keep_weights:
             self.last_weights = self._weights(q, k, mask)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+            # The CPU's bf16 attention kernels are 2-3x slower than its fp32 ones (forward +
+            # backward, at DETR's sizes; benchmarks/cpu_attention.py), so attend in fp32 there.
+            with torch.autocast("cpu", enabled=False):
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                     attn_mask=mask, dropout_p=dropout)
+            out = out.to(q.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
     def _heads(self, t: Tensor) -> Tensor:

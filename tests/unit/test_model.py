@@ -79,6 +79,30 @@ def test_attention_equals_torch_multihead_attention_with_the_same_weights():
     assert torch.allclose(ours(q, k, v, pad), expected, atol=1e-5)
 
 
+def test_bf16_autocast_on_cpu_attends_in_fp32_and_returns_bf16(monkeypatch):
+    torch.manual_seed(1)
+    attention = Attention(32, 4)
+    q, k = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
+    pad = torch.tensor([[False] * 7, [False] * 4 + [True] * 3])
+    expected = attention(q, k, k, pad)
+    sdpa, seen = F.scaled_dot_product_attention, []
+
+    def spy(*args, **kwargs):
+        out = sdpa(*args, **kwargs)
+        seen.append((args[0].dtype, out.dtype))
+        return out
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)  # torch.nn.functional
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, k, pad)
+    assert seen == [(torch.float32, torch.float32)]  # the CPU's bf16 kernels are the slow ones
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), expected, atol=0.05)  # bf16 projections, fp32 softmax
+    out.float().sum().backward()
+    assert attention.in_proj_weight.grad is not None
+    assert torch.isfinite(attention.in_proj_weight.grad).all()
+
+
 class _RefTransformer(nn.Module):
     """DETR's post-norm transformer written with nn.MultiheadAttention, sequence-first, as in
     the paper's description; loads our state dict (the official key names) strictly."""
