@@ -188,43 +188,39 @@ def test_dilation_halves_the_backbone_stride():
         Backbone("resnet18", dilation=True)
 
 
-def test_last_stage_layer3_gives_stride_16_without_layer4(tiny_cfg):
+@pytest.mark.parametrize(("stage", "stride", "channels", "r50_channels", "absent"), [
+    ("layer3", 16, 256, 1024, ("layer4",)),
+    ("layer2", 8, 128, 512, ("layer3", "layer4")),
+])
+def test_an_earlier_last_stage_gives_its_stride_without_the_later_stages(
+        tiny_cfg, stage, stride, channels, r50_channels, absent):
     from detr.models.backbone import Backbone
 
     x, mask = torch.randn(2, 3, 96, 64), torch.zeros(2, 96, 64, dtype=torch.bool)
-    mask[1, 40:] = True  # the second image is 40 px high: 3 rows at stride 16
-    backbone = Backbone("resnet18", norm="bn", last_stage="layer3")
+    mask[1, 3 * stride:] = True  # the second image is 3 rows of features high
+    backbone = Backbone("resnet18", norm="bn", last_stage=stage)
     features, out_mask = backbone.eval()(x, mask)
-    assert features.shape == (2, 256, 6, 4) and backbone.num_channels == 256
-    assert (~out_mask[1]).all(1).tolist() == [True] * 3 + [False] * 3
-    assert not any(k.startswith("layer4") for k in backbone.body.state_dict())
-    assert Backbone("resnet50", last_stage="layer3").num_channels == 1024
-    model = build_model(dataclasses.replace(tiny_cfg, last_stage="layer3")).eval()
-    assert model.input_proj.in_channels == 256
-    assert torch.isfinite(model([torch.randn(3, 64, 80), torch.randn(3, 48, 48)])["pred_boxes"]).all()
-    with pytest.raises(ValueError, match="last_stage"):
-        Backbone("resnet50", dilation=True, last_stage="layer3")
-    with pytest.raises(ValueError, match="last_stage"):
-        Backbone("resnet50", dilation=True, last_stage="layer2")
-    with pytest.raises(ValueError, match="last_stage"):
-        Backbone("resnet50", last_stage="layer1")
+    assert features.shape == (2, channels, 96 // stride, 64 // stride)
+    assert backbone.num_channels == channels
+    assert (~out_mask[1]).all(1).tolist() == [True] * 3 + [False] * (96 // stride - 3)
+    assert not any(k.startswith(absent) for k in backbone.body.state_dict())
+    assert Backbone("resnet50", last_stage=stage).num_channels == r50_channels
+    model = build_model(dataclasses.replace(tiny_cfg, last_stage=stage, dense_aux=True))
+    assert model.input_proj.in_channels == channels
+    out = model.train()([torch.randn(3, 64, 80), torch.randn(3, 48, 48)])
+    assert torch.isfinite(out["pred_boxes"]).all()
+    # the dense head classifies every token of the padded 64 x 80 batch
+    assert out["dense"]["pred_logits"].shape[1] == (64 // stride) * (80 // stride)
 
 
-def test_last_stage_layer2_gives_stride_8_without_layer3(tiny_cfg):
+def test_last_stage_refuses_dc5_and_unknown_stages():
     from detr.models.backbone import Backbone
 
-    x, mask = torch.randn(2, 3, 64, 48), torch.zeros(2, 64, 48, dtype=torch.bool)
-    mask[1, 24:] = True  # the second image is 24 px high: 3 rows at stride 8
-    backbone = Backbone("resnet18", norm="bn", last_stage="layer2")
-    features, out_mask = backbone.eval()(x, mask)
-    assert features.shape == (2, 128, 8, 6) and backbone.num_channels == 128
-    assert (~out_mask[1]).all(1).tolist() == [True] * 3 + [False] * 5
-    assert not any(k.startswith(("layer3", "layer4")) for k in backbone.body.state_dict())
-    assert Backbone("resnet50", last_stage="layer2").num_channels == 512
-    model = build_model(dataclasses.replace(tiny_cfg, last_stage="layer2", dense_aux=True))
-    assert model.input_proj.in_channels == 128
-    out = model.train()([torch.randn(3, 64, 80), torch.randn(3, 48, 48)])
-    assert out["dense"]["pred_logits"].shape[1] == 8 * 10  # one class per stride-8 token
+    for stage in ("layer3", "layer2"):
+        with pytest.raises(ValueError, match=f"last_stage: {stage}"):
+            Backbone("resnet50", dilation=True, last_stage=stage)
+    with pytest.raises(ValueError, match="last_stage"):
+        Backbone("resnet50", last_stage="layer1")
 
 
 def test_group_norm_backbone_builds_and_runs(tiny_cfg):
