@@ -58,7 +58,7 @@ class Attention(nn.Module):
             self.last_weights = self._weights(q, k, mask)
         dropout = self.dropout if self.training else 0.0
         if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-            # The CPU's bf16 attention kernels are 2-3x slower than its fp32 ones (forward +
+            # The CPU's bf16 attention kernels are 1.9-7x slower than its fp32 ones (forward +
             # backward, at DETR's sizes; benchmarks/cpu_attention.py), so attend in fp32 there.
             with torch.autocast("cpu", enabled=False):
                 out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from detr.models.backbone import Backbone
 from detr.models.detr import build_model, count_parameters
 from detr.models.postprocess import PostProcess
 from detr.models.transformer import Attention, Transformer
@@ -179,8 +180,6 @@ def test_without_padding_masks_the_borders_leak_as_in_the_official_release(tiny_
 
 
 def test_dilation_halves_the_backbone_stride():
-    from detr.models.backbone import Backbone
-
     x, mask = torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool)
     assert Backbone("resnet50")(x, mask)[0].shape[-2:] == (2, 2)
     assert Backbone("resnet50", dilation=True)(x, mask)[0].shape[-2:] == (4, 4)
@@ -194,8 +193,6 @@ def test_dilation_halves_the_backbone_stride():
 ])
 def test_an_earlier_last_stage_gives_its_stride_without_the_later_stages(
         tiny_cfg, stage, stride, channels, r50_channels, absent):
-    from detr.models.backbone import Backbone
-
     x, mask = torch.randn(2, 3, 96, 64), torch.zeros(2, 96, 64, dtype=torch.bool)
     mask[1, 3 * stride:] = True  # the second image is 3 rows of features high
     backbone = Backbone("resnet18", norm="bn", last_stage=stage)
@@ -214,8 +211,6 @@ def test_an_earlier_last_stage_gives_its_stride_without_the_later_stages(
 
 
 def test_last_stage_refuses_dc5_and_unknown_stages():
-    from detr.models.backbone import Backbone
-
     for stage in ("layer3", "layer2"):
         with pytest.raises(ValueError, match=f"last_stage: {stage}"):
             Backbone("resnet50", dilation=True, last_stage=stage)
