@@ -23,7 +23,7 @@ from torch import Tensor, nn
 CLASS_HEAD_PREFIX = ("class_embed.", "dense_embed.", "denoiser.dn_label_embed.")
 # Parts used in training only (Group DETR queries, DN-DETR denoiser, dense head): the official
 # checkpoints have none, and inference never uses them, so they may be absent on either side.
-TRAINING_ONLY_PREFIX = ("group_query_embed.", "denoiser.", "dense_embed.")
+TRAINING_ONLY_PREFIX = ("group_query_embed.", "denoiser.", "dense_embed.", "dense_bbox_embed.")
 
 
 class CheckpointError(RuntimeError):
@@ -102,10 +102,11 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], *,
                  finetune: bool = False) -> LoadReport:
     """Load ``state`` into ``model``, strictly except for training-only parts.
 
-    Training-only tensors (``group_query_embed.*``, ``denoiser.*``, ``dense_embed.*``) that the
-    checkpoint lacks keep the model's fresh initialisation, and those the model lacks are
-    dropped; both are reported as skipped. So an official checkpoint loads into a model trained
-    with query groups, denoising or the dense head, and such a model's checkpoint into a plain one.
+    Training-only tensors (``group_query_embed.*``, ``denoiser.*``, ``dense_embed.*``,
+    ``dense_bbox_embed.*``) that the checkpoint lacks keep the model's fresh initialisation,
+    and those the model lacks are dropped; both are reported as skipped. So an official
+    checkpoint loads into a model trained with query groups, denoising or the dense head, and
+    such a model's checkpoint into a plain one.
     With ``finetune``, class-sized tensors (``class_embed.*``, ``dense_embed.*``,
     ``denoiser.dn_label_embed.*``) and training-only ones whose shape differs (another number of
     classes or queries) keep the fresh initialisation too. Every other key must match in name

@@ -67,6 +67,11 @@ class ModelConfig:
     # the token under each box centre as that box), else "no object". It supervises the
     # backbone and encoder per location from the first step; inference never uses it.
     dense_aux: bool = False
+    # With dense_aux: each token that the dense head assigns to a box also regresses that box,
+    # as distances from the token's centre to the box's four sides (FCOS-style; L1 + GIoU with
+    # the matched terms' weights). Per-location localisation signal for the backbone and
+    # encoder, as Co-DETR's auxiliary detection heads give; training only as well.
+    dense_boxes: bool = False
 
 
 @dataclass(frozen=True)

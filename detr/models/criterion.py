@@ -33,6 +33,9 @@ class SetCriterion(nn.Module):
     (DN-DETR) the denoising queries add ``loss_ce_dn``, ``loss_bbox_dn`` and ``loss_giou_dn``
     (and per aux layer), each query against the object it was made from, weighted like the
     matched terms and normalised by the number of boxes (all groups summed, as Group DETR).
+    With ``outputs["dense"]`` (``model.dense_aux``) the encoder tokens add ``loss_ce_dense``
+    (weight ``dense_loss_coef``) and, with ``pred_ltrb`` (``model.dense_boxes``),
+    ``loss_bbox_dense`` and ``loss_giou_dense`` (the matched terms' weights); see :meth:`_dense`.
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, *, eos_coef: float = 0.1,
@@ -42,7 +45,8 @@ class SetCriterion(nn.Module):
         self.num_classes = num_classes
         self.matcher = matcher
         self.coefs = {"loss_ce": ce_loss_coef, "loss_bbox": bbox_loss_coef,
-                      "loss_giou": giou_loss_coef, "loss_ce_dense": dense_loss_coef}
+                      "loss_giou": giou_loss_coef, "loss_ce_dense": dense_loss_coef,
+                      "loss_bbox_dense": bbox_loss_coef, "loss_giou_dense": giou_loss_coef}
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
@@ -73,7 +77,7 @@ class SetCriterion(nn.Module):
         if "denoising" in outputs:
             losses.update(self._denoising(outputs["denoising"], num_boxes))
         if "dense" in outputs:
-            losses["loss_ce_dense"] = self._dense(outputs["dense"], targets)
+            losses.update(self._dense(outputs["dense"], targets))
         return losses
 
     def total(self, losses: dict[str, Tensor]) -> Tensor:
@@ -102,17 +106,39 @@ class SetCriterion(nn.Module):
                         f"loss_giou{suffix}": giou})
         return out
 
-    def _dense(self, dense: dict, targets: Sequence[dict]) -> Tensor:
-        """Cross-entropy of every real encoder token against :func:`dense_targets`, the
-        no-object class weighted by ``eos_coef``, as a weighted mean."""
+    def _dense(self, dense: dict, targets: Sequence[dict]) -> dict[str, Tensor]:
+        """``loss_ce_dense``: cross-entropy of every real encoder token against
+        :func:`dense_targets`, the no-object class weighted by ``eos_coef``, as a weighted
+        mean. With ``pred_ltrb``: ``loss_bbox_dense`` and ``loss_giou_dense``, L1 (cxcywh) and
+        1 - GIoU of each assigned token's box (its centre minus/plus the predicted distances)
+        against its target box, averaged over the assigned tokens."""
         logits, mask = dense["pred_logits"].float(), dense["mask"]
-        classes = torch.stack([dense_targets(t["boxes"].to(logits.device),
-                                             t["labels"].to(logits.device), ~m, self.num_classes)
-                               for t, m in zip(targets, mask, strict=True)])
+        assigned = torch.stack([dense_assignment(t["boxes"].to(logits.device), ~m)
+                                for t, m in zip(targets, mask, strict=True)])  # [B, h*w]
+        labels = [t["labels"].to(logits.device) for t in targets]
+        classes = torch.stack([torch.where(a >= 0, lb[a.clamp(min=0)], self.num_classes)
+                               if len(lb) else torch.full_like(a, self.num_classes)
+                               for a, lb in zip(assigned, labels, strict=True)])
         weights = self.empty_weight[classes] * (~mask).flatten(1)
         ce = F.cross_entropy(logits.flatten(0, 1), classes.flatten(), reduction="none")
         total = _mean_over_processes(weights.sum().detach()).clamp(min=1)
-        return (ce * weights.flatten()).sum() / total
+        out = {"loss_ce_dense": (ce * weights.flatten()).sum() / total}
+        if "pred_ltrb" not in dense:
+            return out
+        ltrb = dense["pred_ltrb"].float()
+        image, token = (assigned >= 0).nonzero(as_tuple=True)
+        centres = torch.stack([torch.stack(cell_centres(~m), -1) for m in mask])  # [B, h*w, 2]
+        c, d = centres[image, token], ltrb[image, token]
+        src = torch.cat([c - d[:, :2], c + d[:, 2:]], -1)  # xyxy
+        offsets = torch.tensor([0] + [len(t["labels"]) for t in targets]).cumsum(0)
+        tgt_cxcywh = torch.cat([t["boxes"] for t in targets]).to(ltrb)
+        tgt_cxcywh = tgt_cxcywh[assigned[image, token] + offsets[image.cpu()].to(ltrb.device)]
+        num = _mean_over_processes(ltrb.new_tensor(float(len(image)))).clamp(min=1)
+        out["loss_bbox_dense"] = F.l1_loss(box_convert(src, "xyxy", "cxcywh"), tgt_cxcywh,
+                                           reduction="sum") / num
+        out["loss_giou_dense"] = generalized_box_iou_loss(
+            src, box_convert(tgt_cxcywh, "cxcywh", "xyxy"), reduction="sum") / num
+        return out
 
     def _target_classes(self, logits: Tensor, targets: Sequence[dict], pairs: dict) -> Tensor:
         """[L, B, Q] class of each query's matched target; ``num_classes`` (no object) else."""
@@ -169,26 +195,44 @@ def dense_targets(boxes: Tensor, labels: Tensor, valid: Tensor, num_classes: int
     """Class of each cell of a feature map: [h * w] int64.
 
     ``boxes`` [N, 4] normalised cxcywh and ``labels`` [N] of one image; ``valid`` [h, w] bool,
-    True on the image (padding at the bottom/right). A cell takes the label of the smallest box
-    that contains its centre; the cell under each box's centre takes that box even when the box
-    is smaller than a cell; every other cell (and the padding) is ``num_classes``, no object.
+    True on the image (padding at the bottom/right). A cell takes the label of its box in
+    :func:`dense_assignment`; every other cell (and the padding) is ``num_classes``, no object.
+    """
+    box = dense_assignment(boxes, valid)
+    if len(boxes) == 0:
+        return torch.full_like(box, num_classes)
+    return torch.where(box >= 0, labels[box.clamp(min=0)], num_classes)
+
+
+def dense_assignment(boxes: Tensor, valid: Tensor) -> Tensor:
+    """Box of each cell of a feature map: [h * w] int64 index into ``boxes``, -1 for none.
+
+    A cell takes the smallest box that contains its centre; the cell under each box's centre
+    takes that box even when the box is smaller than a cell. Padding cells take none.
     """
     h, w = valid.shape
-    classes = torch.full((h * w,), num_classes, dtype=torch.int64, device=boxes.device)
     if len(boxes) == 0:
-        return classes
-    rows, cols = valid[:, 0].sum(), valid[0].sum()  # the image's extent in cells
-    cy = (torch.arange(h, device=boxes.device) + 0.5) / rows
-    cx = (torch.arange(w, device=boxes.device) + 0.5) / cols
-    cy, cx = (c.flatten()[:, None] for c in torch.meshgrid(cy, cx, indexing="ij"))
+        return torch.full((h * w,), -1, dtype=torch.int64, device=boxes.device)
+    cx, cy = cell_centres(valid)
     x0, y0, x1, y1 = box_convert(boxes.float(), "cxcywh", "xyxy").unbind(-1)
-    inside = (cx > x0) & (cx < x1) & (cy > y0) & (cy < y1)  # [h * w, N]
+    inside = (cx[:, None] > x0) & (cx[:, None] < x1) & (cy[:, None] > y0) & (cy[:, None] < y1)
+    rows, cols = valid[:, 0].sum(), valid[0].sum()  # the image's extent in cells
     centre_row = (boxes[:, 1] * rows).long().clamp(0, int(rows) - 1)
     centre_col = (boxes[:, 0] * cols).long().clamp(0, int(cols) - 1)
     inside[centre_row * w + centre_col, torch.arange(len(boxes), device=boxes.device)] = True
     area = torch.where(inside, (boxes[:, 2] * boxes[:, 3]).float()[None], torch.inf)
-    smallest = area.argmin(1)
-    return torch.where(inside.any(1), labels[smallest], classes)
+    return torch.where(inside.any(1), area.argmin(1), -1)
+
+
+def cell_centres(valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Centres (x, y) of the [h, w] cells of a feature map, each [h * w], normalised to the
+    image's extent in cells (``valid``'s True part, at the top left)."""
+    h, w = valid.shape
+    rows, cols = valid[:, 0].sum(), valid[0].sum()
+    cy = (torch.arange(h, device=valid.device) + 0.5) / rows
+    cx = (torch.arange(w, device=valid.device) + 0.5) / cols
+    cy, cx = torch.meshgrid(cy, cx, indexing="ij")
+    return cx.flatten(), cy.flatten()
 
 
 def _base_name(key: str) -> str:

@@ -49,12 +49,15 @@ class DETR(nn.Module):
             the denoising queries' outputs (``pred_logits``, ``pred_boxes``, ``aux_outputs``)
             and their :class:`~detr.models.denoising.DenoisingBatch` under ``batch``.
         ``dense``: only in training with ``dense_aux``: ``pred_logits`` [B, h*w, num_classes + 1]
-            of every encoder token and the feature padding ``mask`` [B, h, w].
+            of every encoder token and the feature padding ``mask`` [B, h, w]; with
+            ``dense_boxes`` also ``pred_ltrb`` [B, h*w, 4] in (0, 1): each token's distances to
+            the left, top, right and bottom sides of its box, as fractions of the image's size.
     """
 
     def __init__(self, backbone: Joiner, transformer: Transformer, *, num_classes: int,
                  num_queries: int, aux_loss: bool = True, query_groups: int = 1,
-                 denoiser: Denoiser | None = None, dense_aux: bool = False):
+                 denoiser: Denoiser | None = None, dense_aux: bool = False,
+                 dense_boxes: bool = False):
         super().__init__()
         if query_groups < 1:
             raise ValueError(f"model.query_groups must be >= 1, got {query_groups}")
@@ -74,6 +77,11 @@ class DETR(nn.Module):
         self.denoiser = denoiser  # training-only queries; absent unless configured
         # training-only dense class head on the encoder tokens; absent unless configured
         self.dense_embed = nn.Linear(d, num_classes + 1) if dense_aux else None
+        if dense_boxes and not dense_aux:
+            raise ValueError("model.dense_boxes needs model.dense_aux: true (the dense head's "
+                             "class targets choose the box each token regresses)")
+        # training-only: each token's distances to the sides of its box (dense_boxes)
+        self.dense_bbox_embed = MLP(d, d, 4, 3) if dense_boxes else None
 
     def forward(self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None,
                 targets: Sequence[dict] | None = None, *, padded: bool | None = None) -> dict:
@@ -110,8 +118,10 @@ class DETR(nn.Module):
         if groups > 1:
             out["query_groups"] = groups
         if self.training and self.dense_embed is not None:
-            out["dense"] = {"pred_logits": self.dense_embed(memory.flatten(2).transpose(1, 2)),
-                            "mask": mask}
+            tokens = memory.flatten(2).transpose(1, 2)
+            out["dense"] = {"pred_logits": self.dense_embed(tokens), "mask": mask}
+            if self.dense_bbox_embed is not None:
+                out["dense"]["pred_ltrb"] = self.dense_bbox_embed(tokens).sigmoid()
         return out
 
     def heads(self, hs: Tensor) -> dict:
@@ -151,7 +161,7 @@ def build_model(cfg: ModelConfig) -> DETR:
                             labels=cfg.dn_labels)
     return DETR(joiner, transformer, num_classes=cfg.num_classes, num_queries=cfg.num_queries,
                 aux_loss=cfg.aux_loss, query_groups=cfg.query_groups, denoiser=denoiser,
-                dense_aux=cfg.dense_aux)
+                dense_aux=cfg.dense_aux, dense_boxes=cfg.dense_boxes)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

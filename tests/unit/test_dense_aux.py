@@ -2,11 +2,13 @@
 
 import dataclasses
 
+import pytest
 import torch
+from torchvision.ops import box_convert
 
 from detr.checkpoint import load_weights
 from detr.config import LossConfig
-from detr.models.criterion import build_criterion, dense_targets
+from detr.models.criterion import build_criterion, cell_centres, dense_assignment, dense_targets
 from detr.models.detr import build_model
 
 
@@ -65,3 +67,82 @@ def test_finetuning_to_other_classes_starts_the_dense_head_fresh(tiny_cfg):
     report = load_weights(model, trained.state_dict(), finetune=True)
     assert sorted(report.skipped) == ["class_embed.bias", "class_embed.weight",
                                       "dense_embed.bias", "dense_embed.weight"]
+
+
+def test_dense_assignment_names_the_box_and_the_classes_follow_it():
+    valid = torch.ones(4, 4, dtype=torch.bool)
+    boxes = torch.tensor([[0.5, 0.5, 1.0, 1.0], [0.5, 0.5, 0.5, 0.5]])
+    box = dense_assignment(boxes, valid).view(4, 4)
+    assert box.tolist() == [[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]]
+    assert dense_targets(boxes, torch.tensor([2, 0]), valid, 3).view(4, 4).tolist() == [
+        [2, 2, 2, 2], [2, 0, 0, 2], [2, 0, 0, 2], [2, 2, 2, 2]]
+    assert (dense_assignment(torch.zeros(0, 4), valid) == -1).all()
+
+
+def _dense_outputs(ltrb: torch.Tensor, valid: torch.Tensor, num_classes: int) -> dict:
+    tokens = valid.numel()
+    return {"pred_logits": torch.zeros(1, tokens, num_classes + 1), "mask": ~valid[None],
+            "pred_ltrb": ltrb[None]}
+
+
+def test_dense_box_loss_is_zero_for_exact_distances_and_grows_with_error():
+    valid = torch.zeros(4, 6, dtype=torch.bool)
+    valid[:, :4] = True  # a 4x4-cell image padded to 6 columns
+    boxes = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.125, 0.125, 0.25, 0.25]])
+    target = [{"boxes": boxes, "labels": torch.tensor([0, 1])}]
+    box = dense_assignment(boxes, valid)
+    cx, cy = cell_centres(valid)
+    x0, y0, x1, y1 = box_convert(boxes, "cxcywh", "xyxy").unbind(-1)
+    exact = torch.full((24, 4), 0.5)
+    on = box >= 0
+    b = box[on]
+    exact[on] = torch.stack([cx[on] - x0[b], cy[on] - y0[b], x1[b] - cx[on], y1[b] - cy[on]], -1)
+    criterion = build_criterion(2, LossConfig())
+    losses = criterion._dense(_dense_outputs(exact, valid, 2), target)
+    assert losses["loss_bbox_dense"] < 1e-6 and losses["loss_giou_dense"] < 1e-6
+    # Only assigned tokens count: the padding and unassigned tokens' predictions are ignored.
+    other = exact.clone()
+    other[~on] = 0.9
+    assert criterion._dense(_dense_outputs(other, valid, 2), target)["loss_bbox_dense"] < 1e-6
+    # Every assigned token's box 0.1 too wide on the left: L1 (cxcywh) = 0.05 + 0.1 per token.
+    wider = exact.clone()
+    wider[on, 0] += 0.1
+    shifted = criterion._dense(_dense_outputs(wider, valid, 2), target)
+    assert torch.isclose(shifted["loss_bbox_dense"], torch.tensor(0.15))
+    assert shifted["loss_giou_dense"] > 0.05
+
+
+def test_dense_boxes_train_the_backbone_and_leave_inference_alone(tiny_cfg):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny_cfg, num_classes=4, dense_aux=True, dense_boxes=True)
+    with pytest.raises(ValueError, match="dense_boxes needs model.dense_aux"):
+        build_model(dataclasses.replace(cfg, dense_aux=False))
+    model = build_model(cfg)
+    images = [torch.randn(3, 64, 96), torch.randn(3, 96, 64)]
+    targets = [{"labels": torch.tensor([1, 3]),
+                "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.6], [0.2, 0.2, 0.1, 0.1]])},
+               {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
+    out = model.train()(images)
+    assert out["dense"]["pred_ltrb"].shape == (*out["dense"]["pred_logits"].shape[:2], 4)
+    criterion = build_criterion(4, LossConfig())
+    losses = criterion(out, targets)
+    model.zero_grad()
+    (losses["loss_bbox_dense"] + losses["loss_giou_dense"]).backward()
+    grad = model.backbone[0].body.layer1[0].conv1.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert model.class_embed.weight.grad is None  # the box terms reach the encoder, not heads
+    rest = {k: v for k, v in losses.items() if not k.endswith(("bbox_dense", "giou_dense"))}
+    assert torch.allclose(criterion.total(losses) - criterion.total(rest),
+                          5.0 * losses["loss_bbox_dense"] + 2.0 * losses["loss_giou_dense"])
+    # No targets in the batch: the box terms are zero, not NaN.
+    empty = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}] * 2
+    none = criterion(model(images), empty)
+    assert none["loss_bbox_dense"] == 0 and none["loss_giou_dense"] == 0
+    # Inference: no dense output; a plain model loads the weights with the head reported.
+    model.eval()
+    plain = build_model(dataclasses.replace(cfg, dense_aux=False, dense_boxes=False)).eval()
+    report = load_weights(plain, model.state_dict())
+    assert {k for k in report.skipped if k.startswith("dense_bbox_embed.")}
+    with torch.no_grad():
+        assert "dense" not in model(images)
+        assert torch.equal(model(images)["pred_boxes"], plain(images)["pred_boxes"])
