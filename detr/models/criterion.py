@@ -115,10 +115,8 @@ class SetCriterion(nn.Module):
         logits, mask = dense["pred_logits"].float(), dense["mask"]
         assigned = torch.stack([dense_assignment(t["boxes"].to(logits.device), ~m)
                                 for t, m in zip(targets, mask, strict=True)])  # [B, h*w]
-        labels = [t["labels"].to(logits.device) for t in targets]
-        classes = torch.stack([torch.where(a >= 0, lb[a.clamp(min=0)], self.num_classes)
-                               if len(lb) else torch.full_like(a, self.num_classes)
-                               for a, lb in zip(assigned, labels, strict=True)])
+        classes = torch.stack([_labels_of(a, t["labels"].to(logits.device), self.num_classes)
+                               for a, t in zip(assigned, targets, strict=True)])
         weights = self.empty_weight[classes] * (~mask).flatten(1)
         ce = F.cross_entropy(logits.flatten(0, 1), classes.flatten(), reduction="none")
         total = _mean_over_processes(weights.sum().detach()).clamp(min=1)
@@ -198,8 +196,12 @@ def dense_targets(boxes: Tensor, labels: Tensor, valid: Tensor, num_classes: int
     True on the image (padding at the bottom/right). A cell takes the label of its box in
     :func:`dense_assignment`; every other cell (and the padding) is ``num_classes``, no object.
     """
-    box = dense_assignment(boxes, valid)
-    if len(boxes) == 0:
+    return _labels_of(dense_assignment(boxes, valid), labels, num_classes)
+
+
+def _labels_of(box: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Box index per cell (-1: none) -> that box's label (``num_classes``: no object)."""
+    if len(labels) == 0:
         return torch.full_like(box, num_classes)
     return torch.where(box >= 0, labels[box.clamp(min=0)], num_classes)
 
