@@ -27,14 +27,20 @@ def test_dense_targets_smallest_box_wins_and_tiny_boxes_keep_their_centre_cell()
     assert empty.tolist() == [3] * 24
 
 
-def test_dense_head_is_training_only_and_its_loss_reaches_the_backbone(tiny_cfg):
-    torch.manual_seed(0)
-    cfg = dataclasses.replace(tiny_cfg, num_classes=4, dense_aux=True)
-    model = build_model(cfg)
+def _two_images() -> tuple[list, list]:
+    """Two images of different sizes: one with two boxes (one small), one with none."""
     images = [torch.randn(3, 64, 96), torch.randn(3, 96, 64)]
     targets = [{"labels": torch.tensor([1, 3]),
                 "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.6], [0.2, 0.2, 0.1, 0.1]])},
                {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
+    return images, targets
+
+
+def test_dense_head_is_training_only_and_its_loss_reaches_the_backbone(tiny_cfg):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny_cfg, num_classes=4, dense_aux=True)
+    model = build_model(cfg)
+    images, targets = _two_images()
     out = model.train()(images)
     h, w = out["dense"]["mask"].shape[-2:]
     assert out["dense"]["pred_logits"].shape == (2, h * w, 5)
@@ -118,10 +124,7 @@ def test_dense_boxes_train_the_backbone_and_leave_inference_alone(tiny_cfg):
     with pytest.raises(ValueError, match="dense_boxes needs model.dense_aux"):
         build_model(dataclasses.replace(cfg, dense_aux=False))
     model = build_model(cfg)
-    images = [torch.randn(3, 64, 96), torch.randn(3, 96, 64)]
-    targets = [{"labels": torch.tensor([1, 3]),
-                "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.6], [0.2, 0.2, 0.1, 0.1]])},
-               {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
+    images, targets = _two_images()
     out = model.train()(images)
     assert out["dense"]["pred_ltrb"].shape == (*out["dense"]["pred_logits"].shape[:2], 4)
     criterion = build_criterion(4, LossConfig())
