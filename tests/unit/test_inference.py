@@ -115,10 +115,13 @@ def test_from_checkpoint_takes_the_val_resize_from_the_data_params(checkpoint, p
     assert (other.scale, other.max_size) == (48, 96)
 
 
-def test_auto_precision_is_fp32_on_every_device():
-    # bf16 autocast measured slower than fp32 for batch-2 inference on H100 and H200 GPUs
+def test_auto_precision_is_fp32_on_every_device(monkeypatch):
+    # bf16 autocast measured slower than fp32 for batch-2 inference on H100 and H200 GPUs.
+    # Pretend every device has fast bf16, as a GPU does, so "auto" has a choice to make here.
+    monkeypatch.setattr("detr.device.bf16_supported", lambda device: True)
     for device in ("cpu", "cuda", "cuda:1"):
         assert _inference_precision("auto", torch.device(device)) == "fp32"
+    assert _inference_precision("bf16", torch.device("cuda")) == "bf16"  # when asked for
     assert _inference_precision("fp32", torch.device("cuda")) == "fp32"
     with pytest.raises(ValueError, match="not one of"):
         _inference_precision("fp16", torch.device("cpu"))
