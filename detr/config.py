@@ -72,6 +72,15 @@ class ModelConfig:
     # the matched terms' weights). Per-location localisation signal for the backbone and
     # encoder, as Co-DETR's auxiliary detection heads give; training only as well.
     dense_boxes: bool = False
+    # Positions in the values, not only in the attention's queries and keys (the paper adds
+    # them there only; its Table 3 also trains them "at input"). In the paper's model no value
+    # carries a position, so a decoder query's output does not say where it looked, and its
+    # box head must learn that slowly. input_pos: the encoding is also added once to the
+    # projected features before the encoder (so the memory carries it); value_pos: the
+    # decoder's cross-attention adds it to its values as to its keys. No new parameters:
+    # official checkpoints load either way. False = the paper.
+    input_pos: bool = False
+    value_pos: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,12 @@ class LossConfig:
     giou_loss_coef: float = 2.0
     eos_coef: float = 0.1  # relative weight of the no-object class in the cross-entropy
     dense_loss_coef: float = 1.0  # weight of the dense auxiliary class loss (model.dense_aux)
+    # IoU-aware class targets (the softmax form of VarifocalNet's IoU-aware score, as DETRs
+    # use it in Stable-DINO and Align-DETR): a matched query's target puts IoU(its box, the
+    # target box) on the class and the rest on "no object", so its score learns to rank it
+    # by how well it is placed, which AP at high IoU rewards. The IoU carries no gradient.
+    # False = the paper (the class gets all of it).
+    iou_aware: bool = False
 
 
 @dataclass(frozen=True)

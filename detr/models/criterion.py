@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.ops import box_convert, generalized_box_iou_loss
+from torchvision.ops import box_area, box_convert, generalized_box_iou_loss
 
 from detr.config import LossConfig
 from detr.models.matcher import HungarianMatcher, Indices
@@ -21,7 +21,8 @@ class SetCriterion(nn.Module):
     """Loss of DETR's outputs against targets (``labels`` [N] int64, ``boxes`` [N,4] cxcywh).
 
     Returns a dict of scalar tensors: ``loss_ce`` (cross-entropy, the no-object class weighted by
-    ``eos_coef``), ``loss_bbox`` (L1) and ``loss_giou`` (1 - GIoU), both summed over matched pairs
+    ``eos_coef``; with ``iou_aware`` against IoU-aware targets, see
+    :meth:`_loss_ce_iou_aware`), ``loss_bbox`` (L1) and ``loss_giou`` (1 - GIoU), both summed over matched pairs
     and divided by the number of target boxes (averaged over processes under DDP); the same for
     every auxiliary decoder layer with suffix ``_0``, ``_1``...; and, for logging only,
     ``class_error`` (% wrong classes among matched queries, last layer) and
@@ -40,9 +41,11 @@ class SetCriterion(nn.Module):
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, *, eos_coef: float = 0.1,
                  ce_loss_coef: float = 1.0, bbox_loss_coef: float = 5.0,
-                 giou_loss_coef: float = 2.0, dense_loss_coef: float = 1.0):
+                 giou_loss_coef: float = 2.0, dense_loss_coef: float = 1.0,
+                 iou_aware: bool = False):
         super().__init__()
         self.num_classes = num_classes
+        self.iou_aware = iou_aware
         self.matcher = matcher
         self.coefs = {"loss_ce": ce_loss_coef, "loss_bbox": bbox_loss_coef,
                       "loss_giou": giou_loss_coef, "loss_ce_dense": dense_loss_coef,
@@ -60,10 +63,11 @@ class SetCriterion(nn.Module):
         pairs = _flatten_indices(indices, targets, logits.device)
         num_boxes = self._num_boxes(targets, logits.device)
         target_classes = self._target_classes(logits, targets, pairs)
-        per_layer = {
-            "loss_ce": self._loss_ce(logits, target_classes),
-            **self._loss_boxes(boxes, targets, pairs, num_boxes),
-        }
+        if self.iou_aware:
+            loss_ce = self._loss_ce_iou_aware(logits, target_classes, boxes, targets, pairs)
+        else:
+            loss_ce = self._loss_ce(logits, target_classes)
+        per_layer = {"loss_ce": loss_ce, **self._loss_boxes(boxes, targets, pairs, num_boxes)}
         per_layer = {k: v.view(-1, groups).sum(1) for k, v in per_layer.items()}
         losses = {}
         last = len(layers) // groups - 1
@@ -157,6 +161,22 @@ class SetCriterion(nn.Module):
         weights = self.empty_weight[target_classes].sum((1, 2))
         return ce.sum((1, 2)) / _mean_over_processes(weights.detach())
 
+    def _loss_ce_iou_aware(self, logits: Tensor, target_classes: Tensor, boxes: Tensor,
+                           targets: Sequence[dict], pairs: dict) -> Tensor:
+        """As :meth:`_loss_ce`, but a matched query's target is split: IoU (of its box with the
+        target box, no gradient) on the class, 1 - IoU on "no object". Weights as there: 1 for a
+        matched query, ``eos_coef`` for the others (whose target is all "no object")."""
+        log_prob = logits.log_softmax(-1)
+        share = torch.ones_like(target_classes, dtype=log_prob.dtype)
+        matched = (pairs["layer"], pairs["batch"], pairs["query"])
+        tgt = torch.cat([t["boxes"] for t in targets]).to(boxes)[pairs["target"]]
+        share[matched] = paired_iou(box_convert(boxes[matched], "cxcywh", "xyxy"),
+                                    box_convert(tgt, "cxcywh", "xyxy")).detach()
+        on_class = log_prob.gather(-1, target_classes[..., None]).squeeze(-1)
+        weights = self.empty_weight[target_classes]
+        ce = -(share * on_class + (1 - share) * log_prob[..., -1]) * weights
+        return ce.sum((1, 2)) / _mean_over_processes(weights.sum((1, 2)).detach())
+
     def _loss_boxes(self, boxes: Tensor, targets: Sequence[dict], pairs: dict,
                     num_boxes: Tensor) -> dict[str, Tensor]:
         num_layers = boxes.shape[0]
@@ -226,6 +246,15 @@ def dense_assignment(boxes: Tensor, valid: Tensor) -> Tensor:
     return torch.where(inside.any(1), area.argmin(1), -1)
 
 
+def paired_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of ``a[i]`` with ``b[i]`` (xyxy, [N, 4] each) -> [N]; 0 where the union is empty.
+    (``torchvision.ops.box_iou`` gives all N x N pairs.)"""
+    wh = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0)
+    inter = wh.prod(-1)
+    union = box_area(a) + box_area(b) - inter
+    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), 0.0)
+
+
 def cell_centres(valid: Tensor) -> tuple[Tensor, Tensor]:
     """Centres (x, y) of the [h, w] cells of a feature map, each [h * w], normalised to the
     image's extent in cells (``valid``'s True part, at the top left)."""
@@ -283,4 +312,5 @@ def build_criterion(num_classes: int, cfg: LossConfig) -> SetCriterion:
                                cost_giou=cfg.set_cost_giou)
     return SetCriterion(num_classes, matcher, eos_coef=cfg.eos_coef,
                         ce_loss_coef=cfg.ce_loss_coef, bbox_loss_coef=cfg.bbox_loss_coef,
-                        giou_loss_coef=cfg.giou_loss_coef, dense_loss_coef=cfg.dense_loss_coef)
+                        giou_loss_coef=cfg.giou_loss_coef, dense_loss_coef=cfg.dense_loss_coef,
+                        iou_aware=cfg.iou_aware)

@@ -150,7 +150,8 @@ def build_model(cfg: ModelConfig) -> DETR:
     transformer = Transformer(
         d_model=cfg.hidden_dim, nhead=cfg.nheads, num_encoder_layers=cfg.enc_layers,
         num_decoder_layers=cfg.dec_layers, dim_feedforward=cfg.dim_feedforward,
-        dropout=cfg.dropout, pre_norm=cfg.pre_norm,
+        dropout=cfg.dropout, pre_norm=cfg.pre_norm, input_pos=cfg.input_pos,
+        value_pos=cfg.value_pos,
     )
     if cfg.dn_groups < 0:
         raise ValueError(f"model.dn_groups must be >= 0 (0 = off), got {cfg.dn_groups}")

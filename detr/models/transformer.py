@@ -1,8 +1,9 @@
 """DETR's encoder-decoder transformer.
 
 Tensors are batch-first inside: sequences [B, L, d]. Positional encodings are added to queries
-and keys (never to values) at every layer; the decoder adds the learned query positions to its
-queries. Parameter names equal the official release's (``self_attn.in_proj_weight``,
+and keys at every layer, not to values (the paper); ``input_pos`` also adds them once to the
+encoder's input, ``value_pos`` to the values of the decoder's cross-attention. The decoder adds
+the learned query positions to its queries. Parameter names equal the official release's (``self_attn.in_proj_weight``,
 ``multihead_attn.out_proj.weight``, ``linear1``, ``norm3``, ``decoder.norm``...), so official
 checkpoints load strictly; attention itself runs on ``F.scaled_dot_product_attention``.
 """
@@ -112,10 +113,16 @@ class EncoderLayer(FeedForward):
 
 
 class DecoderLayer(FeedForward):
-    """Query self-attention, cross-attention to the encoder memory, FFN."""
+    """Query self-attention, cross-attention to the encoder memory, FFN.
 
-    def __init__(self, d: int, nheads: int, dim_feedforward: int, dropout: float, pre_norm: bool):
+    The cross-attention's keys are ``memory + pos``; its values are ``memory`` (the paper), or
+    ``memory + pos`` with ``value_pos``.
+    """
+
+    def __init__(self, d: int, nheads: int, dim_feedforward: int, dropout: float, pre_norm: bool,
+                 value_pos: bool = False):
         super().__init__()
+        self.value_pos = value_pos
         self.self_attn = Attention(d, nheads, dropout)
         self.multihead_attn = Attention(d, nheads, dropout)
         self.linear1 = nn.Linear(d, dim_feedforward)
@@ -132,13 +139,17 @@ class DecoderLayer(FeedForward):
             qk = x + query_pos
             tgt = tgt + self.dropout1(self.self_attn(qk, qk, x, attend=attend))
             x = self.norm2(tgt)
-            tgt = tgt + self.dropout2(self.multihead_attn(x + query_pos, memory + pos, memory, mask))
+            tgt = tgt + self.dropout2(self._cross(x + query_pos, memory, pos, mask))
             return tgt + self.dropout3(self._ffn(self.norm3(tgt)))
         qk = tgt + query_pos
         tgt = self.norm1(tgt + self.dropout1(self.self_attn(qk, qk, tgt, attend=attend)))
-        cross = self.multihead_attn(tgt + query_pos, memory + pos, memory, mask)
+        cross = self._cross(tgt + query_pos, memory, pos, mask)
         tgt = self.norm2(tgt + self.dropout2(cross))
         return self.norm3(tgt + self.dropout3(self._ffn(tgt)))
+
+    def _cross(self, query: Tensor, memory: Tensor, pos: Tensor, mask: Tensor | None) -> Tensor:
+        key = memory + pos
+        return self.multihead_attn(query, key, key if self.value_pos else memory, mask)
 
 
 class Encoder(nn.Module):
@@ -171,14 +182,17 @@ class Decoder(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The encoder-decoder. Defaults are the paper's: d=256, 8 heads, 6+6 layers, FFN 2048."""
+    """The encoder-decoder. Defaults are the paper's: d=256, 8 heads, 6+6 layers, FFN 2048,
+    positions added to the attention's queries and keys only. ``input_pos``: also added to the
+    encoder's input ``src``; ``value_pos``: see :class:`DecoderLayer`."""
 
     def __init__(self, *, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6,
                  num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 pre_norm: bool = False):
+                 pre_norm: bool = False, input_pos: bool = False, value_pos: bool = False):
         super().__init__()
+        self.input_pos = input_pos
         enc = EncoderLayer(d_model, nhead, dim_feedforward, dropout, pre_norm)
-        dec = DecoderLayer(d_model, nhead, dim_feedforward, dropout, pre_norm)
+        dec = DecoderLayer(d_model, nhead, dim_feedforward, dropout, pre_norm, value_pos)
         self.encoder = Encoder(enc, num_encoder_layers, nn.LayerNorm(d_model) if pre_norm else None)
         self.decoder = Decoder(dec, num_decoder_layers, nn.LayerNorm(d_model))
         self.d_model = d_model
@@ -207,6 +221,8 @@ class Transformer(nn.Module):
         pos = pos.flatten(2).transpose(1, 2)
         key_mask = None if mask is None else mask.flatten(1)
         query_pos = query_embed if query_embed.dim() == 3 else query_embed.expand(b, -1, -1)
+        if self.input_pos:
+            src = src + pos
         memory = self.encoder(src, pos, key_mask)
         tgt = torch.zeros_like(query_pos) if tgt is None else tgt
         hs = self.decoder(tgt, memory, pos, query_pos, key_mask, query_attend)

@@ -1,8 +1,9 @@
 import pytest
 import torch
+from torchvision.ops import box_convert, box_iou
 
 from detr.config import LossConfig
-from detr.models.criterion import build_criterion
+from detr.models.criterion import build_criterion, paired_iou
 
 C = 3
 
@@ -111,3 +112,39 @@ def test_query_groups_are_matched_separately_and_summed():
     for key in ("loss_ce", "loss_bbox", "loss_giou", "loss_giou_0"):
         assert grouped[key].item() == pytest.approx(2 * single[key].item(), rel=1e-5)
     assert grouped["class_error"].item() == pytest.approx(single["class_error"].item())
+
+
+def test_paired_iou_is_the_diagonal_of_box_iou_and_zero_for_empty_boxes():
+    a = box_convert(torch.rand(7, 4) * 0.5 + 0.1, "cxcywh", "xyxy")
+    b = box_convert(torch.rand(7, 4) * 0.5 + 0.1, "cxcywh", "xyxy")
+    assert torch.allclose(paired_iou(a, b), box_iou(a, b).diagonal(), atol=1e-6)
+    point = torch.tensor([[0.2, 0.2, 0.2, 0.2]])
+    assert paired_iou(point, point).tolist() == [0.0]
+
+
+def test_iou_aware_class_target_splits_a_matched_query_by_its_iou():
+    """One target; query 0 is matched with IoU 0.6 (shifted by a quarter of its width)."""
+    tgt = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    boxes = torch.tensor([[[0.55, 0.5, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1]]], requires_grad=True)
+    logits = torch.randn(1, 2, C + 1, requires_grad=True)
+    plain = build_criterion(C, LossConfig())(_outputs(logits, boxes), tgt)["loss_ce"]
+    aware = build_criterion(C, LossConfig(iou_aware=True))(_outputs(logits, boxes), tgt)
+    log_p = logits[0].detach().log_softmax(-1)
+    matched = -(0.6 * log_p[0, 1] + 0.4 * log_p[0, C])
+    unmatched = -0.1 * log_p[1, C]  # eos_coef 0.1, target "no object" as before
+    assert aware["loss_ce"].item() == pytest.approx(((matched + unmatched) / 1.1).item(), rel=1e-5)
+    assert aware["loss_ce"].item() != pytest.approx(plain.item(), rel=1e-3)
+    aware["loss_ce"].backward()
+    assert logits.grad is not None
+    assert boxes.grad is None or not boxes.grad.any()  # the IoU is a target, not a path
+
+
+def test_iou_aware_equals_the_plain_loss_for_perfect_boxes():
+    tgt = _target()
+    boxes = torch.cat([tgt[0]["boxes"], torch.tensor([[0.5, 0.5, 0.1, 0.1]])])[None]
+    logits = torch.randn(1, 3, C + 1)
+    out = _outputs(logits, boxes, aux_layers=1)
+    plain = build_criterion(C, LossConfig())(out, tgt)
+    aware = build_criterion(C, LossConfig(iou_aware=True))(out, tgt)
+    for key in ("loss_ce", "loss_ce_0"):
+        assert aware[key].item() == pytest.approx(plain[key].item(), rel=1e-5)

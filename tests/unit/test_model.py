@@ -38,7 +38,8 @@ def _randomise_batchnorm(model):
     return model
 
 
-@pytest.mark.parametrize("variant", [{}, {"pre_norm": True}, {"position_embedding": "learned"}])
+@pytest.mark.parametrize("variant", [{}, {"pre_norm": True}, {"position_embedding": "learned"},
+                                     {"input_pos": True, "value_pos": True}])
 @pytest.mark.parametrize("sizes", [((96, 128), (160, 192)), ((70, 101), (133, 150))])
 def test_padding_invariance(tiny_cfg, variant, sizes):
     """An image alone and padded in a batch beside a larger one: the same predictions.
@@ -108,8 +109,10 @@ class _RefTransformer(nn.Module):
     """DETR's post-norm transformer written with nn.MultiheadAttention, sequence-first, as in
     the paper's description; loads our state dict (the official key names) strictly."""
 
-    def __init__(self, d, heads, ff, n_enc, n_dec):
+    def __init__(self, d, heads, ff, n_enc, n_dec, input_pos=False, value_pos=False):
         super().__init__()
+        self.input_pos = input_pos  # the positions added to the encoder's input once
+        self.value_pos = value_pos  # the decoder's cross-attention values get the positions
 
         def layer(kinds):
             m = nn.Module()
@@ -132,24 +135,31 @@ class _RefTransformer(nn.Module):
         src, pos = src.flatten(2).permute(2, 0, 1), pos.flatten(2).permute(2, 0, 1)
         mask = mask.flatten(1)
         qpos = query_embed.unsqueeze(1).repeat(1, b, 1)
+        if self.input_pos:
+            src = src + pos
         for m in self.encoder.layers:
             src = m.norm1(src + m.self_attn(src + pos, src + pos, src, key_padding_mask=mask)[0])
             src = m.norm2(src + m.linear2(F.relu(m.linear1(src))))
         tgt, outs = torch.zeros_like(qpos), []
         for m in self.decoder.layers:
             tgt = m.norm1(tgt + m.self_attn(tgt + qpos, tgt + qpos, tgt)[0])
-            tgt = m.norm2(tgt + m.multihead_attn(tgt + qpos, src + pos, src,
+            value = src + pos if self.value_pos else src
+            tgt = m.norm2(tgt + m.multihead_attn(tgt + qpos, src + pos, value,
                                                  key_padding_mask=mask)[0])
             tgt = m.norm3(tgt + m.linear2(F.relu(m.linear1(tgt))))
             outs.append(self.decoder.norm(tgt))
         return torch.stack(outs).transpose(1, 2)
 
 
-def test_transformer_matches_reference_with_the_same_weights():
+@pytest.mark.parametrize(("input_pos", "value_pos"), [(False, False), (True, False),
+                                                      (False, True), (True, True)])
+def test_transformer_matches_reference_with_the_same_weights(input_pos, value_pos):
+    """The paper's placement of the positions, and with them at the input and/or values."""
     torch.manual_seed(2)
     ours = Transformer(d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=3,
-                       dim_feedforward=64, dropout=0.0).eval()
-    ref = _RefTransformer(32, 4, 64, 2, 3).eval()
+                       dim_feedforward=64, dropout=0.0, input_pos=input_pos,
+                       value_pos=value_pos).eval()
+    ref = _RefTransformer(32, 4, 64, 2, 3, input_pos, value_pos).eval()
     ref.load_state_dict(ours.state_dict(), strict=True)
     src, pos = torch.randn(2, 32, 4, 5), torch.randn(2, 32, 4, 5)
     mask = torch.zeros(2, 4, 5, dtype=torch.bool)
@@ -157,6 +167,28 @@ def test_transformer_matches_reference_with_the_same_weights():
     query = torch.randn(6, 32)
     hs, _ = ours(src, mask, query, pos)
     assert torch.allclose(hs, ref(src, mask, query, pos), atol=1e-5)
+    for other_flags in ((not input_pos, value_pos), (input_pos, not value_pos)):
+        other = _RefTransformer(32, 4, 64, 2, 3, *other_flags).eval()
+        other.load_state_dict(ours.state_dict(), strict=True)
+        assert not torch.allclose(hs, other(src, mask, query, pos), atol=1e-3), other_flags
+
+
+@pytest.mark.parametrize("flag", ["input_pos", "value_pos"])
+def test_positions_in_values_work_in_the_pre_norm_layers_too(flag):
+    """Same weights: the flag changes the output only through the positions (none: equal)."""
+    torch.manual_seed(3)
+    kw = dict(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=2,
+              dim_feedforward=64, dropout=0.0, pre_norm=True)
+    plain = Transformer(**kw).eval()
+    with_pos = Transformer(**kw, **{flag: True}).eval()
+    with_pos.load_state_dict(plain.state_dict(), strict=True)
+    src, query = torch.randn(2, 32, 3, 4), torch.randn(5, 32)
+    pos = torch.randn(2, 32, 3, 4)
+    assert not torch.allclose(plain(src, None, query, pos)[0], with_pos(src, None, query, pos)[0],
+                              atol=1e-3)
+    zero = torch.zeros_like(pos)
+    assert torch.allclose(plain(src, None, query, zero)[0], with_pos(src, None, query, zero)[0],
+                          atol=1e-6)
 
 
 def test_frozen_parts_of_the_official_backbone(tiny_official_cfg):
