@@ -54,13 +54,28 @@ def checkpoint(tiny_checkpoint):
     return tiny_checkpoint
 
 
+def _with_positions_in_values(checkpoint, tmp_path):
+    """The same weights, as a model with model.input_pos and model.value_pos on (they add no
+    parameters)."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["params"]["model"].update(input_pos=True, value_pos=True)
+    path = tmp_path / "positions_in_values.pth"
+    torch.save(ckpt, path)
+    return path
+
+
 @pytest.mark.slow
-def test_cli_exports_a_dynamic_graph_that_matches_eager(checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize("positions_in_values", [False, True])
+def test_cli_exports_a_dynamic_graph_that_matches_eager(checkpoint, positions_in_values,
+                                                        tmp_path, capsys):
     import onnx
     import onnxruntime
 
     from detr.checkpoint import load_file, model_from_checkpoint
     from detr.export import main
+
+    if positions_in_values:
+        checkpoint = _with_positions_in_values(checkpoint, tmp_path)
 
     out = tmp_path / "model.onnx"
     assert main([str(checkpoint), "--out", str(out), "--height", "64", "--width", "80"]) == 0
@@ -80,6 +95,7 @@ def test_cli_exports_a_dynamic_graph_that_matches_eager(checkpoint, tmp_path, ca
     assert json.loads(meta["val_resize"]) == {"scale": 64, "max_size": 64}
 
     model = model_from_checkpoint(checkpoint)[0]  # a size and batch the export never saw
+    assert model.transformer.input_pos == positions_in_values
     images, mask = torch.randn(4, 3, 100, 45), torch.zeros(4, 100, 45, dtype=torch.bool)
     mask[2, 70:] = True
     images[2, :, 70:] = 0
