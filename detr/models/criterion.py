@@ -21,9 +21,9 @@ class SetCriterion(nn.Module):
     """Loss of DETR's outputs against targets (``labels`` [N] int64, ``boxes`` [N,4] cxcywh).
 
     Returns a dict of scalar tensors: ``loss_ce`` (cross-entropy, the no-object class weighted by
-    ``eos_coef``; with ``iou_aware`` against IoU-aware targets, see
-    :meth:`_loss_ce_iou_aware`), ``loss_bbox`` (L1) and ``loss_giou`` (1 - GIoU), both summed over matched pairs
-    and divided by the number of target boxes (averaged over processes under DDP); the same for
+    ``eos_coef``; with ``iou_aware`` against IoU-aware targets, see :meth:`_loss_ce_iou_aware`),
+    ``loss_bbox`` (L1) and ``loss_giou`` (1 - GIoU), both summed over matched pairs and divided
+    by the number of target boxes (averaged over processes under DDP); the same for
     every auxiliary decoder layer with suffix ``_0``, ``_1``...; and, for logging only,
     ``class_error`` (% wrong classes among matched queries, last layer) and
     ``cardinality_error`` (|predicted objects - targets|, last layer). :meth:`total` weights

@@ -3,9 +3,10 @@
 Tensors are batch-first inside: sequences [B, L, d]. Positional encodings are added to queries
 and keys at every layer, not to values (the paper); ``input_pos`` also adds them once to the
 encoder's input, ``value_pos`` to the values of the decoder's cross-attention. The decoder adds
-the learned query positions to its queries. Parameter names equal the official release's (``self_attn.in_proj_weight``,
-``multihead_attn.out_proj.weight``, ``linear1``, ``norm3``, ``decoder.norm``...), so official
-checkpoints load strictly; attention itself runs on ``F.scaled_dot_product_attention``.
+the learned query positions to its queries. Parameter names equal the official release's
+(``self_attn.in_proj_weight``, ``multihead_attn.out_proj.weight``, ``linear1``, ``norm3``,
+``decoder.norm``...), so official checkpoints load strictly; attention itself runs on
+``F.scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
