@@ -11,7 +11,8 @@ def test_defaults_are_the_paper_recipe():
     loss = load_section(LossConfig, None, "loss")
     assert (loss.set_cost_class, loss.set_cost_bbox, loss.set_cost_giou) == (1, 5, 2)
     assert (loss.bbox_loss_coef, loss.giou_loss_coef, loss.eos_coef) == (5, 2, 0.1)
-    assert not (cfg.input_pos or cfg.value_pos or loss.iou_aware)  # the paper's placement, targets
+    assert not (cfg.input_pos or cfg.value_pos)  # positions in queries and keys only
+    assert not loss.iou_aware  # hard class targets
 
 
 @pytest.mark.parametrize(("data", "message"), [
