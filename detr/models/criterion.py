@@ -63,11 +63,15 @@ class SetCriterion(nn.Module):
         pairs = _flatten_indices(indices, targets, logits.device)
         num_boxes = self._num_boxes(targets, logits.device)
         target_classes = self._target_classes(logits, targets, pairs)
+        matched = (pairs["layer"], pairs["batch"], pairs["query"])
+        src = boxes[matched]  # [P, 4] each matched prediction, and its target box:
+        tgt = torch.cat([t["boxes"] for t in targets]).to(boxes)[pairs["target"]]
         if self.iou_aware:
-            loss_ce = self._loss_ce_iou_aware(logits, target_classes, boxes, targets, pairs)
+            loss_ce = self._loss_ce_iou_aware(logits, target_classes, matched, src, tgt)
         else:
             loss_ce = self._loss_ce(logits, target_classes)
-        per_layer = {"loss_ce": loss_ce, **self._loss_boxes(boxes, targets, pairs, num_boxes)}
+        per_layer = {"loss_ce": loss_ce,
+                     **self._loss_boxes(src, tgt, pairs["layer"], len(boxes), num_boxes)}
         per_layer = {k: v.view(-1, groups).sum(1) for k, v in per_layer.items()}
         losses = {}
         last = len(layers) // groups - 1
@@ -161,33 +165,30 @@ class SetCriterion(nn.Module):
         weights = self.empty_weight[target_classes].sum((1, 2))
         return ce.sum((1, 2)) / _mean_over_processes(weights.detach())
 
-    def _loss_ce_iou_aware(self, logits: Tensor, target_classes: Tensor, boxes: Tensor,
-                           targets: Sequence[dict], pairs: dict) -> Tensor:
-        """As :meth:`_loss_ce`, but a matched query's target is split: IoU (of its box with the
-        target box, no gradient) on the class, 1 - IoU on "no object". Weights as there: 1 for a
-        matched query, ``eos_coef`` for the others (whose target is all "no object")."""
+    def _loss_ce_iou_aware(self, logits: Tensor, target_classes: Tensor,
+                           matched: tuple[Tensor, Tensor, Tensor], src: Tensor,
+                           tgt: Tensor) -> Tensor:
+        """As :meth:`_loss_ce`, but a matched query's target is split: IoU (of its box ``src``
+        with the target box ``tgt``, no gradient) on the class, 1 - IoU on "no object". Weights
+        as there: 1 for a matched query, ``eos_coef`` for the others (all "no object")."""
         log_prob = logits.log_softmax(-1)
         share = torch.ones_like(target_classes, dtype=log_prob.dtype)
-        matched = (pairs["layer"], pairs["batch"], pairs["query"])
-        tgt = torch.cat([t["boxes"] for t in targets]).to(boxes)[pairs["target"]]
-        share[matched] = paired_iou(box_convert(boxes[matched], "cxcywh", "xyxy"),
+        share[matched] = paired_iou(box_convert(src, "cxcywh", "xyxy"),
                                     box_convert(tgt, "cxcywh", "xyxy")).detach()
         on_class = log_prob.gather(-1, target_classes[..., None]).squeeze(-1)
         weights = self.empty_weight[target_classes]
         ce = -(share * on_class + (1 - share) * log_prob[..., -1]) * weights
         return ce.sum((1, 2)) / _mean_over_processes(weights.sum((1, 2)).detach())
 
-    def _loss_boxes(self, boxes: Tensor, targets: Sequence[dict], pairs: dict,
+    def _loss_boxes(self, src: Tensor, tgt: Tensor, layer: Tensor, num_layers: int,
                     num_boxes: Tensor) -> dict[str, Tensor]:
-        num_layers = boxes.shape[0]
-        src = boxes[pairs["layer"], pairs["batch"], pairs["query"]]
-        tgt = torch.cat([t["boxes"] for t in targets]).to(boxes)[pairs["target"]]
+        """Matched boxes ``src``/``tgt`` [P, 4] cxcywh, ``layer`` [P] -> L1 and GIoU per layer."""
         l1 = F.l1_loss(src, tgt, reduction="none").sum(-1)
         giou = generalized_box_iou_loss(box_convert(src, "cxcywh", "xyxy"),
                                         box_convert(tgt, "cxcywh", "xyxy"), reduction="none")
-        zeros = boxes.new_zeros(num_layers)
-        return {"loss_bbox": zeros.index_add(0, pairs["layer"], l1) / num_boxes,
-                "loss_giou": zeros.index_add(0, pairs["layer"], giou) / num_boxes}
+        zeros = src.new_zeros(num_layers)
+        return {"loss_bbox": zeros.index_add(0, layer, l1) / num_boxes,
+                "loss_giou": zeros.index_add(0, layer, giou) / num_boxes}
 
     @torch.no_grad()
     def _logged(self, logits: Tensor, target_classes: Tensor,
