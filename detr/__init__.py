@@ -5,21 +5,28 @@ Public API::
     import detr
     model = detr.detr_resnet50(pretrained=False, num_classes=91)   # official architecture
     model = detr.build_model(cfg)                                  # from a ModelConfig
+
+The names below load on first use, so importing a light submodule (``detr.data.layout``, read
+by the validation's worker processes) does not import torch.
 """
 
-from detr.config import LossConfig, ModelConfig
-from detr.hub import detr_resnet50, detr_resnet50_dc5, detr_resnet101, detr_resnet101_dc5
-from detr.models import (
-    DETR,
-    HungarianMatcher,
-    PostProcess,
-    SetCriterion,
-    build_criterion,
-    build_model,
-)
+from __future__ import annotations
 
-__all__ = [
-    "DETR", "HungarianMatcher", "LossConfig", "ModelConfig", "PostProcess", "SetCriterion",
-    "build_criterion", "build_model", "detr_resnet50", "detr_resnet50_dc5", "detr_resnet101",
-    "detr_resnet101_dc5",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "LossConfig": "detr.config", "ModelConfig": "detr.config",
+    "detr_resnet50": "detr.hub", "detr_resnet50_dc5": "detr.hub",
+    "detr_resnet101": "detr.hub", "detr_resnet101_dc5": "detr.hub",
+    "DETR": "detr.models", "HungarianMatcher": "detr.models", "PostProcess": "detr.models",
+    "SetCriterion": "detr.models", "build_criterion": "detr.models", "build_model": "detr.models",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'detr' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -51,13 +51,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from detr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
 MIN_SIDE = 33  # px: below it the stride-32 feature map is a single cell, a shape torch.export
 # specialises on (1 is special to broadcasting), which would make the graph's sizes static
 DEFAULT_ATOL = 1e-3
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 INPUT_NAMES = ("images", "mask")
 OUTPUT_NAMES = ("pred_logits", "pred_boxes")
 

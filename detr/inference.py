@@ -139,7 +139,7 @@ class Predictor:
                  category_names: Sequence[str] | None = None, scale: int, max_size: int,
                  device: str = "auto", precision: str = "auto", score_threshold: float = 0.5,
                  top_k: int = 100, fold_bn: bool = True, channels_last: bool = True) -> None:
-        _check_options(score_threshold, top_k)
+        check_options(score_threshold, top_k)
         ids, names = _categories(model, category_ids, category_names)
         self.device = select_device(device)
         self.precision = _inference_precision(precision, self.device)
@@ -215,7 +215,7 @@ class Predictor:
         """
         threshold = self.score_threshold if score_threshold is None else float(score_threshold)
         top_k = self.top_k if top_k is None else int(top_k)
-        _check_options(threshold, top_k)
+        check_options(threshold, top_k)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         items = _as_list(images)
@@ -363,7 +363,7 @@ def _inference_precision(precision: str, device: torch.device) -> str:
     return resolve_precision(precision, device)
 
 
-def _check_options(score_threshold: float, top_k: int) -> None:
+def check_options(score_threshold: float, top_k: int) -> None:
     if not 0.0 <= score_threshold <= 1.0:
         raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
     if top_k < 1:

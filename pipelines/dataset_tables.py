@@ -25,7 +25,6 @@ import hashlib
 import io
 import json
 import multiprocessing
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -34,10 +33,9 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-SPLITS = ("train", "val")
+from detr.data.layout import SPLITS, is_unsafe_file_name
+
 TRAIN = "train"
-# Absolute (POSIX, Windows drive, UNC) paths or a ".." component anywhere.
-UNSAFE_FILE_NAME = r"^(?:[/\\]|[A-Za-z]:)|(?:^|[/\\])\.\.(?:[/\\]|$)"
 _MIN_PARALLEL = 256  # fewer images than this: checking them in-process beats starting workers
 
 
@@ -166,7 +164,7 @@ def _add_file_facts(images: pd.DataFrame, root: Path, workers: int) -> None:
 
 def _safe_path(split_dir: Path, file_name: Any) -> str | None:
     """The file's path, or None when the name is not a relative path inside ``split_dir``."""
-    if not isinstance(file_name, str) or not file_name or re.search(UNSAFE_FILE_NAME, file_name):
+    if not isinstance(file_name, str) or not file_name or is_unsafe_file_name(file_name):
         return None
     return str(split_dir / PurePosixPath(file_name))
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.dataset_tables import SPLITS, UNSAFE_FILE_NAME, DatasetTables
+from detr.data.layout import SPLITS, UNSAFE_FILE_NAME
+from pipelines.dataset_tables import DatasetTables
 
 if TYPE_CHECKING:
     from pipelines.params import ValidateConfig

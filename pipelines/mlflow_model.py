@@ -42,7 +42,7 @@ from torchvision.transforms.v2 import functional as F
 
 from detr.checkpoint import load_file, model_from_checkpoint, save_file
 from detr.config import DataConfig
-from detr.inference import Predictor
+from detr.inference import Predictor, check_options
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 INFERENCE_ARTIFACT = "inference"
@@ -63,7 +63,7 @@ def inference_settings(data_cfg: DataConfig, *, score_threshold: float = 0.5,
                        top_k: int = DEFAULT_TOP_K) -> dict[str, Any]:
     """``inference.json``: the val preset's scale (short side ``max(scales)``, long side <=
     ``max_size``) and the default ``score_threshold`` and ``top_k`` of predict()."""
-    _check_options(score_threshold, top_k)
+    check_options(score_threshold, top_k)
     return {"short_side": int(max(data_cfg.scales)), "max_size": int(data_cfg.max_size),
             "score_threshold": float(score_threshold), "top_k": int(top_k)}
 
@@ -162,7 +162,7 @@ class DetrPyfunc(PythonModel):
     def _options(self, params: dict[str, Any] | None) -> tuple[float, int]:
         params = {**self.defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
         threshold, top_k = float(params["score_threshold"]), int(params["top_k"])
-        _check_options(threshold, top_k)
+        check_options(threshold, top_k)
         return threshold, top_k
 
 
@@ -195,10 +195,3 @@ def _image_column(frame: Any) -> list:
         raise ValueError(f"DetrPyfunc.predict: expected a DataFrame with an 'image' column "
                          f"(base64 image files), got {found}")
     return frame["image"].tolist()
-
-
-def _check_options(score_threshold: float, top_k: int) -> None:
-    if not 0.0 <= score_threshold <= 1.0:
-        raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")

@@ -27,7 +27,8 @@ from typing import Any
 
 from prefect import flow
 
-from pipelines.dataset_tables import SPLITS, DatasetLayoutError, DatasetTables, load_tables
+from detr.data.layout import SPLITS
+from pipelines.dataset_tables import DatasetLayoutError, DatasetTables, load_tables
 from pipelines.expectations import ExpectationOutcome, run_suites
 from pipelines.params import ValidateConfig
 

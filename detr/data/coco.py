@@ -17,7 +17,6 @@ import contextlib
 import io
 import json
 import math
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,8 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
+
+from detr.data.layout import is_unsafe_file_name
 
 Target = dict[str, Any]
 Transforms = Callable[[tv_tensors.Image, Target], tuple[Any, Target]]
@@ -44,10 +45,6 @@ class ImageLoadError(OSError):
 class AnnotationError(ValueError):
     """The annotation file is malformed (e.g. an annotation names an unknown category)."""
 
-
-# An absolute path (POSIX, Windows drive or UNC) or a ".." component: it would leave the folder.
-# pipelines.dataset_tables.UNSAFE_FILE_NAME is the same rule (a test keeps them equal).
-_UNSAFE_FILE_NAME = re.compile(r"^(?:[/\\]|[A-Za-z]:)|(?:^|[/\\])\.\.(?:[/\\]|$)")
 
 
 def load_coco(ann_file: str | Path) -> COCO:
@@ -95,7 +92,7 @@ def _check_coco(data: Any, path: Path) -> None:
         if not isinstance(name, str) or not name.strip():
             raise AnnotationError(f"{path}: image {image['id']} (images[{i}]): file_name must "
                                   f"be a non-empty string, got {_short(name)}")
-        if _UNSAFE_FILE_NAME.search(name):
+        if is_unsafe_file_name(name):
             raise AnnotationError(f"{path}: image {image['id']} (images[{i}]): file_name "
                                   f"{_short(name)} must be relative to the image folder, "
                                   f"without '..'")

@@ -34,7 +34,8 @@ from typing import Any, Literal
 
 from PIL import Image
 
-SPLITS = ("train", "val")
+from detr.data.layout import SPLITS
+
 Link = Literal["symlink", "hardlink", "copy"]
 PathLike = str | os.PathLike
 

@@ -31,11 +31,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from detr.data.layout import SPLITS
+
 CATEGORIES: tuple[dict[str, Any], ...] = tuple(
     {"id": i + 1, "name": name, "supercategory": "shape"}  # ids start at 1, as COCO's
     for i, name in enumerate(["circle", "square", "triangle", "star", "cross", "ring"])
 )
-SPLITS = ("train", "val")
 AREA_RANGES = {"small": (0, 32**2), "medium": (32**2, 96**2), "large": (96**2, math.inf)}
 # Range of sqrt(box area) drawn per size class; small objects are at least ~14 px across.
 _SIDE_RANGES = {"small": (14.0, 31.0), "medium": (32.0, 95.0), "large": (96.0, 176.0)}
