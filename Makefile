@@ -42,7 +42,7 @@ run: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 	@$(BIN)/python -m pipelines summary
 
-# Servers for this project (infra/serve.sh, infra/stop.sh; settings in pipelines/servers.py):
+# Servers for this project (infra/serve.sh, infra/stop.sh; settings in pipelines/ops/servers.py):
 # the pipeline uses them while they are up, its embedded defaults (mlflow.db) when not.
 serve: $(STAMP)
 	PREFECT_PORT=$(PREFECT_PORT) MLFLOW_PORT=$(MLFLOW_PORT) PYTHON=$(BIN)/python infra/serve.sh

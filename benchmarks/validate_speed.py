@@ -79,10 +79,10 @@ def main() -> None:
     start = time.perf_counter()
     import great_expectations  # noqa: F401  (timed apart: a fixed cost per process)
 
-    from pipelines.dataset_tables import load_tables
-    from pipelines.expectations import run_suites
     from pipelines.params import ValidateConfig
-    from pipelines.validate import run
+    from pipelines.stages.validate import run
+    from pipelines.validation.dataset_tables import load_tables
+    from pipelines.validation.expectations import run_suites
 
     rows.append(("import great_expectations + prefect", time.perf_counter() - start))
     cfg = ValidateConfig(workers=args.workers)

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
-exec "$PYTHON" -m pipelines.servers stop
+exec "$PYTHON" -m pipelines.ops.servers stop

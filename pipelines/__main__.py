@@ -11,15 +11,15 @@ import importlib
 import sys
 
 COMMANDS = {
-    "prepare": ("pipelines.prepare", "main"),
-    "validate": ("pipelines.validate", "main"),
-    "train": ("pipelines.train", "main"),
-    "evaluate": ("pipelines.evaluate", "main"),
-    "register": ("pipelines.register", "main"),
-    "promote": ("pipelines.register", "promote_main"),
-    "summary": ("pipelines.summary", "main"),
-    "retrain": ("pipelines.retrain", "main"),
-    "deploy": ("pipelines.deploy", "main"),
+    "prepare": ("pipelines.stages.prepare", "main"),
+    "validate": ("pipelines.stages.validate", "main"),
+    "train": ("pipelines.stages.train", "main"),
+    "evaluate": ("pipelines.stages.evaluate", "main"),
+    "register": ("pipelines.stages.register", "main"),
+    "promote": ("pipelines.stages.register", "promote_main"),
+    "summary": ("pipelines.reporting.summary", "main"),
+    "retrain": ("pipelines.ops.retrain", "main"),
+    "deploy": ("pipelines.ops.deploy", "main"),
 }
 
 

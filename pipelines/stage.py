@@ -3,7 +3,7 @@
 ``invoke(flow, run, **kwargs)``: with a Prefect API configured (``PREFECT_API_URL`` in the
 environment or the active Prefect profile), the stage runs as its Prefect flow: it shows in the
 UI with its logs and artifacts. So does a Prefect server that ``make serve`` started for this
-project and that answers now (:func:`pipelines.servers.live_url`). Without one, the pure ``run``
+project and that answers now (:func:`pipelines.ops.servers.live_url`). Without one, the pure ``run``
 is called directly, so a plain ``dvc repro`` needs no server and does not start a temporary one
 (~8 s a stage). ``PIPELINES_STAGE_FLOWS=0`` also calls ``run`` directly: the ``retrain`` flow
 sets it for the stages it runs, which it shows as its own tasks (a stage in a subprocess could
@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 FLOWS_SWITCH = "PIPELINES_STAGE_FLOWS"
+DATASET = Path("data/dataset")  # prepare's output: the canonical layout the later stages read
 
 
 def prefect_api_url() -> str | None:
@@ -31,7 +33,8 @@ def prefect_api_url() -> str | None:
 
     if get_current_settings().api.url:
         return str(get_current_settings().api.url)
-    from pipelines import servers, tracking
+    from pipelines import tracking
+    from pipelines.ops import servers
 
     return servers.live_url("prefect", tracking.project_root())
 

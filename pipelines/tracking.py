@@ -49,7 +49,7 @@ def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    from pipelines import servers
+    from pipelines.ops import servers
 
     return servers.live_url("mlflow", project_root()) or f"sqlite:///{project_root() / 'mlflow.db'}"
 

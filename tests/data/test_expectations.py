@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from pipelines.dataset_tables import check_files, load_tables
-from pipelines.expectations import run_suites
 from pipelines.params import ValidateConfig
+from pipelines.validation.dataset_tables import check_files, load_tables
+from pipelines.validation.expectations import run_suites
 from tests.data.conftest import load_split, save_split, write_image
 
 CONFIG = ValidateConfig(workers=1)

@@ -12,9 +12,9 @@ import yaml
 from detr.data.formats import FormatError, import_coco, split_by_ratio
 from detr.data.voc import import_voc
 from detr.data.yolo import import_yolo
-from pipelines.dataset_tables import load_tables
-from pipelines.expectations import run_suites
 from pipelines.params import ValidateConfig
+from pipelines.validation.dataset_tables import load_tables
+from pipelines.validation.expectations import run_suites
 from tests.data.conftest import coco_split, write_coco_dataset, write_image
 
 NAMES = ("cat", "dog", "bird")

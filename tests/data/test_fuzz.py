@@ -3,7 +3,8 @@
 Random JSON of any shape, and COCO-like files whose fields are sometimes of the wrong type,
 missing, NaN/inf, huge, negative, unicode or path-like (``..``, absolute). Whatever the file,
 the loader (:class:`detr.data.coco.CocoDetection`, every item read) and the validation
-(:func:`pipelines.dataset_tables.load_tables`, the statistics, the Great Expectations suite)
+(:func:`pipelines.validation.dataset_tables.load_tables`, the statistics, the Great Expectations
+suite)
 either accept it or refuse it with the project's own error type and a message that names the
 file (and, for records, the record and the field); they never fail with anything else.
 
@@ -23,10 +24,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from detr.data.coco import AnnotationError, CocoDetection, ImageLoadError
-from pipelines.dataset_tables import DatasetLayoutError, load_tables
 from pipelines.params import ValidateConfig
-from pipelines.validate import dataset_statistics
-from pipelines.validate import run as validate_run
+from pipelines.stages.validate import dataset_statistics
+from pipelines.stages.validate import run as validate_run
+from pipelines.validation.dataset_tables import DatasetLayoutError, load_tables
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

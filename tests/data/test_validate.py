@@ -11,7 +11,7 @@ from detr.config import ConfigError
 from pipelines.__main__ import main as pipelines_main
 from pipelines.params import ValidateConfig
 from pipelines.params import load as load_params
-from pipelines.validate import DatasetValidationError, run, validate_flow
+from pipelines.stages.validate import DatasetValidationError, run, validate_flow
 from tests.data.conftest import load_split, save_split
 
 

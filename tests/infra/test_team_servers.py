@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import deploy
+from pipelines.ops import deploy
 from tests.infra.conftest import (
     INFRA,
     Postgres,

@@ -12,8 +12,9 @@ from PIL import Image
 
 from detr.evaluation import STAT_NAMES
 from detr.train import fit
-from pipelines import evaluate, tracking
+from pipelines import tracking
 from pipelines.params import EvaluateConfig
+from pipelines.stages import evaluate
 from tests.conftest import tiny_training
 
 pytestmark = pytest.mark.slow

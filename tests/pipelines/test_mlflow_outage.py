@@ -169,8 +169,8 @@ def registry(tiny_dataset, tmp_path, monkeypatch):
 
 
 def _register(registry, value: float, report: str) -> dict:
-    from pipelines import register
     from pipelines.params import RegisterConfig
+    from pipelines.stages import register
 
     metrics = registry.root / "metrics.json"
     metrics.write_text(json.dumps({n: value for n in STAT_NAMES}))
@@ -180,7 +180,7 @@ def _register(registry, value: float, report: str) -> dict:
 
 
 def test_server_killed_between_version_and_alias_leaves_no_alias_on_it(registry, monkeypatch):
-    from pipelines import register
+    from pipelines.stages import register
 
     assert _register(registry, 0.3, "first.json")["decision"] == "champion"
     original = register.register_version

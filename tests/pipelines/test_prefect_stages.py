@@ -8,7 +8,7 @@ import pytest
 
 from pipelines import stage
 from pipelines.params import DemoConfig, PrepareConfig
-from pipelines.prepare import prepare_flow, run
+from pipelines.stages.prepare import prepare_flow, run
 
 
 async def _flow_runs(name: str):

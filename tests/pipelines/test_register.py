@@ -15,8 +15,9 @@ from PIL import Image
 
 from detr.evaluation import STAT_NAMES
 from detr.train import fit
-from pipelines import mlflow_model, register, tracking
+from pipelines import mlflow_model, tracking
 from pipelines.params import RegisterConfig
+from pipelines.stages import register
 from tests.conftest import tiny_training
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,7 @@ import prefect_queries as pq
 import pytest
 import yaml
 
-from pipelines import retrain
+from pipelines.ops import retrain
 
 BIN = Path(sys.executable).parent
 STAGES = ["prepare", "validate", "train", "evaluate", "register"]
@@ -150,7 +150,7 @@ def test_a_path_source_missing_from_prepare_deps_is_warned(tmp_path):
 
 def test_the_failure_message_names_what_the_real_validate_stage_found(tiny_dataset, tmp_path):
     from pipelines.params import ValidateConfig
-    from pipelines.validate import run as validate
+    from pipelines.stages.validate import run as validate
 
     report = validate(tiny_dataset, ValidateConfig(max_boxes_per_image=1, workers=1),
                       tmp_path / "validation")

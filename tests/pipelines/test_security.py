@@ -2,7 +2,7 @@
 credentials in the repository.
 
 The MLflow server is started exactly as ``make serve`` starts it (the command and environment
-of :mod:`pipelines.servers`), on a free port with a store under tmp.
+of :mod:`pipelines.ops.servers`), on a free port with a store under tmp.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def test_env_files_are_git_ignored():
 
 
 def test_servers_bind_loopback_by_default(tmp_path):
-    from pipelines import servers
+    from pipelines.ops import servers
 
     cfg = servers.ServeConfig.from_env(tmp_path, {})
     assert cfg.host == "127.0.0.1"
@@ -118,7 +118,7 @@ def test_servers_bind_loopback_by_default(tmp_path):
 
 
 def test_serve_never_passes_on_settings_that_switch_the_protection_off(tmp_path, monkeypatch):
-    from pipelines import servers
+    from pipelines.ops import servers
 
     unsafe = {"MLFLOW_SERVER_ALLOWED_HOSTS": "*", "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS": "*",
               "MLFLOW_SERVER_DISABLE_SECURITY_MIDDLEWARE": "true"}
@@ -146,7 +146,7 @@ def _listening_addresses(port: int) -> set[str]:
 @pytest.fixture(scope="module")
 def project_mlflow(tmp_path_factory):
     """``mlflow server`` with the command and environment ``make serve`` uses."""
-    from pipelines import servers
+    from pipelines.ops import servers
 
     root = tmp_path_factory.mktemp("served")
     cfg = servers.ServeConfig.from_env(root, {"MLFLOW_PORT": str(free_port())})

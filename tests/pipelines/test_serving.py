@@ -26,8 +26,9 @@ from PIL import Image
 
 from detr.evaluation import STAT_NAMES
 from detr.train import fit
-from pipelines import register, tracking
+from pipelines import tracking
 from pipelines.params import RegisterConfig
+from pipelines.stages import register
 from tests.conftest import tiny_training
 
 pytestmark = pytest.mark.slow

@@ -146,7 +146,7 @@ def test_unsafe_file_name_rule():
 
 def test_the_layout_rules_import_without_torch():
     """The validation's file checks run in spawned workers that import them: no torch there."""
-    code = ("import sys, detr.data.layout, pipelines.dataset_tables; "
+    code = ("import sys, detr.data.layout, pipelines.validation.dataset_tables; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 

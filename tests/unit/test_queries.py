@@ -39,7 +39,7 @@ def test_thresholded_predictions_and_missing_sizes_are_refused():
 
 
 def test_query_figure_has_one_panel_per_query():
-    from pipelines.plots import query_figure
+    from pipelines.reporting.plots import query_figure
 
     predictions = {i: _raw([[i, i, i + 10, i + 20]] * 7) for i in range(5)}
     queries = query_boxes(predictions, {i: (64, 64) for i in range(5)})

@@ -1,4 +1,5 @@
-"""pipelines.report: one self-contained HTML file with the AP/AR table and the pictures."""
+"""pipelines.reporting.report: one self-contained HTML file with the AP/AR table and the
+pictures."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 
 from detr.evaluation import STAT_NAMES, evaluate_detections
-from pipelines.report import Picture, render_report, stat_table, write_report
+from pipelines.reporting.report import Picture, render_report, stat_table, write_report
 
 
 class _Page(HTMLParser):

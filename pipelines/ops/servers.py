@@ -1,6 +1,6 @@
 """Servers on one machine: ``make serve`` / ``make stop`` (``infra/serve.sh``, ``infra/stop.sh``).
 
-    python -m pipelines.servers start | stop | status
+    python -m pipelines.ops.servers start | stop | status
 
 ``start`` brings up, each bound to ``SERVE_HOST`` (default 127.0.0.1) and each only if it is
 not already running:
@@ -340,7 +340,7 @@ def _where(state: dict, cfg: ServeConfig) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0] not in ("start", "stop", "status"):
-        print("usage: python -m pipelines.servers {start,stop,status}", file=sys.stderr)
+        print("usage: python -m pipelines.ops.servers {start,stop,status}", file=sys.stderr)
         return 2
     root = Path(os.environ.get("DVC_ROOT", ".")).resolve()
     try:

@@ -1,5 +1,5 @@
 """The evaluate stage's matplotlib figures, saved and logged to MLflow by
-:mod:`pipelines.evaluate`.
+:mod:`pipelines.stages.evaluate`.
 
 :func:`evaluation_figures` gives ``pr_curves.png`` (precision-recall per class and overall),
 ``ap_by_size.png`` (AP and AR by COCO object size) and, when the train stage wrote

@@ -20,7 +20,7 @@ from detr.models.postprocess import PostProcess
 from detr.queries import QueryBoxes
 from detr.visualize import attention_figure, draw_detections, example_grid, side_by_side
 from pipelines.params import EvaluateConfig
-from pipelines.plots import evaluation_figures, query_figure
+from pipelines.reporting.plots import evaluation_figures, query_figure
 
 EXAMPLE_MIN_SIDE = 256  # px: small images are enlarged so box captions stay legible
 FIGURE_DPI = 110

@@ -28,7 +28,7 @@ from pipelines import stage
 from pipelines.params import PARAMS_FILE, ScheduleConfig, load
 
 FLOW_NAME = "retrain"
-ENTRYPOINT = "pipelines/retrain.py:retrain_flow"
+ENTRYPOINT = "pipelines/ops/retrain.py:retrain_flow"
 SCHEDULE_SLUG = "params.yaml"  # the schedule's name in the UI starts with it
 
 
@@ -44,7 +44,7 @@ def deploy(root: Path, cfg: ScheduleConfig) -> dict[str, Any]:
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.client.schemas.schedules import CronSchedule
 
-    from pipelines.retrain import retrain_flow
+    from pipelines.ops.retrain import retrain_flow
 
     ensure_work_pool(cfg.work_pool)
     existing = read_deployment(f"{FLOW_NAME}/{cfg.deployment}")

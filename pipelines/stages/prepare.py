@@ -16,8 +16,7 @@ from prefect import flow
 from detr.data import formats, synthetic, voc, yolo
 from pipelines import stage
 from pipelines.params import PrepareConfig
-
-DATASET = Path("data/dataset")
+from pipelines.stage import DATASET
 
 
 def run(*, cfg: PrepareConfig, out_dir: Path = DATASET) -> dict:

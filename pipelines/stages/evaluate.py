@@ -21,7 +21,7 @@ canonical dataset's ``annotations/val.json`` + ``images/val/``. Writes
   images, the last decoder layer's cross-attention of their ``evaluate.attention_queries``
   best-scoring queries (:mod:`detr.attention`);
 - ``report_dir/report.html``: all of the above in one self-contained HTML file
-  (:mod:`pipelines.report`).
+  (:mod:`pipelines.reporting.report`).
 
 The PNGs are DVC plots (``plots:`` in dvc.yaml), next to the CSVs.
 
@@ -66,9 +66,9 @@ from detr.queries import query_boxes
 from pipelines import params as pipeline_params
 from pipelines import stage, tracking
 from pipelines.params import EvaluateConfig
-from pipelines.pictures import image_sizes, write_attention, write_examples, write_figures
-from pipelines.plots import ALL, SIZES
-from pipelines.report import Picture, write_report
+from pipelines.reporting.pictures import image_sizes, write_attention, write_examples, write_figures
+from pipelines.reporting.plots import ALL, SIZES
+from pipelines.reporting.report import Picture, write_report
 
 DEFAULT_CHECKPOINT = Path("checkpoints/checkpoint.pth")
 ARTIFACT_DIR = "evaluation"

@@ -23,7 +23,7 @@ A failed stage fails the run; a dataset that fails validation fails it with a me
 the failed expectations (from ``reports/validation/validation.json``). The stages run with
 ``PIPELINES_STAGE_FLOWS=0``: a stage in a subprocess could only open a second, unlinked flow run.
 
-One at a time: the whole run holds an exclusive lock (:mod:`pipelines.lock`, released by the OS
+One at a time: the whole run holds an exclusive lock (:mod:`pipelines.ops.lock`, released by the OS
 if the process dies). A second run waits up to ``schedule.lock_wait_s`` and is then
 refused (:class:`RetrainBusy`), so two runs never train, write ``dvc.lock``, the DVC cache or
 the registry at once. The deployment adds a Prefect concurrency limit of 1 (queued runs wait
@@ -49,7 +49,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from pipelines import stage
-from pipelines.lock import RetrainBusy, retrain_lock
+from pipelines.ops.lock import RetrainBusy, retrain_lock
 from pipelines.params import PARAMS_FILE, ScheduleConfig, load
 
 BIN = Path(sys.executable).parent
@@ -238,7 +238,7 @@ def decide(root: Path, registered: bool) -> dict[str, Any]:
 
 
 def _publish(root: Path, report: dict | None, registered: bool, text: str) -> None:
-    from pipelines.register import _markdown
+    from pipelines.stages.register import _markdown
 
     coco = _read_json(root / COCO_METRICS)
     if coco:

@@ -25,7 +25,7 @@ from detr.data.coco import AnnotationError, ImageLoadError
 from detr.engine import NonFiniteLossError
 from detr.train import fit
 from pipelines import stage, tracking
-from pipelines.prepare import DATASET
+from pipelines.stage import DATASET
 
 CHECKPOINTS = Path("checkpoints")
 LOSS_PLOT = Path("plots/train_loss.csv")

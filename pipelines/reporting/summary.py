@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipelines import servers, tracking
+from pipelines import tracking
+from pipelines.ops import servers
 
 TABLE = Path("reports/evaluation/coco_table.txt")
 REGISTER = Path("reports/register.json")

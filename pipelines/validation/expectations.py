@@ -1,8 +1,8 @@
 """The Great Expectations suite over the tables of a canonical COCO dataset.
 
 The tables (``images``, ``annotations``, ``categories``: one row per json record of every
-split; columns in :mod:`pipelines.dataset_tables`) come from
-:func:`pipelines.dataset_tables.load_tables`.
+split; columns in :mod:`pipelines.validation.dataset_tables`) come from
+:func:`pipelines.validation.dataset_tables.load_tables`.
 
 Every check is one GE expectation on these columns (:func:`build_expectations`), named by its
 ``meta["name"]``; :func:`run_suites` validates the tables in an ephemeral context and returns one
@@ -11,7 +11,7 @@ by split + id (+ file_name / image_id / name). Nulls are skipped by GE's column 
 file is only reported by ``image_file_exists``, not again by the decode and size checks.
 
 Great Expectations is imported inside the functions that need it: importing this module (and
-:mod:`pipelines.validate`) does not pay GE's import time.
+:mod:`pipelines.stages.validate`) does not pay GE's import time.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from detr.data.layout import SPLITS, UNSAFE_FILE_NAME
-from pipelines.dataset_tables import DatasetTables
+from pipelines.validation.dataset_tables import DatasetTables
 
 if TYPE_CHECKING:
     from pipelines.params import ValidateConfig

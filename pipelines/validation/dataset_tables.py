@@ -14,7 +14,8 @@ per json record of every split:
   train split's list), train_boxes (non-crowd train boxes), train_fraction, imbalance (largest
   class's train_boxes / this one's).
 
-The Great Expectations suite over these columns is :mod:`pipelines.expectations`. This module
+The Great Expectations suite over these columns is
+:mod:`pipelines.validation.expectations`. This module
 does not import Great Expectations: the per-image file checks run in spawned worker processes,
 which import this module and should not pay GE's import time.
 """

@@ -10,7 +10,7 @@ Reads ``<dataset>/annotations/{train,val}.json`` and ``<dataset>/images/{train,v
   ``dvc metrics`` and MLflow.
 
 ``run`` is pure (files in, files out, a report back); ``validate_flow`` wraps it for Prefect and
-fails when the dataset fails; ``main`` is the command line (``python -m pipelines.validate``):
+fails when the dataset fails; ``main`` is the command line (``python -m pipelines validate``):
 exit 0 when every expectation passes, 1 when some fail (a summary naming them and example
 records goes to stderr), 2 when the dataset layout or the params are unusable.
 """
@@ -28,9 +28,9 @@ from typing import Any
 from prefect import flow
 
 from detr.data.layout import SPLITS
-from pipelines.dataset_tables import DatasetLayoutError, DatasetTables, load_tables
-from pipelines.expectations import ExpectationOutcome, run_suites
 from pipelines.params import ValidateConfig
+from pipelines.validation.dataset_tables import DatasetLayoutError, DatasetTables, load_tables
+from pipelines.validation.expectations import ExpectationOutcome, run_suites
 
 # COCO's area ranges (px^2): small < 32^2 <= medium < 96^2 <= large.
 AREA_RANGES = {"small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2),
