@@ -13,7 +13,7 @@ relative to the repository root.
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
 
@@ -135,9 +135,10 @@ def closure(*entries: str) -> set[str]:
     return seen
 
 
-def find_cycle(names: Iterable[str]) -> list[str] | None:
-    """One import circle among ``names`` (``[a, b, ..., a]``), following only edges inside
-    ``names``; None when there is none."""
+def find_cycle(names: Iterable[str],
+               edges: Callable[[str], Iterable[str]] = imports) -> list[str] | None:
+    """One import circle among ``names`` (``[a, b, ..., a]``), following only the ``edges``
+    (a module -> the modules it imports) inside ``names``; None when there is none."""
     names = set(names)
     state: dict[str, int] = {}  # 1: on the current path, 2: done
     path: list[str] = []
@@ -145,7 +146,7 @@ def find_cycle(names: Iterable[str]) -> list[str] | None:
     def visit(node: str) -> list[str] | None:
         state[node] = 1
         path.append(node)
-        for nxt in sorted(imports(node) & names):
+        for nxt in sorted(set(edges(node)) & names):
             if state.get(nxt) == 1:
                 return path[path.index(nxt):] + [nxt]
             if nxt not in state and (found := visit(nxt)):
