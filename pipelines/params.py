@@ -8,6 +8,7 @@ here. An unknown section, an unknown key or a wrong type is an error naming it.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +16,20 @@ from typing import Any, Literal
 from detr.config import LIBRARY_SECTIONS, ConfigError, parse_params, read_params
 
 PARAMS_FILE = Path("params.yaml")
+
+
+def project_root() -> Path:
+    """The DVC project root (``DVC_ROOT`` inside a stage), else the working directory: where
+    ``params.yaml``, ``dvc.lock``, the MLflow store and the servers' state are."""
+    return Path(os.environ.get("DVC_ROOT", ".")).resolve()
+
+
+def check_ranges(section: str, config: Any, checks: dict[str, bool]) -> None:
+    """Raise ConfigError naming ``<section>.<key>`` and its value for the first check that
+    is False (``checks``: key -> whether its value is in range)."""
+    for key, ok in checks.items():
+        if not ok:
+            raise ConfigError(f"{section}.{key}: {getattr(config, key)!r} is out of range")
 
 
 @dataclass(frozen=True)
@@ -60,9 +75,7 @@ class EvaluateConfig:
                   "score_threshold": 0 <= self.score_threshold <= 1,
                   "attention_images": self.attention_images >= 0,
                   "attention_queries": self.attention_queries >= 1}
-        for key, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"evaluate.{key}: {getattr(self, key)!r} is out of range")
+        check_ranges("evaluate", self, checks)
 
 
 @dataclass(frozen=True)
@@ -70,9 +83,17 @@ class RegisterConfig:
     """Model registry and the alias rule (``register:``)."""
 
     model_name: str = "detr"
-    metric: str = "AP"  # one of the 12 COCO statistics in metrics/coco.json
+    # One of the 12 COCO statistics in metrics/coco.json (detr.evaluation.STAT_NAMES): checked
+    # first thing by the register stage (register.read_metric, naming register.metric), which
+    # imports detr.evaluation anyway; here it would load torch wherever params.yaml is read.
+    metric: str = "AP"
     min_ap: float = 0.0  # the new version must reach this to become @champion...
     min_improvement: float = 0.0  # ...and beat the champion by this much; else @challenger
+
+    def __post_init__(self) -> None:
+        check_ranges("register", self, {"model_name": bool(self.model_name.strip()),
+                                        "min_ap": 0 <= self.min_ap <= 1,
+                                        "min_improvement": self.min_improvement >= 0})
 
 
 @dataclass(frozen=True)
@@ -103,9 +124,7 @@ class ValidateConfig:
             "workers": self.workers >= 1,
             "max_examples": self.max_examples >= 1,
         }
-        for key, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"validate.{key}: {getattr(self, key)!r} is out of range")
+        check_ranges("validate", self, checks)
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,10 @@ def prefect_api_url() -> str | None:
 
     if get_current_settings().api.url:
         return str(get_current_settings().api.url)
-    from pipelines import tracking
     from pipelines.ops import servers
+    from pipelines.params import project_root
 
-    return servers.live_url("prefect", tracking.project_root())
+    return servers.live_url("prefect", project_root())
 
 
 def prefect_enabled() -> bool:

@@ -30,6 +30,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pipelines.params import project_root
+
 RUN_FILE = Path("reports/mlflow_run.json")
 EXPERIMENT = "detr"
 ATTEMPTS, BACKOFF_S = 5, 1.0  # defaults of retry(): waits of 1, 2, 4, 8 s between attempts
@@ -38,11 +40,6 @@ T = TypeVar("T")
 
 class TrackingUnavailableError(RuntimeError):
     """MLflow could not be reached after every retry (the message names the server and call)."""
-
-
-def project_root() -> Path:
-    """The DVC project root (``DVC_ROOT`` inside a stage), else the working directory."""
-    return Path(os.environ.get("DVC_ROOT", ".")).resolve()
 
 
 def tracking_uri() -> str:

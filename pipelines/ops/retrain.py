@@ -105,7 +105,7 @@ def run(project_dir: str | Path = ".", *, schedule: ScheduleConfig | None = None
         stages = {name: step(name, run_stage, root, name) for name in plan.stages}
         do_push = schedule.push if push is None else push
         pushed = step("push", push_data, root, plan, do_push)
-        summary = step("decision", decide, root, stages.get("register") == "ran")
+        summary = step("decision", report_decision, root, stages.get("register") == "ran")
     return {"stages": stages, "pushed": pushed, **summary}
 
 
@@ -220,8 +220,10 @@ def push_data(root: Path, plan: Plan, enabled: bool) -> bool:
     return True
 
 
-def decide(root: Path, registered: bool) -> dict[str, Any]:
-    """The registration decision of this run, published as artifacts with the AP/AR table."""
+def report_decision(root: Path, registered: bool) -> dict[str, Any]:
+    """The registration decision of this run, as the register stage made and wrote it
+    (``reports/register.json``; the rule is :func:`pipelines.stages.register.decide`),
+    published as artifacts with the AP/AR table."""
     report = _read_json(root / REGISTER_REPORT)
     if registered and report:
         text = (f"registered {report['model_uri']} as @{report['decision']} "
@@ -238,7 +240,7 @@ def decide(root: Path, registered: bool) -> dict[str, Any]:
 
 
 def _publish(root: Path, report: dict | None, registered: bool, text: str) -> None:
-    from pipelines.stages.register import _markdown
+    from pipelines.stages.register import report_markdown
 
     coco = _read_json(root / COCO_METRICS)
     if coco:
@@ -249,7 +251,7 @@ def _publish(root: Path, report: dict | None, registered: bool, text: str) -> No
         stage.publish_table(key="coco-ap-ar", rows=rows,
                             description="COCO AP/AR of the current model on the val split"
                                         + ("" if registered else " (unchanged in this run)"))
-    body = _markdown(report) if report else "# No model registered yet"
+    body = report_markdown(report) if report else "# No model registered yet"
     stage.publish_markdown(key="registration", markdown=f"**{text}**\n\n{body}",
                            description=text)
 

@@ -342,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1 or argv[0] not in ("start", "stop", "status"):
         print("usage: python -m pipelines.ops.servers {start,stop,status}", file=sys.stderr)
         return 2
-    root = Path(os.environ.get("DVC_ROOT", ".")).resolve()
+    from pipelines.params import project_root
+
+    root = project_root()
     try:
         cfg = ServeConfig.from_env(root)
         if argv[0] == "start":

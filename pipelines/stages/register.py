@@ -95,7 +95,7 @@ def run(*, checkpoint: Path, metrics_path: Path = Path("metrics/coco.json"),
     }
     _write_json(Path(report_path), report)
     print(summary(report))
-    stage.publish_markdown(key="registration", markdown=_markdown(report),
+    stage.publish_markdown(key="registration", markdown=report_markdown(report),
                            description=f"{cfg.model_name} v{version}: {decision}")
     return report
 
@@ -324,7 +324,9 @@ def summary(report: dict[str, Any]) -> str:
             f"{report['model_name']}")
 
 
-def _markdown(report: dict[str, Any]) -> str:
+def report_markdown(report: dict[str, Any]) -> str:
+    """The registration report (``reports/register.json``, as :func:`run` returns it) as
+    Markdown: the decision, the new version and the champion before, with their metric."""
     return "\n".join([
         f"# {report['model_name']} version {report['version']}: @{report['decision']}", "",
         f"| | version | {report['metric']} |", "|---|---|---|",

@@ -63,3 +63,32 @@ def test_evaluate_section_refuses_out_of_range_values(tmp_path, line):
     path.write_text(f"evaluate:\n  {line}\n")
     with pytest.raises(ConfigError, match=f"evaluate.{line.split(':')[0]}: .* out of range"):
         load(path)
+
+
+@pytest.mark.parametrize("section, line", [
+    ("register", "min_ap: 1.5"), ("register", "min_ap: -0.1"),
+    ("register", "min_improvement: -0.01"), ("register", "model_name: ' '"),
+    ("validate", "workers: 0"), ("validate", "min_class_fraction: 2"),
+    ("schedule", "lock_wait_s: -1")])
+def test_pipeline_sections_refuse_out_of_range_values(tmp_path, section, line):
+    path = tmp_path / "params.yaml"
+    path.write_text(f"{section}:\n  {line}\n")
+    key = line.split(":")[0]
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}: .* (out of range|is negative)"):
+        load(path)
+
+
+def test_register_limits_are_inclusive(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("register:\n  min_ap: 1.0\n  min_improvement: 0.0\n")
+    assert load(path)["register"].min_ap == 1.0
+
+
+def test_project_root_is_dvc_root_else_the_working_directory(monkeypatch, tmp_path):
+    from pipelines.params import project_root
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert project_root() == tmp_path.resolve()
+    monkeypatch.delenv("DVC_ROOT")
+    monkeypatch.chdir(tmp_path)
+    assert project_root() == tmp_path.resolve()
