@@ -220,7 +220,8 @@ def test_main_reads_params_and_reports_bad_inputs(env, capsys):
     (env.root / "params.yaml").write_text(PARAMS_YAML)
     assert register.main(["--metrics", "metrics/none.json"]) == 2
     assert "metrics/none.json" in capsys.readouterr().err
-    metrics = env.root / "metrics" / "coco.json"
+    metrics = env.root / "metrics" / "coco.json"  # the stage's default
+    metrics.parent.mkdir(exist_ok=True)
     metrics.write_text(json.dumps({n: 0.2 for n in STAT_NAMES}))
     assert register.main(["--checkpoint", str(env.checkpoint)]) == 0
     assert "models:/cli@champion" in capsys.readouterr().out
