@@ -33,12 +33,17 @@ async def _flow_runs(name: str):
     return runs, logs
 
 
-def test_without_a_server_the_pure_stage_runs(monkeypatch):
-    # First in this module: the module-scoped test server below is not up yet.
+def test_without_a_server_the_pure_stage_runs(monkeypatch, tmp_path):
+    """No Prefect API in the environment or the settings (cleared here: also in any test
+    order, while this module's test server is up) and no project server: ``run`` is called."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    if stage.prefect_enabled():
-        pytest.skip("the active Prefect profile configures an API URL")
-    assert stage.invoke(lambda **kw: "flow", lambda **kw: "run") == "run"
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)  # a project without `make serve` state
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert not stage.prefect_enabled()
+        assert stage.invoke(lambda **kw: "flow", lambda **kw: "run") == "run"
 
 
 @pytest.mark.slow
