@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 
 import pytest
 import torch
@@ -28,6 +30,43 @@ def tiny_official_cfg() -> ModelConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def _mlflow_settings():
+    """Snapshot ``MLFLOW_*`` of the environment; calling the result puts it back and clears
+    MLflow's process-wide URIs. ``mlflow.set_tracking_uri`` (``tracking.configure``) writes
+    ``MLFLOW_TRACKING_URI`` into ``os.environ``, where a monkeypatch that only deleted it
+    does not undo it: the next module (and the subprocesses its stages start) would log into
+    this one's store."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+
+    def restore() -> None:
+        for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+            del os.environ[key]
+        os.environ.update(saved)
+        if "mlflow" in sys.modules:
+            mlflow = sys.modules["mlflow"]
+            mlflow.set_tracking_uri(saved.get("MLFLOW_TRACKING_URI"))
+            mlflow.set_registry_uri(saved.get("MLFLOW_REGISTRY_URI"))
+            os.environ.update(saved)  # set_*_uri(None) does not touch what was saved
+
+    return restore
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_leaves_mlflow_settings():
+    """Module fixtures that configure MLflow leave nothing for the next module."""
+    restore = _mlflow_settings()
+    yield
+    restore()
+
+
+@pytest.fixture(autouse=True)
+def _test_leaves_mlflow_settings():
+    """Nor does a test leave them to the next one (in whatever order they run)."""
+    restore = _mlflow_settings()
+    yield
+    restore()
 
 
 @pytest.fixture(scope="session")
