@@ -119,9 +119,10 @@ def _sh(cmd: list[str], cwd: Path) -> str:
     return done.stdout
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def toy(tmp_path_factory):
-    """A DVC project whose raw data is a folder imported with `dvc import-url`."""
+    """A DVC project whose raw data is a folder imported with `dvc import-url`: a fresh one
+    for each test (the flow test adds a remote and trains; tests run in random order)."""
     source = tmp_path_factory.mktemp("upstream")
     (source / "a.jpg").write_text("a")
     root = tmp_path_factory.mktemp("toy")
@@ -228,6 +229,8 @@ def test_failed_validation_fails_the_run_naming_the_expectation(prefect_server, 
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["validate"]["max_boxes_per_image"] = 1
     (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "checkpoints").mkdir()
+    (root / "checkpoints/model.txt").write_text("the model of an earlier run")
     checkpoint = (root / "checkpoints/model.txt").read_bytes()
     state = retrain.retrain_flow(project_dir=str(root), return_state=True)
     assert state.is_failed()
