@@ -27,6 +27,17 @@ def tiny_official_cfg() -> ModelConfig:
     return dataclasses.replace(TINY, norm="frozen_bn", freeze_stem=True)
 
 
+def pytest_collection_modifyitems(items):
+    """Tests marked ``last`` go to the end of their module, after pytest-randomly's shuffle
+    (it keeps each module together): they end what the module's fixtures share (e.g.
+    test_servers' `make stop`). Everything else keeps the shuffled order."""
+    first = {}
+    for index, item in enumerate(items):
+        first.setdefault(item.nodeid.split("::")[0], index)
+    items.sort(key=lambda item: (first[item.nodeid.split("::")[0]],
+                                 item.get_closest_marker("last") is not None))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -34,9 +34,11 @@ PARAMS = {**TINY_PARAMS,
 KILL_TIMEOUT_S = 600.0
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def project(tmp_path_factory):
-    """The project copy with its dataset prepared and validated; MLflow in its mlflow.db."""
+    """A project copy with its dataset prepared and validated; MLflow in its mlflow.db. One
+    per test: the NaN test leaves diverging params and no checkpoint.pth behind, which the
+    SIGKILL test, run after it, would train with (tests run in random order)."""
     root = tmp_path_factory.mktemp("faults")
     env = project_env()
     make_project(root, env, PARAMS)

@@ -349,6 +349,7 @@ def _uncached(root: Path) -> set[str]:
     return paths
 
 
+@pytest.mark.last  # the other tests of this module use the servers it stops
 def test_stop_stops_everything_and_is_idempotent(served):
     pids = served.state["pids"]
     out = _sh(["infra/stop.sh"], served.root, served.env, timeout=180)
