@@ -58,7 +58,7 @@ def _lazy_exports(name: str) -> dict[str, str]:
     for node in tree.body:
         if (isinstance(node, ast.Assign) and len(node.targets) == 1
                 and getattr(node.targets[0], "id", None) == "_EXPORTS"):
-            return {k: v for k, v in ast.literal_eval(node.value).items()}
+            return dict(ast.literal_eval(node.value))
     return {}
 
 
