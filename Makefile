@@ -81,6 +81,8 @@ stack-config:
 lint: $(STAMP)
 	$(BIN)/ruff check detr pipelines tests benchmarks
 
+# Tests run in random order (pytest-randomly; the seed is printed: rerun an order with
+# `pytest -p randomly --randomly-seed=N`, or in file order with `-p no:randomly`).
 test: $(STAMP) lint system-deps
 	$(BIN)/python -m pytest
 
