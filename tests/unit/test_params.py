@@ -63,3 +63,20 @@ def test_evaluate_section_refuses_out_of_range_values(tmp_path, line):
     path.write_text(f"evaluate:\n  {line}\n")
     with pytest.raises(ConfigError, match=f"evaluate.{line.split(':')[0]}: .* out of range"):
         load(path)
+
+
+def test_prepare_format_is_auto_by_default_and_checked(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("prepare:\n  source: data/raw\n")
+    assert load(path)["prepare"].format == "auto"
+    assert load(ROOT / "configs/detr_r50_coco.yaml")["prepare"].format == "auto"
+    path.write_text("prepare:\n  format: coco\n")
+    assert load(path)["prepare"].format == "coco"  # explicit formats keep working
+    path.write_text("prepare:\n  format: yolov8\n")
+    with pytest.raises(ConfigError, match=r"prepare.format: 'yolov8' is not one of 'auto', "
+                                          r"'coco', 'voc', 'yolo'"):
+        load(path)
+    from pipelines.params import PrepareConfig
+
+    with pytest.raises(ConfigError, match=r"prepare.format: 'x' is not one of auto, coco"):
+        PrepareConfig(format="x")
