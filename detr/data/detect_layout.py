@@ -233,7 +233,8 @@ def _layout(fmt: str, name: str, root: Path, items: Sequence[tuple[str, SplitFil
             notes.append(f"the test split ({_short(root, files.images)}) is not imported: "
                          "prepare writes train and val only")
         elif split in splits:
-            first, second = (_short(root, f.annotations or f.images) for f in (splits[split], files))
+            first, second = (_short(root, f.annotations or f.images)
+                             for f in (splits[split], files))
             raise FormatError(f"{root}: two {split} splits, {first} and {second}; keep one")
         else:
             splits[split] = files
