@@ -12,7 +12,9 @@ import yaml
 from detr.data.detect_layout import detect_layout, import_layout
 from detr.data.formats import FormatError
 from pipelines import prepare
-from pipelines.params import PrepareConfig
+from pipelines.dataset_tables import load_tables
+from pipelines.expectations import run_suites
+from pipelines.params import PrepareConfig, ValidateConfig
 from tests.data.conftest import CATEGORIES, coco_split, write_coco_dataset, write_image
 from tests.data.test_formats import NAMES, TRAIN, VAL, read_boxes, write_voc, write_yolo
 
@@ -37,8 +39,13 @@ def write_coco_release(root: Path, with_test: bool = True) -> Path:
 
 
 def write_roboflow_coco(root: Path, splits=("train", "valid", "test")) -> Path:
+    """Roboflow's COCO export, with its unused category 0 above the real classes."""
     for k, split in enumerate(splits):
-        _coco_json(root / split / "_annotations.coco.json", root / split, 1 + 10 * k, 3)
+        data = _coco_json(root / split / "_annotations.coco.json", root / split, 1 + 10 * k, 3)
+        for category in data["categories"]:
+            category["supercategory"] = "shapes-x1y2"
+        data["categories"].insert(0, {"id": 0, "name": "shapes-x1y2", "supercategory": "none"})
+        (root / split / "_annotations.coco.json").write_text(json.dumps(data))
     (root / "README.roboflow.txt").write_text("exported\n")
     return root
 
@@ -117,6 +124,10 @@ def test_roboflow_test_split_is_a_note_and_a_lone_split_is_split_by_ratio(tmp_pa
     layout = detect_layout(write_roboflow_coco(tmp_path / "a"))
     assert set(layout.splits) == {"train", "val"}
     assert any("test split (test/) is not imported" in n for n in layout.notes)
+    imported = import_layout(layout, tmp_path / "full")
+    assert imported.categories == CATEGORIES  # Roboflow's unused category 0 left out
+    outcomes = run_suites(load_tables(tmp_path / "full", workers=1), ValidateConfig(workers=1))
+    assert [o.name for o in outcomes if not o.success] == []
     lone = detect_layout(write_roboflow_coco(tmp_path / "b", splits=("train", "test")))
     assert set(lone.splits) == {"all"}
     imported = import_layout(lone, tmp_path / "out", val_fraction=0.4)
