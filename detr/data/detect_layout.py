@@ -125,7 +125,7 @@ def detect_layout(source: PathLike, *, format: str = "auto",
     layouts = [x for x in layouts if x.format in wanted]
     if len(layouts) == 1:
         return layouts[0]
-    raise FormatError(_ambiguous(source, layouts) if layouts else _none_found(source, wanted))
+    raise FormatError(_ambiguous(source, layouts) if layouts else _none_found(source, format))
 
 
 def import_layout(layout: Layout, out_dir: PathLike, *, val_fraction: float = 0.2,
@@ -157,8 +157,13 @@ def _coco_release(root: Path) -> list[Layout]:
             items.append((name, SplitFiles(folder, file)))
     if not items:
         return []
-    tests = [(d.name, SplitFiles(d)) for d in _subfolders(root) if split_of(d.name) == "test"]
-    return [_layout("coco", "the COCO release layout", root, items + tests)]
+    used = {files.images for _, files in items}
+    others = [d for d in (*_subfolders(root), *_subfolders(root / "images"))
+              if split_of(d.name) is not None and d not in used]
+    tests = [(d.name, SplitFiles(d)) for d in others if split_of(d.name) == "test"]
+    notes = [f"{_short(root, d)} has no annotations/instances_{d.name}.json: not imported"
+             for d in others if split_of(d.name) != "test"]
+    return [_layout("coco", "the COCO release layout", root, items + tests, notes)]
 
 
 def _coco_export(root: Path) -> list[Layout]:
@@ -202,6 +207,8 @@ def _yolo_plain(root: Path) -> list[Layout]:
              if split_of(d.name) is not None]
     if not {split_of(n) for n, _ in items} >= {"train", "val"}:
         items = [("all", SplitFiles(images, labels=labels))]
+    if not any((root / n).is_file() for n in ("classes.txt", "data.yaml", "dataset.yaml")):
+        return []  # no class names: not a YOLO dataset one could import
     names = tuple(yolo.class_names_in(root))
     return [_layout("yolo", "a YOLO folder", root, items, (), names)]
 
@@ -251,7 +258,8 @@ def _image_folder(root: Path, annotations: Path, candidates: Sequence[str]) -> P
         if (root / candidate).is_dir():
             return root / candidate
     wanted = " or ".join(f"{root / c}/" for c in candidates)
-    raise FormatError(f"{annotations}: found, but not its image folder {wanted}")
+    raise FormatError(f"{annotations}: found, but not its image folder {wanted}; add it, or "
+                      "import one json: prepare.source the json, prepare.image_dir its images")
 
 
 def _from_file(source: Path, image_dir: PathLike | None) -> Layout:
@@ -267,15 +275,19 @@ def _from_file(source: Path, image_dir: PathLike | None) -> Layout:
                    [("all", SplitFiles(Path(image_dir), source))])
 
 
-def _none_found(source: Path, wanted: Sequence[str]) -> str:
+def _none_found(source: Path, format: str) -> str:
+    wanted = FORMATS if format == "auto" else (format,)
     looked = [f"  - {text}" for fmt in wanted for text in LOOKED_FOR[fmt]]
     entries = sorted(p.name + ("/" if p.is_dir() else "") for p in source.iterdir())
     holds = ", ".join(entries[:12]) + (", ..." if len(entries) > 12 else "") or "nothing"
-    return (f"{source}: no dataset layout recognised (it holds: {holds}). Looked for:\n"
-            + "\n".join(looked) + "\nMove the data into one of these layouts, or set "
-            "prepare.format (coco, voc or yolo) and prepare.source to the folder that holds "
-            "it; for one COCO json, set prepare.source to the json and prepare.image_dir to "
-            "its images.")
+    which = "dataset layout" if format == "auto" else f"{format} layout (prepare.format: {format})"
+    advice = ("Move the data into one of these layouts, or set prepare.format (coco, voc or "
+              "yolo) and prepare.source to the folder that holds it" if format == "auto" else
+              "Set prepare.format: auto to recognise any layout, or prepare.source to the "
+              f"folder that holds the {format} data")
+    return (f"{source}: no {which} recognised (it holds: {holds}). Looked for:\n"
+            + "\n".join(looked) + f"\n{advice}; for one COCO json, set prepare.source to the "
+            "json and prepare.image_dir to its images.")
 
 
 def _ambiguous(source: Path, layouts: Sequence[Layout]) -> str:

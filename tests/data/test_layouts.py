@@ -156,7 +156,8 @@ def test_a_folder_that_is_no_layout_names_what_was_looked_for(tmp_path: Path) ->
                    "JPEGImages/", "annotations/{train,val}.json", "prepare.format",
                    "prepare.image_dir"):
         assert needle in message
-    with pytest.raises(FormatError, match=r"no dataset layout .*\n  - Annotations/"):
+    explicit = r"no voc layout \(prepare.format: voc\) .*\n  - Annotations/.*\nSet prepare.format: auto"
+    with pytest.raises(FormatError, match=explicit):
         detect_layout(write_coco_release(tmp_path / "coco"), format="voc")
 
 
@@ -212,3 +213,18 @@ def test_prepare_prints_the_layout_it_found(tmp_path: Path, capsys) -> None:
     with pytest.raises(FormatError):  # an unusable source leaves the last dataset alone
         prepare.run(cfg=PrepareConfig(source=str(tmp_path)), out_dir=tmp_path / "out")
     assert previous.is_file()
+
+
+def test_coco_as_ultralytics_downloads_it(tmp_path: Path) -> None:
+    """images/{train,val}2017 + labels/ + only the val json: COCO release, one split, a note
+    for the train images without annotations (images/ + labels/ without class names is no
+    YOLO dataset)."""
+    root = tmp_path / "coco"
+    _coco_json(root / "annotations/instances_val2017.json", root / "images/val2017", 1, 4)
+    write_image(root / "images/train2017/img_100.png", 100)
+    (root / "labels/train2017").mkdir(parents=True)
+    layout = detect_layout(root)
+    assert (layout.name, set(layout.splits)) == ("the COCO release layout", {"all"})
+    assert layout.splits["all"].images == root / "images/val2017"
+    assert layout.notes == ("images/train2017/ has no annotations/instances_train2017.json: "
+                            "not imported",)
