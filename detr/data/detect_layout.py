@@ -87,16 +87,8 @@ class Layout:
         for split, files in self.splits.items():
             paths = (files.annotations, files.images, files.labels)
             label = "all (split by prepare.val_fraction)" if split == "all" else split
-            parts.append(f"{label}: " + " + ".join(self.relative(p) for p in paths if p))
+            parts.append(f"{label}: " + " + ".join(_short(self.root, p) for p in paths if p))
         return f"{self.name} in {self.root}: {', '.join(parts)}"
-
-    def relative(self, path: Path) -> str:
-        """``path`` relative to the root where it lies below it; folders end with ``/``."""
-        try:
-            text = path.resolve().relative_to(self.root.resolve()).as_posix()
-        except ValueError:
-            text = str(path)
-        return f"{text}/" if path.is_dir() else text
 
 
 def detect_layout(source: PathLike, *, format: str = "auto",
@@ -189,7 +181,7 @@ def _yolo_layout(root: Path, data: yolo.DataYaml) -> Layout:
     for key, images in data.image_dirs.items():
         labels = yolo.labels_for(images)
         if key == "val" and images == data.image_dirs.get("train"):
-            notes.append(f"{data.file.name}: val names the train folder; one split it is")
+            notes.append(f"{data.file.name}: val names the train folder, so it is one split")
             continue
         if not labels.is_dir() and key != "test":
             raise FormatError(f"{data.file}: '{key}' images in {images}, but no label folder "
@@ -304,7 +296,12 @@ def _subfolders(folder: Path) -> list[Path]:
 
 
 def _short(root: Path, path: Path) -> str:
-    return Layout("", "", root, {}).relative(path)
+    """``path`` relative to ``root`` where it lies below it; folders end with ``/``."""
+    try:
+        text = path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        text = str(path)
+    return f"{text}/" if path.is_dir() else text
 
 
 _DETECTORS: tuple[tuple[str, Callable[[Path], list[Layout]]], ...] = (

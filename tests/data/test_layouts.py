@@ -228,3 +228,19 @@ def test_coco_as_ultralytics_downloads_it(tmp_path: Path) -> None:
     assert layout.splits["all"].images == root / "images/val2017"
     assert layout.notes == ("images/train2017/ has no annotations/instances_train2017.json: "
                             "not imported",)
+
+
+def test_one_folder_for_train_and_val_and_two_voc_years(tmp_path: Path) -> None:
+    source = write_ultralytics(tmp_path / "yolo")
+    (source / "data.yaml").write_text(yaml.safe_dump(
+        {"train": "images/train", "val": "images/train", "names": list(NAMES)}))
+    layout = detect_layout(source, image_dir="ignored")
+    assert set(layout.splits) == {"all"}
+    assert layout.notes == ("data.yaml: val names the train folder, so it is one split",
+                            "prepare.image_dir is only read with a single COCO json: ignored")
+    devkit = tmp_path / "VOCdevkit"
+    write_voc(devkit / "VOC2007")
+    write_voc(devkit / "VOC2012")
+    with pytest.raises(FormatError, match=r"(?s)found more than one.*VOC2007.*VOC2012.*\n"
+                                          r"Point prepare.source at the one to import"):
+        detect_layout(devkit)
