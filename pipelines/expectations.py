@@ -178,7 +178,10 @@ def how_to_fix(name: str, tables: DatasetTables, cfg: ValidateConfig) -> str:
     key and a value that passes, computed from the data (and the records to fix where it is
     a defect too); for a data defect, what to fix in the listed records."""
     if name in _PARAM_FIXES:
-        return _PARAM_FIXES[name](tables, cfg)
+        try:
+            return _PARAM_FIXES[name](tables, cfg)
+        except (ValueError, OverflowError):  # NaN or infinite values (JSON allows them)
+            return "fix the data: the listed records hold values no bound passes (NaN, inf)"
     if name.endswith("_present"):  # <table>_<column>_present
         column = name.removesuffix("_present").split("_", 1)[1]
         return f"fix the data: give the listed records a valid '{column}'"

@@ -406,3 +406,11 @@ def test_each_failure_names_the_params_key_and_a_value_that_passes(dataset: Path
             number = float(value) - (0.001 if op == "<" else 0)
             fixed = replace(config, **{key: type(getattr(config, key))(number)})
             assert validate(dataset, fixed)[name].success, (name, key, number)
+
+
+def test_an_infinite_value_asks_to_fix_the_data(dataset: Path) -> None:
+    path = dataset / "annotations" / "train.json"
+    path.write_text(path.read_text().replace('"area": 561.0', '"area": Infinity', 1))
+    failed = validate(dataset)["annotation_area_within_box"]
+    assert failed.fix == ("fix the data: the listed records hold values no bound passes "
+                          "(NaN, inf)")
