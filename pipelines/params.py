@@ -48,16 +48,27 @@ class PrepareConfig:
     """Where the data comes from (``prepare:``)."""
 
     # "demo" (the built-in synthetic dataset) or a path, relative to the project, read as
-    # ``format``: coco = a folder in the canonical layout (annotations/{train,val}.json +
-    # images/{train,val}/) or one COCO json (its images in ``image_dir``); voc = a VOC year
-    # folder (Annotations/, JPEGImages/); yolo = a folder with images/ and labels/.
+    # ``format``: auto = whichever layout of detr.data.detect_layout it is (COCO release,
+    # Roboflow's COCO export, canonical, YOLO data.yaml, VOC; printed); coco = one of the COCO
+    # layouts, or one COCO json (its images in ``image_dir``); voc = a VOC year folder
+    # (Annotations/, JPEGImages/); yolo = a data.yaml, or a folder with images/ and labels/.
     source: str = "demo"
-    format: Literal["coco", "voc", "yolo"] = "coco"
+    format: Literal["auto", "coco", "voc", "yolo"] = "auto"
     image_dir: str | None = None
     val_fraction: float = 0.2  # when the source has no train/val split
     seed: int = 0
     link: Literal["symlink", "hardlink", "copy"] = "symlink"
     demo: DemoConfig = DemoConfig()
+
+    def __post_init__(self) -> None:
+        choices = {"format": ("auto", "coco", "voc", "yolo"),
+                   "link": ("symlink", "hardlink", "copy")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"prepare.{key}: {getattr(self, key)!r} is not one of "
+                                  f"{', '.join(allowed)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"prepare.val_fraction: {self.val_fraction!r} is not in [0, 1)")
 
 
 @dataclass(frozen=True)

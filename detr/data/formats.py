@@ -8,7 +8,9 @@ Canonical layout (written here, read by ``validate`` and :mod:`detr.data.coco`):
 Each json holds ``images`` [{id, file_name, width, height}], ``annotations`` [{id, image_id,
 category_id, bbox, area, iscrowd}] with ``bbox`` = [x, y, w, h] in absolute pixels (continuous
 coordinates, origin at the top-left corner of the image) and ``categories`` [{id, name,
-supercategory}]. Other keys of a COCO source (segmentation, info, licenses) are not kept.
+supercategory}]. Other keys of a COCO source (segmentation, info, licenses) are not kept, nor
+is a category that only groups the others (an unused supercategory of all of them, as
+labelling tools export it).
 
 The importers (:func:`import_coco` here, :func:`detr.data.voc.import_voc`,
 :func:`detr.data.yolo.import_yolo`) read their source into :class:`Record` objects and write
@@ -106,16 +108,30 @@ def import_coco(out_dir: PathLike, sources: Mapping[str, tuple[PathLike, PathLik
         by_id = {r.id: r for r in records}
         parts = split_by_ratio(list(by_id), val_fraction=val_fraction, seed=seed)
         splits = {s: [by_id[i] for i in ids] for s, ids in parts.items()}
-        return write_canonical(Path(out_dir), splits, categories, link)
-    if set(sources) != set(SPLITS):
+    elif set(sources) == set(SPLITS):
+        splits, categories = {}, None
+        for split in SPLITS:
+            splits[split], cats = _read_coco(*sources[split])
+            if categories is not None and cats != categories:
+                raise FormatError(f"{sources[split][0]}: categories differ from the train "
+                                  "split's")
+            categories = cats
+    else:
         raise ValueError(f"sources: keys 'train' and 'val', or only 'all'; got {sorted(sources)}")
-    splits, categories = {}, None
-    for split in SPLITS:
-        splits[split], cats = _read_coco(*sources[split])
-        if categories is not None and cats != categories:
-            raise FormatError(f"{sources[split][0]}: categories differ from the train split's")
-        categories = cats
-    return write_canonical(Path(out_dir), splits, categories, link)
+    return write_canonical(Path(out_dir), splits, _without_umbrella(categories, splits), link)
+
+
+def _without_umbrella(categories: list[dict], splits: Mapping[str, list[Record]]) -> list[dict]:
+    """``categories`` less an unused one that is every other's supercategory (labelling tools'
+    exports, Roboflow's: ``{"id": 0, "name": "cells"}`` above the real classes): as a class it
+    would have no boxes."""
+    used = {o["category_id"] for records in splits.values() for r in records for o in r.objects}
+    for cat in categories:
+        others = [c for c in categories if c is not cat]
+        if (cat["id"] not in used and others
+                and all(c["supercategory"] == cat["name"] for c in others)):
+            return others
+    return categories
 
 
 def _read_coco(ann_file: PathLike, image_dir: PathLike) -> tuple[list[Record], list[dict]]:

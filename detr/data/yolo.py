@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -32,32 +33,101 @@ def import_yolo(out_dir: PathLike, yolo_root: PathLike, *,
     (list or {index: name}), else ``classes.txt``. Splits: ``images/{train,val}`` (``valid``
     counts as val) when present, else all of ``images/`` split by ratio. An image without a
     label file has no objects; a label file without an image is an error. Image sizes come
-    from the image headers.
+    from the image headers. (A ``data.yaml`` naming split folders: :func:`read_data_yaml`
+    and :func:`import_yolo_splits`.)
     """
     root = Path(yolo_root)
-    names = list(class_names) if class_names is not None else _yolo_names(root)
-    split_dirs = _yolo_split_dirs(root)
-    records = {s: _yolo_records(root / "images" / d, root / "labels" / d, len(names))
-               for s, d in split_dirs.items()}
+    names = list(class_names) if class_names is not None else class_names_in(root)
+    splits = {s: (root / "images" / d, root / "labels" / d)
+              for s, d in _yolo_split_dirs(root).items()}
+    return import_yolo_splits(out_dir, splits, names, val_fraction=val_fraction, seed=seed,
+                              link=link)
+
+
+def import_yolo_splits(out_dir: PathLike, splits: Mapping[str, tuple[PathLike, PathLike]],
+                       class_names: Sequence[str], *, val_fraction: float = 0.2, seed: int = 0,
+                       link: Link = "symlink") -> ImportedDataset:
+    """Import YOLO ``splits``: ``"train"`` and ``"val"``, or only ``"all"`` (split by ratio),
+    each ``(image_dir, label_dir)``; labels as in :func:`import_yolo`."""
+    records = {s: _yolo_records(Path(i), Path(lbl), len(class_names))
+               for s, (i, lbl) in splits.items()}
     if "all" in records:
         by_name = {r.file_name: r for r in records["all"]}
         parts = split_by_ratio(list(by_name), val_fraction=val_fraction, seed=seed)
         records = {s: [by_name[n] for n in keys] for s, keys in parts.items()}
-    return write_canonical(Path(out_dir), records, named_categories(names), link)
+    return write_canonical(Path(out_dir), records, named_categories(class_names), link)
 
 
-def _yolo_names(root: Path) -> list[str]:
+@dataclass(frozen=True)
+class DataYaml:
+    """An Ultralytics ``data.yaml``: its class names and, per key present (``train``, ``val``,
+    ``test``), the image folder it names (resolved as Ultralytics does: relative to ``path:``
+    or the yaml's folder; a leading ``../`` that leads nowhere is dropped, for Roboflow's
+    exports)."""
+
+    file: Path
+    names: tuple[str, ...]
+    image_dirs: Mapping[str, Path]
+
+
+def read_data_yaml(path: PathLike) -> DataYaml:
+    """Read ``path``; FormatError naming the file and key when it is not a usable data.yaml."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise FormatError(f"{path}: cannot read it as YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise FormatError(f"{path}: expected a mapping with train/val/names")
+    base = path.parent
+    if isinstance(data.get("path"), str) and (base / data["path"]).is_dir():
+        base = base / data["path"]
+    dirs = {k: _split_dir(path, k, data[k], base) for k in ("train", "val", "test") if data.get(k)}
+    dirs = {k: d for k, d in dirs.items() if d is not None}
+    return DataYaml(path, tuple(_names(path, data.get("names"))), dirs)
+
+
+def _split_dir(path: Path, key: str, value: object, base: Path) -> Path | None:
+    if not isinstance(value, str) or value.endswith(".txt"):
+        raise FormatError(f"{path}: '{key}: {value}' must name one image folder (lists of "
+                          "folders or of image files are not supported)")
+    folder = base / value
+    if not folder.exists() and value.startswith("../"):
+        folder = base / value[3:]
+    if not folder.is_dir() and key == "test":  # Roboflow's yaml names one it may not ship
+        return None
+    if not folder.is_dir():
+        raise FormatError(f"{path}: '{key}: {value}': no folder {folder}")
+    return folder.resolve()
+
+
+def labels_for(image_dir: Path) -> Path:
+    """Ultralytics' rule: the last ``images`` folder in the path becomes ``labels``; without
+    one, the labels lie beside the images."""
+    parts = image_dir.parts
+    if "images" not in parts:
+        return image_dir
+    i = len(parts) - 1 - parts[::-1].index("images")
+    return Path(*parts[:i], "labels", *parts[i + 1:])
+
+
+def class_names_in(root: Path) -> list[str]:
+    """Class names of a YOLO folder: ``names`` of data.yaml/dataset.yaml, else classes.txt."""
     for name in ("data.yaml", "dataset.yaml"):
         if (root / name).is_file():
-            names = (yaml.safe_load((root / name).read_text()) or {}).get("names")
-            if isinstance(names, dict):
-                return [str(names[k]) for k in sorted(names, key=int)]
-            if isinstance(names, list):
-                return [str(n) for n in names]
-            raise FormatError(f"{root / name}: 'names' must be a list or a mapping, got {names!r}")
+            data = yaml.safe_load((root / name).read_text()) or {}
+            return _names(root / name, data.get("names"))
     if (root / "classes.txt").is_file():
         return [n.strip() for n in (root / "classes.txt").read_text().splitlines() if n.strip()]
     raise FormatError(f"{root}: no class names (data.yaml 'names', classes.txt or class_names)")
+
+
+def _names(path: Path, names: object) -> list[str]:
+    if isinstance(names, dict):
+        return [str(names[k]) for k in sorted(names, key=int)]
+    if isinstance(names, list):
+        return [str(n) for n in names]
+    raise FormatError(f"{path}: 'names' must be a list or a mapping, got {names!r}")
 
 
 def _yolo_split_dirs(root: Path) -> dict[str, str]:

@@ -1,7 +1,9 @@
 """The ``prepare`` stage: the built-in demo data or the user's data -> the canonical layout.
 
 Writes ``data/dataset/annotations/{train,val}.json`` and ``data/dataset/images/{train,val}/``
-(images of an imported dataset are linked, not copied, unless ``prepare.link: copy``).
+(images of an imported dataset are linked, not copied, unless ``prepare.link: copy``). A
+user's source is recognised by :func:`detr.data.detect_layout.detect_layout`
+(``prepare.format: auto``) or read as the format named; the layout found is printed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from pathlib import Path
 
 from prefect import flow
 
-from detr.data import formats, synthetic, voc, yolo
+from detr.data import formats, synthetic
+from detr.data.detect_layout import detect_layout, import_layout
 from pipelines import stage
 from pipelines.params import PrepareConfig
 from pipelines.stage import DATASET
@@ -30,35 +33,24 @@ def run(*, cfg: PrepareConfig, out_dir: Path = DATASET) -> dict:
 
 
 def _prepare(cfg: PrepareConfig, out_dir: Path) -> dict:
+    layout = None
+    if cfg.source != "demo":  # before removing out_dir: an unusable source changes nothing
+        layout = detect_layout(cfg.source, format=cfg.format, image_dir=cfg.image_dir)
+        print(f"prepare: found {layout.describe()}")
+        for note in layout.notes:
+            print(f"prepare: note: {note}")
     if out_dir.exists():  # DVC removes outputs first; a manual run replaces them too
         shutil.rmtree(out_dir)
-    if cfg.source == "demo":
+    if layout is None:
         d = cfg.demo
         made = synthetic.generate(out_dir, num_train=d.num_train, num_val=d.num_val,
                                   image_size=d.image_size, max_objects=d.max_objects,
                                   seed=d.seed, num_workers=2)["splits"]
         return {key: {split: made[split][key] for split in made}
                 for key in ("images", "annotations")}
-    source = Path(cfg.source)
-    if not source.exists():
-        raise FileNotFoundError(f"prepare.source: {source} does not exist")
-    common = {"val_fraction": cfg.val_fraction, "seed": cfg.seed, "link": cfg.link}
-    if cfg.format == "voc":
-        imported = voc.import_voc(out_dir, source, **common)
-    elif cfg.format == "yolo":
-        imported = yolo.import_yolo(out_dir, source, **common)
-    else:
-        imported = formats.import_coco(out_dir, _coco_sources(source, cfg), **common)
+    imported = import_layout(layout, out_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                             link=cfg.link)
     return {"images": dict(imported.images), "annotations": dict(imported.annotations)}
-
-
-def _coco_sources(source: Path, cfg: PrepareConfig) -> dict[str, tuple[Path, Path]]:
-    if source.is_file():
-        if cfg.image_dir is None:
-            raise ValueError(f"prepare.image_dir: needed with a single COCO json ({source})")
-        return {"all": (source, Path(cfg.image_dir))}
-    return {split: (source / "annotations" / f"{split}.json", source / "images" / split)
-            for split in ("train", "val")}
 
 
 @flow(name="prepare", log_prints=True)

@@ -62,6 +62,8 @@ class ValidationReport:
         for o in self.failed:
             lines.append(f"FAILED {o.table}.{o.name} ({o.expectation}): {_count(o)}")
             lines += [f"    {_record(e)}" for e in o.examples[:max_examples]]
+            if o.fix:
+                lines.append(f"    to pass: {o.fix}")
             if o.error:
                 lines.append(f"    {o.error}")
         return "\n".join(lines)

@@ -16,7 +16,9 @@ Great Expectations is imported inside the functions that need it: importing this
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 RECORD_KEYS = {"images": ["split", "id", "file_name"], "annotations": ["split", "id", "image_id"],
                "categories": ["split", "id", "name"]}
 _DOCS_SITE = "validation"
+_Fix = Callable[[DatasetTables, "ValidateConfig"], str]  # tables, params -> how to fix
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class ExpectationOutcome:
     examples: tuple[dict[str, Any], ...]
     observed: Any = None  # aggregate expectations: what GE measured (e.g. the splits found)
     error: str | None = None
+    fix: str | None = None  # failed: the params key and a value that passes, or what to fix
 
 
 def build_expectations(cfg: ValidateConfig) -> dict[str, list]:
@@ -162,9 +166,143 @@ def run_suites(tables: DatasetTables, cfg: ValidateConfig,
         by_name = {r.expectation_config.meta["name"]: r for r in result.results}
         outcomes += [_outcome(table, by_name[e.meta["name"]], cfg.max_examples)
                      for e in expectations]
+    outcomes = [o if o.success else replace(o, fix=how_to_fix(o.name, tables, cfg))
+                for o in outcomes]
     if docs_dir is not None:
         context.build_data_docs(site_names=[_DOCS_SITE])
     return outcomes
+
+
+def how_to_fix(name: str, tables: DatasetTables, cfg: ValidateConfig) -> str:
+    """What makes the failed expectation ``name`` pass: for a bound set in params, the params
+    key and a value that passes, computed from the data (and the records to fix where it is
+    a defect too); for a data defect, what to fix in the listed records."""
+    if name in _PARAM_FIXES:
+        try:
+            return _PARAM_FIXES[name](tables, cfg)
+        except (ValueError, OverflowError):  # NaN or infinite values (JSON allows them)
+            return "fix the data: the listed records hold values no bound passes (NaN, inf)"
+    if name.endswith("_present"):  # <table>_<column>_present
+        column = name.removesuffix("_present").split("_", 1)[1]
+        return f"fix the data: give the listed records a valid '{column}'"
+    return "fix the data: " + _DATA_FIXES.get(name, "correct or remove the listed records")
+
+
+def _up(value: float) -> str:
+    """``value`` rounded up to 3 decimals (a bound at least this large passes)."""
+    return f"{math.ceil(value * 1000) / 1000:g}"
+
+
+def _down(value: float) -> str:
+    return f"{math.floor(value * 10000) / 10000:g}"
+
+
+def _boxes_in_bounds(tables: DatasetTables, cfg: ValidateConfig) -> str:
+    counts = tables.images["num_boxes"]
+    most, least = int(counts.max()), int(counts.min())
+    fixes = []
+    if most > cfg.max_boxes_per_image:
+        fixes.append(f"set validate.max_boxes_per_image >= {most} (the most boxes in one image "
+                     f"is {most})")
+    if least < cfg.min_boxes_per_image:
+        fixes.append(f"set validate.min_boxes_per_image <= {least} (the fewest boxes in one "
+                     f"image is {least})")
+    return " and ".join(fixes)
+
+
+def _boxes_below_queries(tables: DatasetTables, cfg: ValidateConfig) -> str:
+    most = int(tables.images["num_boxes"].max())
+    return (f"set model.num_queries >= {most + 1} (the most boxes in one image is {most}; "
+            "validate.num_queries, if set, too)")
+
+
+def _box_side(column: str, word: str) -> _Fix:
+    def fix(tables: DatasetTables, cfg: ValidateConfig) -> str:
+        if float(tables.annotations[column].min()) <= 0:
+            return f"fix the data: the listed boxes need a {word} > 0 (bbox [x, y, w, h])"
+        sides = tables.annotations[["w", "h"]]
+        smallest = float(sides[sides > 0].min().min())  # one bound for widths and heights
+        return (f"set validate.min_box_side_px < {smallest:g} (the smallest box side is "
+                f"{smallest:g} px), or fix the listed boxes")
+    return fix
+
+
+def _overflow(column: str, sign: float, where: str) -> _Fix:
+    def fix(tables: DatasetTables, cfg: ValidateConfig) -> str:
+        most = float((sign * tables.annotations[column]).max())
+        return (f"fix the listed boxes (up to {most:g} px {where} the image), or set "
+                f"validate.box_tolerance_px >= {_up(most)}")
+    return fix
+
+
+def _area_within_box(tables: DatasetTables, cfg: ValidateConfig) -> str:
+    excess = float(tables.annotations["area_ratio"].max()) - 1
+    return (f"fix the listed areas (at most w * h), or set validate.area_tolerance >= "
+            f"{_up(excess)} (the largest area is {excess + 1:.4g} x w * h)")
+
+
+def _category_bound(key: str, column: str, what: str,
+                    larger: bool) -> _Fix:
+    def fix(tables: DatasetTables, cfg: ValidateConfig) -> str:
+        values = tables.categories[column]  # per category id; the same in every split
+        value = float(values.max() if larger else values.min())
+        bound = f">= {_up(value)}" if larger else f"<= {_down(value)}"
+        return (f"add train boxes of the listed categories (or drop the categories), or set "
+                f"validate.{key} {bound} ({what} {value:.4g})")
+    return fix
+
+
+_PARAM_FIXES: dict[str, _Fix] = {
+    "boxes_per_image_in_bounds": _boxes_in_bounds,
+    "boxes_per_image_below_num_queries": _boxes_below_queries,
+    "box_width_positive": _box_side("w", "width"),
+    "box_height_positive": _box_side("h", "height"),
+    "box_left_inside_image": _overflow("x", -1.0, "left of"),
+    "box_top_inside_image": _overflow("y", -1.0, "above"),
+    "box_right_inside_image": _overflow("right_overflow", 1.0, "right of"),
+    "box_bottom_inside_image": _overflow("bottom_overflow", 1.0, "below"),
+    "annotation_area_within_box": _area_within_box,
+    "category_has_train_boxes": _category_bound(
+        "min_train_boxes_per_class", "train_boxes", "the fewest train boxes of a class:", False),
+    "category_fraction_above_min": _category_bound(
+        "min_class_fraction", "train_fraction", "the rarest class's share of train boxes:", False),
+    "category_imbalance_below_max": _category_bound(
+        "max_class_imbalance", "imbalance", "largest class / smallest:", True),
+    "every_split_has_images": lambda tables, cfg: (
+        "both splits need images: give the source a train and a val split, or one split and "
+        "prepare.val_fraction > 0 (e.g. 0.2) to divide it"),
+}
+
+# Data defects: no params key makes them pass.
+_DATA_FIXES = {
+    "image_ids_unique": "give the listed images ids unique within their split",
+    "image_file_names_unique": "give the listed images file_names unique within their split",
+    "image_file_name_relative": "make the listed file_names relative to images/<split>/ "
+                                "(no absolute path, no '..')",
+    "image_width_positive": "give the listed images their width in px (> 0)",
+    "image_height_positive": "give the listed images their height in px (> 0)",
+    "image_file_exists": "add the listed image files under images/<split>/, or remove their "
+                         "records",
+    "image_file_decodes": "replace the listed image files (they do not decode), or remove "
+                          "their records",
+    "image_width_matches_file": "set the listed images' width to the file's (or re-export it)",
+    "image_height_matches_file": "set the listed images' height to the file's (or re-export it)",
+    "image_not_in_two_splits": "remove the listed images from one split (the same file is in "
+                               "train and val: val would measure training images)",
+    "annotation_bbox_is_4_numbers": "give the listed annotations a bbox of 4 numbers "
+                                    "[x, y, w, h]",
+    "annotation_ids_unique": "give the listed annotations ids unique within their split",
+    "annotation_image_exists": "point the listed annotations' image_id at an image of their "
+                               "split, or remove them",
+    "annotation_category_exists": "point the listed annotations' category_id at a category of "
+                                  "their split, or remove them",
+    "annotation_area_positive": "give the listed annotations an area > 0 (w * h for a box)",
+    "annotation_iscrowd_0_or_1": "set the listed annotations' iscrowd to 0 or 1",
+    "categories_not_empty": "add the categories list ({id, name}) to the annotation files",
+    "category_ids_unique": "give the listed categories ids unique within their split",
+    "category_names_unique": "give the listed categories names unique within their split",
+    "categories_match_train": "give the listed categories the same id and name as in train",
+}
 
 
 def _ephemeral_context(docs_dir: Path | None) -> Any:

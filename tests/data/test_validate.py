@@ -104,6 +104,22 @@ def test_main_fails_naming_expectation_and_record(dataset: Path, tmp_path: Path,
     ]
 
 
+def test_main_says_which_params_key_to_set(dataset: Path, tmp_path: Path, capsys) -> None:
+    params = "validate:\n  workers: 1\nmodel:\n  num_queries: 2\n"
+    (dataset / "images" / "val" / "img_008.png").unlink()
+    assert main(_stage_args(dataset, tmp_path, params)) == 1
+    err = capsys.readouterr().err
+    assert ("FAILED images.boxes_per_image_below_num_queries (expect_column_values_to_be_between)"
+            ": 9/9 records\n") in err
+    assert ("    to pass: set model.num_queries >= 3 (the most boxes in one image is 2; "
+            "validate.num_queries, if set, too)\n") in err
+    assert "    to pass: fix the data: add the listed image files under images/<split>/" in err
+    saved = json.loads((tmp_path / "reports" / "validation.json").read_text())
+    fixes = {e["name"]: e["fix"] for e in saved["expectations"]}
+    assert fixes["boxes_per_image_below_num_queries"].startswith("set model.num_queries >= 3")
+    assert fixes["image_file_decodes"] is None  # passed: nothing to fix
+
+
 @pytest.mark.parametrize("params", ["validate:\n  num_querys: 5\n", "validate:\n  workers: two\n"])
 def test_main_rejects_bad_params(
     pristine_dataset: Path, tmp_path: Path, params: str, capsys

@@ -92,3 +92,20 @@ def test_project_root_is_dvc_root_else_the_working_directory(monkeypatch, tmp_pa
     monkeypatch.delenv("DVC_ROOT")
     monkeypatch.chdir(tmp_path)
     assert project_root() == tmp_path.resolve()
+
+
+def test_prepare_format_is_auto_by_default_and_checked(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("prepare:\n  source: data/raw\n")
+    assert load(path)["prepare"].format == "auto"
+    assert load(ROOT / "configs/detr_r50_coco.yaml")["prepare"].format == "auto"
+    path.write_text("prepare:\n  format: coco\n")
+    assert load(path)["prepare"].format == "coco"  # explicit formats keep working
+    path.write_text("prepare:\n  format: yolov8\n")
+    with pytest.raises(ConfigError, match=r"prepare.format: 'yolov8' is not one of 'auto', "
+                                          r"'coco', 'voc', 'yolo'"):
+        load(path)
+    from pipelines.params import PrepareConfig
+
+    with pytest.raises(ConfigError, match=r"prepare.format: 'x' is not one of auto, coco"):
+        PrepareConfig(format="x")
