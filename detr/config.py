@@ -249,9 +249,10 @@ def load_section(cls: type, data: Any, name: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{name}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(fields))})"
-        )
+        moved = " (moved into model.aids: see params.yaml)" if unknown[0] in _FLAT_AID_KEYS or (
+            unknown[0] == "dense_loss_coef") else ""
+        raise ConfigError(f"{name}.{unknown[0]}: unknown key{moved} "
+                          f"(allowed: {', '.join(sorted(fields))})")
     values = {}
     for key, field in fields.items():
         if key in data:

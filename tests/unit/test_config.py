@@ -68,7 +68,7 @@ def test_aids_sections_are_optional_and_nested_errors_name_the_dotted_key():
         ({"aids": {"query_groups": {"groups": 1}}},
          r"model\.aids\.query_groups\.groups: 1 must be >= 2"),
         ({"aids": {"denoise": {}}}, r"model\.aids\.denoise: unknown key"),
-        ({"dense_aux": True}, r"model\.dense_aux: unknown key"),
+        ({"dense_aux": True}, r"model\.dense_aux: unknown key \(moved into model\.aids"),
     ]:
         with pytest.raises(ConfigError, match=message):
             load_section(ModelConfig, data, "model")
