@@ -142,7 +142,7 @@ def run_config(name: str, args, device: torch.device) -> dict[str, list[tuple]]:
     cfg, size, batch = CONFIGS[name]
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
-    criterion = build_criterion(cfg.num_classes, LossConfig()).to(device)
+    criterion = build_criterion(cfg.num_classes, LossConfig(), model.aids).to(device)
     images, targets = make_batch(cfg, size, batch, device)
     ours_loss = lambda out, tgt: criterion.total(criterion(out, tgt))  # noqa: E731
     # (variant, model, loss, bf16, channels_last, cudnn.benchmark, folded BN for inference)

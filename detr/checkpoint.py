@@ -1,5 +1,9 @@
 """Checkpoint files: safe loading, atomic saving, and loading weights into a model.
 
+This module knows no model code: which keys are training-only or sized by the number of
+classes, the model says (``training_only_prefixes()`` / ``class_sized_prefixes()``).
+Rebuilding a model from a checkpoint is :func:`detr.hub.model_from_checkpoint`.
+
 A checkpoint is a dict with ``model`` (a state dict with the official DETR key names) and, for
 resuming a training, ``optimizer``, ``lr_scheduler``, ``epoch``, ``rng``, ``params`` and
 ``label_map``. Files are read with ``torch.load(weights_only=True)``: a file that needs
@@ -8,7 +12,6 @@ arbitrary unpickling is refused, never executed.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pickle
 import tempfile
@@ -18,12 +21,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-
-# Heads sized by the number of classes: re-initialised when fine-tuning to other classes.
-CLASS_HEAD_PREFIX = ("class_embed.", "dense_embed.", "denoiser.dn_label_embed.")
-# Parts used in training only (Group DETR queries, DN-DETR denoiser, dense head): the official
-# checkpoints have none, and inference never uses them, so they may be absent on either side.
-TRAINING_ONLY_PREFIX = ("group_query_embed.", "denoiser.", "dense_embed.", "dense_bbox_embed.")
 
 
 class CheckpointError(RuntimeError):
@@ -102,30 +99,31 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], *,
                  finetune: bool = False) -> LoadReport:
     """Load ``state`` into ``model``, strictly except for training-only parts.
 
-    Training-only tensors (``group_query_embed.*``, ``denoiser.*``, ``dense_embed.*``,
-    ``dense_bbox_embed.*``) that the checkpoint lacks keep the model's fresh initialisation,
-    and those the model lacks are dropped; both are reported as skipped. So an official
-    checkpoint loads into a model trained with query groups, denoising or the dense head, and
-    such a model's checkpoint into a plain one.
-    With ``finetune``, class-sized tensors (``class_embed.*``, ``dense_embed.*``,
-    ``denoiser.dn_label_embed.*``) and training-only ones whose shape differs (another number of
-    classes or queries) keep the fresh initialisation too. Every other key must match in name
-    and shape.
+    Training-only tensors (the keys under ``model.training_only_prefixes()``: the training
+    aids' ``group_query_embed.*``, ``denoiser.*``, ``dense_embed.*`` ...) that the checkpoint
+    lacks keep the model's fresh initialisation, and those the model lacks are dropped; both
+    are reported as skipped. So an official checkpoint loads into a model trained with aids,
+    and such a model's checkpoint into a plain one.
+    With ``finetune``, class-sized tensors (``model.class_sized_prefixes()``: ``class_embed.*``
+    ...) and training-only ones whose shape differs (another number of classes or queries)
+    keep the fresh initialisation too. Every other key must match in name and shape. A model
+    without these methods has no such keys.
 
     Raises:
         CheckpointError: missing, unexpected or mis-shaped keys (another architecture).
     """
     own = model.state_dict()
+    training_only = _prefixes(model, "training_only_prefixes")
     report = LoadReport()
     for key in sorted(set(own) - set(state)):
-        if key.startswith(TRAINING_ONLY_PREFIX):
+        if key.startswith(training_only):
             report.skipped[key] = "not in checkpoint (training-only part, starts fresh)"
     for key in sorted(set(state) - set(own)):
-        if key.startswith(TRAINING_ONLY_PREFIX):
+        if key.startswith(training_only):
             report.skipped[key] = "not in model (training-only part not configured), dropped"
     if finetune:
         for key in sorted(set(state) & set(own)):
-            if (key.startswith(CLASS_HEAD_PREFIX + TRAINING_ONLY_PREFIX)
+            if (key.startswith(_prefixes(model, "class_sized_prefixes") + training_only)
                     and own[key].shape != state[key].shape):
                 report.skipped[key] = (f"shape {tuple(state[key].shape)} in checkpoint, "
                                        f"{tuple(own[key].shape)} in model (starts fresh)")
@@ -134,6 +132,11 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], *,
     model.load_state_dict(state, strict=not report.skipped)
     report.loaded = sorted(state)
     return report
+
+
+def _prefixes(model: nn.Module, method: str) -> tuple[str, ...]:
+    """``model.<method>()`` (a tuple of state-dict prefixes), () when it has none."""
+    return tuple(getattr(model, method)()) if hasattr(model, method) else ()
 
 
 def check_compatible(own: dict[str, Tensor], state: dict[str, Tensor],
@@ -154,33 +157,3 @@ def check_compatible(own: dict[str, Tensor], state: dict[str, Tensor],
             parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]})")
         raise CheckpointError("checkpoint does not fit this model (another architecture?): "
                               + "; ".join(parts))
-
-
-def model_from_checkpoint(path: str | Path, *, map_location: str = "cpu",
-                          ckpt: dict | None = None):
-    """Rebuild the trained model of a training checkpoint (``params`` + ``model``).
-
-    Returns ``(model, model_cfg, label_map)``; the model is in eval mode on the CPU.
-    ``label_map`` is ``{"categories": [{"id", "name"}, ...]}`` in label order (None for a
-    checkpoint without one, e.g. the official COCO ones, whose labels are category ids).
-    ``ckpt``: the checkpoint already read from ``path`` (it is then not read again).
-    """
-    from detr.config import ConfigError, ModelConfig, load_section
-    from detr.models.detr import build_model
-
-    if ckpt is None:
-        ckpt = load_file(path, map_location=map_location)
-    if "model" not in ckpt or "params" not in ckpt:
-        raise CheckpointError(f"{path}: not a training checkpoint (needs 'model' and 'params')")
-    try:
-        cfg = load_section(ModelConfig, dict(ckpt["params"]["model"]), "params.model")
-    except (ConfigError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: unusable model params: {exc}") from exc
-    # Weights come from the checkpoint: don't fetch or read backbone weights again.
-    cfg = dataclasses.replace(cfg, backbone_weights=None)
-    model = build_model(cfg)
-    try:
-        load_weights(model, ckpt["model"])
-    except CheckpointError as exc:  # its params describe another model than its weights
-        raise CheckpointError(f"{path}: {exc}") from None
-    return model.eval(), cfg, ckpt.get("label_map")

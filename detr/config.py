@@ -9,6 +9,7 @@ DETR paper's R50 recipe; the demo's ``params.yaml`` overrides them for CPU.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -18,6 +19,62 @@ from typing import Any, Literal
 
 class ConfigError(ValueError):
     """A configuration value is unknown, missing or of the wrong type."""
+
+
+@dataclass(frozen=True)
+class DenseConfig:
+    """Dense auxiliary head (one-to-many, in the spirit of Co-DETR / H-DETR), training only
+    (``model.aids.dense``): every encoder token is classified as the smallest ground-truth box
+    that contains it (and the token under each box centre as that box), else "no object". It
+    supervises the backbone and encoder per location from the first step."""
+
+    # Each token assigned to a box also regresses that box, as distances from its centre to
+    # the box's four sides (FCOS-style; L1 + GIoU with the matched terms' weights), the
+    # per-location localisation signal that Co-DETR's auxiliary detection heads give.
+    boxes: bool = False
+    loss_coef: float = 1.0  # weight of the per-token class loss (loss_ce_dense)
+
+    def __post_init__(self):
+        _non_negative("model.aids.dense", loss_coef=self.loss_coef)
+
+
+@dataclass(frozen=True)
+class QueryGroupsConfig:
+    """Group DETR (Chen et al. 2023), training only (``model.aids.query_groups``): ``groups`` x
+    num_queries queries in groups that do not attend to each other, each matched one-to-one to
+    the targets: more positive supervision per step. Inference uses the first group only."""
+
+    groups: int = 2
+
+    def __post_init__(self):
+        _at_least("model.aids.query_groups", 2, groups=self.groups)
+
+
+@dataclass(frozen=True)
+class DenoisingConfig:
+    """Denoising training (DN-DETR, Li et al. 2022), training only (``model.aids.denoising``):
+    ``groups`` noisy copies of the ground truth enter the decoder as extra queries that must
+    reconstruct their box and class; no matching needed."""
+
+    groups: int = 5
+    box_noise: float = 0.4  # box corners move by up to this fraction of half the size
+    label_noise: float = 0.2  # probability that a query is shown a random label
+    labels: bool = True  # False: denoising queries get only the noisy box, no label
+
+    def __post_init__(self):
+        _at_least("model.aids.denoising", groups=self.groups)
+        _non_negative("model.aids.denoising", box_noise=self.box_noise)
+        _fraction("model.aids.denoising.label_noise", self.label_noise, closed=True)
+
+
+@dataclass(frozen=True)
+class AidsConfig:
+    """Training-only aids (``model.aids``): each is null (off, the paper) or its section.
+    Inference and exported models never use them; their parameters are training-only."""
+
+    dense: DenseConfig | None = None
+    query_groups: QueryGroupsConfig | None = None
+    denoising: DenoisingConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -49,29 +106,8 @@ class ModelConfig:
     pre_norm: bool = False  # the paper is post-norm
     num_queries: int = 100
     aux_loss: bool = True
-    # Group DETR (Chen et al. 2023): in training, query_groups x num_queries queries in groups
-    # that do not attend to each other, each matched one-to-one to the targets: more positive
-    # supervision per step, faster convergence. Inference uses the first group only, so the
-    # deployed model is plain DETR. 1 = the paper.
-    query_groups: int = 1
-    # Denoising training (DN-DETR, Li et al. 2022): in training, dn_groups noisy copies of the
-    # ground truth enter the decoder as extra queries that must reconstruct their box and
-    # class; no matching needed, so the decoder learns to localise and classify from the first
-    # steps. Inference never uses them. 0 = the paper.
-    dn_groups: int = 0
-    dn_box_noise: float = 0.4  # box corners move by up to this fraction of half the size
-    dn_label_noise: float = 0.2  # probability that a query is shown a random label
-    dn_labels: bool = True  # False: denoising queries get only the noisy box, no label
-    # Dense auxiliary head (one-to-many, in the spirit of Co-DETR / H-DETR), training only:
-    # every encoder token is classified as the smallest ground-truth box that contains it (and
-    # the token under each box centre as that box), else "no object". It supervises the
-    # backbone and encoder per location from the first step; inference never uses it.
-    dense_aux: bool = False
-    # With dense_aux: each token that the dense head assigns to a box also regresses that box,
-    # as distances from the token's centre to the box's four sides (FCOS-style; L1 + GIoU with
-    # the matched terms' weights). Per-location localisation signal for the backbone and
-    # encoder, as Co-DETR's auxiliary detection heads give; training only as well.
-    dense_boxes: bool = False
+    # Training-only aids (dense head, query groups, denoising): see AidsConfig.
+    aids: AidsConfig = dataclasses.field(default_factory=AidsConfig)
     # Positions in the values, not only in the attention's queries and keys (the paper adds
     # them there only; its Table 3 also trains them "at input"). In the paper's model no value
     # carries a position, so a decoder query's output does not say where it looked, and its
@@ -81,6 +117,21 @@ class ModelConfig:
     # official checkpoints load either way. False = the paper.
     input_pos: bool = False
     value_pos: bool = False
+
+    def __post_init__(self):
+        _at_least("model", num_classes=self.num_classes, nheads=self.nheads,
+                  dec_layers=self.dec_layers, dim_feedforward=self.dim_feedforward,
+                  num_queries=self.num_queries)
+        _at_least("model", 0, enc_layers=self.enc_layers)
+        _fraction("model.dropout", self.dropout)
+        # the sine encoding splits the channels between y and x; the heads split them evenly;
+        # the denoising queries' box encoding gives each coordinate dim / 4 sine/cosine pairs
+        step = math.lcm(2, self.nheads, 8 if self.aids.denoising else 1)
+        if self.hidden_dim < step or self.hidden_dim % step:
+            why = f"divisible by 2 and by model.nheads ({self.nheads})" + (
+                " and by 8 (model.aids.denoising)" if self.aids.denoising else "")
+            raise ConfigError(f"model.hidden_dim: {self.hidden_dim} must be {why}, e.g. "
+                              f"{max(step, self.hidden_dim // step * step)}")
 
 
 @dataclass(frozen=True)
@@ -94,13 +145,15 @@ class LossConfig:
     bbox_loss_coef: float = 5.0
     giou_loss_coef: float = 2.0
     eos_coef: float = 0.1  # relative weight of the no-object class in the cross-entropy
-    dense_loss_coef: float = 1.0  # weight of the dense auxiliary class loss (model.dense_aux)
     # IoU-aware class targets (the softmax form of VarifocalNet's IoU-aware score, as DETRs
     # use it in Stable-DINO and Align-DETR): a matched query's target puts IoU(its box, the
     # target box) on the class and the rest on "no object", so its score learns to rank it
     # by how well it is placed, which AP at high IoU rewards. The IoU carries no gradient.
     # False = the paper (the class gets all of it).
     iou_aware: bool = False
+
+    def __post_init__(self):
+        _non_negative("loss", **dataclasses.asdict(self))
 
 
 @dataclass(frozen=True)
@@ -114,6 +167,18 @@ class DataConfig:
     crop_size: tuple[int, ...] = (384, 600)
     hflip: bool = True
     num_workers: int = 2
+
+    def __post_init__(self):
+        for key in ("scales", "crop_scales", "crop_size"):
+            sizes = getattr(self, key)
+            if sizes is not None and (not sizes or min(sizes) < 1):
+                raise ConfigError(f"data.{key}: {list(sizes)} must be a non-empty list of "
+                                  f"positive sizes in pixels, e.g. [480, 512]")
+        if len(self.crop_size) != 2 or self.crop_size[0] > self.crop_size[1]:
+            raise ConfigError(f"data.crop_size: {list(self.crop_size)} must be [min, max], "
+                              f"e.g. [384, 600]")
+        _at_least("data", max_size=self.max_size)
+        _at_least("data", 0, num_workers=self.num_workers)
 
 
 @dataclass(frozen=True)
@@ -139,6 +204,35 @@ class TrainConfig:
     # loaded but a class head of another size, which starts fresh. None = from scratch.
     init_weights: str | None = None
 
+    def __post_init__(self):
+        _at_least("train", epochs=self.epochs, batch_size=self.batch_size,
+                  grad_accum=self.grad_accum)
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr: {self.lr} must be > 0, e.g. 1.0e-4")
+        _non_negative("train", lr_backbone=self.lr_backbone, weight_decay=self.weight_decay,
+                      clip_max_norm=self.clip_max_norm, lr_drop=self.lr_drop,
+                      warmup_steps=self.warmup_steps, eval_every=self.eval_every)
+
+
+def _at_least(section: str, low: int = 1, **values: int) -> None:
+    """ConfigError naming ``section.key`` unless every value is >= ``low``."""
+    for key, value in values.items():
+        if value < low:
+            raise ConfigError(f"{section}.{key}: {value!r} must be >= {low}")
+
+
+def _non_negative(section: str, **values: float) -> None:
+    """ConfigError naming ``section.key`` for a negative number (bools are skipped)."""
+    for key, value in values.items():
+        if not isinstance(value, bool) and value < 0:
+            raise ConfigError(f"{section}.{key}: {value!r} must be >= 0")
+
+
+def _fraction(key: str, value: float, *, closed: bool = False) -> None:
+    """ConfigError naming ``key`` unless 0 <= value < 1 (<= 1 with ``closed``)."""
+    if not (0 <= value <= 1 if closed else 0 <= value < 1):
+        raise ConfigError(f"{key}: {value!r} must be in [0, 1{']' if closed else ')'}")
+
 
 def load_section(cls: type, data: Any, name: str) -> Any:
     """Build dataclass ``cls`` from ``data`` (a mapping), strictly.
@@ -155,9 +249,10 @@ def load_section(cls: type, data: Any, name: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{name}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(fields))})"
-        )
+        moved = " (moved into model.aids: see params.yaml)" if unknown[0] in _FLAT_AID_KEYS or (
+            unknown[0] == "dense_loss_coef") else ""
+        raise ConfigError(f"{name}.{unknown[0]}: unknown key{moved} "
+                          f"(allowed: {', '.join(sorted(fields))})")
     values = {}
     for key, field in fields.items():
         if key in data:
@@ -176,8 +271,14 @@ def _check(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: {value!r} is not one of {choices}")
         return value
     if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        sections = [o for o in options if dataclasses.is_dataclass(o)]
+        if isinstance(value, dict) and len(sections) == 1:  # errors name the key inside
+            return load_section(sections[0], value, key)
         errors = []
-        for option in typing.get_args(hint):
+        for option in options:
             try:
                 return _check(option, value, key)
             except ConfigError as exc:
@@ -250,3 +351,34 @@ def load_params(path: str | Path, sections: dict[str, type] = LIBRARY_SECTIONS) 
 def to_dict(cfg: Any) -> dict:
     """A config dataclass as plain data (tuples become lists), e.g. for a checkpoint."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+# model keys of the params before the aids had their own section (checkpoints still have them)
+_FLAT_AID_KEYS = ("dense_aux", "dense_boxes", "query_groups", "dn_groups", "dn_box_noise",
+                  "dn_label_noise", "dn_labels")
+
+
+def migrate_params(params: dict) -> dict:
+    """Params in the layout before ``model.aids`` (flat ``model.dense_aux``, ``dense_boxes``,
+    ``query_groups``, ``dn_groups``, ``dn_box_noise``, ``dn_label_noise``, ``dn_labels`` and
+    ``loss.dense_loss_coef``, as older checkpoints store them) -> the current layout, where
+    they are ``model.aids.dense`` / ``query_groups`` / ``denoising``. Current params come back
+    unchanged. A new dict; ``params`` itself is not modified."""
+    model, loss = dict(params.get("model") or {}), dict(params.get("loss") or {})
+    old = {k: model.pop(k) for k in _FLAT_AID_KEYS if k in model}
+    coef = loss.pop("dense_loss_coef", None)
+    if not old and coef is None:
+        return dict(params)
+    if "aids" in model:
+        raise ConfigError(f"model: both model.aids and the old flat keys {sorted(old)}; "
+                          f"keep model.aids only")
+    groups, dn_groups = old.get("query_groups", 1), old.get("dn_groups", 0)
+    model["aids"] = {
+        "dense": ({"boxes": old.get("dense_boxes", False), "loss_coef": 1.0 if coef is None
+                   else coef} if old.get("dense_aux") else None),
+        "query_groups": {"groups": groups} if groups != 1 else None,
+        "denoising": ({"groups": dn_groups, "box_noise": old.get("dn_box_noise", 0.4),
+                       "label_noise": old.get("dn_label_noise", 0.2),
+                       "labels": old.get("dn_labels", True)} if dn_groups != 0 else None),
+    }
+    return {**params, "model": model, "loss": loss}

@@ -64,6 +64,21 @@ def gather_dicts(info: DistInfo, local: dict) -> dict:
     return merged
 
 
+def is_distributed() -> bool:
+    """Whether this process is one of several in an initialised process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
+    """``x`` averaged over the DDP processes (a new tensor); ``x`` itself in a single process.
+    The one cross-process mean: loss normalisers and logged loss values use it."""
+    if is_distributed():
+        x = x.clone()
+        dist.all_reduce(x)
+        x = x / dist.get_world_size()
+    return x
+
+
 def shutdown(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()

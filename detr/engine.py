@@ -12,11 +12,11 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from detr.device import autocast
+from detr.distributed import mean_over_processes
 from detr.models.criterion import SetCriterion
 from detr.models.postprocess import PostProcess
 
@@ -100,10 +100,7 @@ def _forward_backward(model, criterion, images, mask, targets, device, precision
 def _global_values(losses: dict[str, Tensor]) -> dict[str, float]:
     """Loss values as plain floats, averaged over DDP processes (each holds part of the
     batch), so that the logged loss is the global batch's."""
-    stacked = torch.stack([v.detach().float() for v in losses.values()])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(stacked)
-        stacked /= dist.get_world_size()
+    stacked = mean_over_processes(torch.stack([v.detach().float() for v in losses.values()]))
     return dict(zip(losses, stacked.tolist(), strict=True))
 
 

@@ -5,6 +5,9 @@ d=256, 100 queries), so the official checkpoints load into them strictly. ``pret
 False (random init), True (the official COCO checkpoint by URL, hash-checked) or a path/URL.
 With ``num_classes`` other than 91, pretrained weights are loaded for fine-tuning: every tensor
 but the class head, which is re-initialised (the report is in ``model.load_report``).
+
+Also the builders that read files for the model: :func:`build` (a config whose
+``backbone_weights`` is a file) and :func:`model_from_checkpoint` (a training checkpoint).
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from detr.checkpoint import load_state_dict_file, load_weights
-from detr.config import ModelConfig, load_section
+from detr.checkpoint import CheckpointError, load_file, load_state_dict_file, load_weights
+from detr.config import ConfigError, ModelConfig, load_section, migrate_params
 from detr.models.detr import DETR, build_model
 
 OFFICIAL_BASE_URL = "https://dl.fbaipublicfiles.com/detr/"
@@ -31,7 +34,7 @@ def _official(backbone: str, dilation: bool, pretrained: bool | str | Path, num_
     base = dataclasses.asdict(ModelConfig(backbone=backbone, dilation=dilation,
                                           num_classes=num_classes))
     cfg = load_section(ModelConfig, {**base, **overrides}, f"detr_{backbone}")
-    model = build_model(cfg)
+    model = build(cfg)
     if pretrained is False:
         return model
     source = (OFFICIAL_BASE_URL + OFFICIAL_CHECKPOINTS[(backbone, dilation)]
@@ -63,3 +66,44 @@ def detr_resnet101_dc5(pretrained: bool | str | Path = False, num_classes: int =
                        **overrides) -> DETR:
     """DETR R101 with a dilated last stage (44.9 AP)."""
     return _official("resnet101", True, pretrained, num_classes, overrides)
+
+
+def build(cfg: ModelConfig) -> DETR:
+    """:func:`~detr.models.detr.build_model`, reading ``cfg.backbone_weights`` when it is a
+    file (a torchvision ResNet state dict, or a checkpoint with one under ``model``)."""
+    path = cfg.backbone_weights
+    if path in (None, "imagenet"):
+        return build_model(cfg)
+    try:
+        return build_model(cfg, backbone_state=load_state_dict_file(path))
+    except ValueError as exc:  # the file holds another network
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def model_from_checkpoint(path: str | Path, *, map_location: str = "cpu",
+                          ckpt: dict | None = None) -> tuple[DETR, ModelConfig, dict | None]:
+    """Rebuild the trained model of a training checkpoint (``params`` + ``model``).
+
+    Returns ``(model, model_cfg, label_map)``; the model is in eval mode on the CPU.
+    ``label_map`` is ``{"categories": [{"id", "name"}, ...]}`` in label order (None for a
+    checkpoint without one, e.g. the official COCO ones, whose labels are category ids).
+    ``ckpt``: the checkpoint already read from ``path`` (it is then not read again). Params
+    in the layout before ``model.aids`` are migrated (:func:`detr.config.migrate_params`).
+    """
+    if ckpt is None:
+        ckpt = load_file(path, map_location=map_location)
+    if "model" not in ckpt or "params" not in ckpt:
+        raise CheckpointError(f"{path}: not a training checkpoint (needs 'model' and 'params')")
+    try:
+        params = migrate_params(dict(ckpt["params"]))
+        cfg = load_section(ModelConfig, dict(params["model"]), "params.model")
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: unusable model params: {exc}") from exc
+    # Weights come from the checkpoint: don't fetch or read backbone weights again.
+    cfg = dataclasses.replace(cfg, backbone_weights=None)
+    model = build_model(cfg)
+    try:
+        load_weights(model, ckpt["model"])
+    except CheckpointError as exc:  # its params describe another model than its weights
+        raise CheckpointError(f"{path}: {exc}") from None
+    return model.eval(), cfg, ckpt.get("label_map")

@@ -30,7 +30,7 @@ from torchvision.transforms.v2 import functional as F
 
 from detr import hub
 from detr.attention import QueryAttention, top_query_attention
-from detr.checkpoint import CheckpointError, load_file, model_from_checkpoint
+from detr.checkpoint import CheckpointError, load_file
 from detr.config import ConfigError, DataConfig, load_section
 from detr.data.coco import ImageLoadError, category_ids_from_label_map
 from detr.data.transforms import make_transforms
@@ -162,7 +162,7 @@ class Predictor:
         ``max_size`` of ``params["data"]``. Raises CheckpointError naming ``path``.
         """
         ckpt = load_file(path)
-        model, _, label_map = model_from_checkpoint(path, ckpt=ckpt)
+        model, _, label_map = hub.model_from_checkpoint(path, ckpt=ckpt)
         if scale is None or max_size is None:
             data = _data_config(ckpt, path)
             scale = max(data.scales) if scale is None else scale

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from detr import distributed
+from detr import distributed, hub
 from detr.checkpoint import (
     CheckpointError,
     load_file,
@@ -31,7 +31,15 @@ from detr.checkpoint import (
     load_weights,
     save_file,
 )
-from detr.config import DataConfig, LossConfig, ModelConfig, TrainConfig, load_params, to_dict
+from detr.config import (
+    DataConfig,
+    LossConfig,
+    ModelConfig,
+    TrainConfig,
+    load_params,
+    migrate_params,
+    to_dict,
+)
 from detr.data.batching import collate
 from detr.data.coco import AnnotationError, CocoDetection
 from detr.data.transforms import make_transforms
@@ -39,7 +47,7 @@ from detr.device import resolve_precision
 from detr.engine import Callback, evaluate, train_one_epoch
 from detr.evaluation import CocoEvaluation, evaluate_detections
 from detr.models.criterion import build_criterion
-from detr.models.detr import DETR, build_model
+from detr.models.detr import DETR
 from detr.models.postprocess import PostProcess
 from detr.optim import build_optimizer, build_scheduler
 
@@ -77,7 +85,7 @@ def fit(*, model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig,
     params = {"model": to_dict(model_cfg), "loss": to_dict(loss_cfg), "data": to_dict(data_cfg),
               "train": to_dict(train_cfg)}
     _seed(train_cfg.seed + info.rank)
-    model = build_model(model_cfg).to(info.device)
+    model = hub.build(model_cfg).to(info.device)
     init_weights = init_weights if init_weights is not None else train_cfg.init_weights
     if init_weights is not None:
         try:
@@ -89,7 +97,7 @@ def fit(*, model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig,
         print(report, file=sys.stderr)
     if train_cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    criterion = build_criterion(model_cfg.num_classes, loss_cfg).to(info.device)
+    criterion = build_criterion(model_cfg.num_classes, loss_cfg, model.aids).to(info.device)
     optimizer = build_optimizer(model, train_cfg)
     train_loader, sampler = _loader(train_ds, data_cfg, train_cfg, info, shuffle=True)
     steps_per_epoch = -(-len(train_loader) // train_cfg.grad_accum)
@@ -197,7 +205,7 @@ def _resume(out_dir: Path, params: dict, model, optimizer, scheduler, info) -> t
     if not path.is_file():
         return 0, []
     ckpt = load_file(path)
-    if _comparable(ckpt.get("params", {})) != _comparable(params):
+    if _comparable(migrate_params(ckpt.get("params", {}))) != _comparable(params):
         if info.is_main:
             path.replace(out_dir / "checkpoint.stale.pth")
             print(f"{path}: made with other params; moved to checkpoint.stale.pth, starting "

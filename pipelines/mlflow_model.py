@@ -40,8 +40,9 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torchvision.transforms.v2 import functional as F
 
-from detr.checkpoint import load_file, model_from_checkpoint, save_file
+from detr.checkpoint import load_file, save_file
 from detr.config import DataConfig
+from detr.hub import model_from_checkpoint
 from detr.inference import Predictor, check_options
 
 CHECKPOINT_ARTIFACT = "checkpoint"

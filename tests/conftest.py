@@ -9,11 +9,27 @@ import sys
 import pytest
 import torch
 
-from detr.config import ModelConfig
+from detr.config import (
+    AidsConfig,
+    DenoisingConfig,
+    DenseConfig,
+    ModelConfig,
+    QueryGroupsConfig,
+)
 
 TINY = ModelConfig(num_classes=5, backbone="resnet18", norm="bn", freeze_stem=False,
                    hidden_dim=32, nheads=2, enc_layers=1, dec_layers=2, dim_feedforward=64,
                    dropout=0.0, num_queries=8)
+
+
+def with_aids(cfg: ModelConfig, *, dense: dict | None = None, query_groups: int | None = None,
+              denoising: dict | None = None) -> ModelConfig:
+    """``cfg`` with the given training aids (``dense``/``denoising``: their section's keys;
+    ``query_groups``: the number of groups); the others off."""
+    return dataclasses.replace(cfg, aids=AidsConfig(
+        dense=None if dense is None else DenseConfig(**dense),
+        query_groups=None if query_groups is None else QueryGroupsConfig(groups=query_groups),
+        denoising=None if denoising is None else DenoisingConfig(**denoising)))
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ ResNet stage [B, C, H/32, W/32] (H/16 with DC5) and the mask resized to it.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -53,8 +52,8 @@ class Backbone(nn.Module):
             than DC5 (small objects on small images; resnet18/34, which cannot dilate, too).
             The stages after it are not built.
         norm: "frozen_bn" (official, for pretrained weights), "bn" or "gn" (from scratch).
-        weights: None (random), "imagenet" (torchvision download) or a path to a ResNet
-            state dict (torchvision key names, ``fc.*`` optional).
+        weights: None (random), "imagenet" (torchvision download) or a ResNet state dict
+            (torchvision key names, ``fc.*`` optional; :func:`detr.hub.build` reads files).
         freeze_stem: keep conv1/bn1 and layer1 frozen, as the official release.
         mask_padding: zero the padded area of every convolution's and pooling's input, so an
             image's features do not depend on the other images of its batch (exact with
@@ -63,7 +62,7 @@ class Backbone(nn.Module):
     """
 
     def __init__(self, name: str, *, dilation: bool = False, norm: str = "frozen_bn",
-                 weights: str | None = None, freeze_stem: bool = True, mask_padding: bool = True,
+                 weights: str | dict[str, Tensor] | None = None, freeze_stem: bool = True, mask_padding: bool = True,
                  last_stage: str = "layer4"):
         super().__init__()
         if name not in NUM_CHANNELS:
@@ -82,8 +81,8 @@ class Backbone(nn.Module):
             replace_stride_with_dilation=[False, False, dilation],
             norm_layer=_norm_layer(norm),
         )
-        if weights not in (None, "imagenet"):
-            _load_resnet_file(resnet, Path(weights))
+        if isinstance(weights, dict):
+            _load_resnet_state(resnet, weights)
         # layer3 has half layer4's channels. IntermediateLayerGetter keeps the children up to
         # the returned one, so with "layer3" there is no layer4 (with "layer2", no layer3 either).
         self.num_channels = NUM_CHANNELS[name] >> (2 - LAST_STAGES.index(last_stage))
@@ -196,19 +195,22 @@ class _PaddingMasks:
         return self.cache[stride]
 
 
-def _load_resnet_file(resnet: nn.Module, path: Path) -> None:
-    """Load a torchvision-style ResNet state dict from ``path`` (classifier keys optional)."""
-    from detr.checkpoint import CheckpointError, check_compatible, load_state_dict_file
+def _load_resnet_state(resnet: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load a torchvision-style ResNet state dict (classifier keys optional); ValueError
+    naming the first differences if it is another network."""
 
     def keep(key: str) -> bool:
         return not key.startswith("fc.") and not key.endswith("num_batches_tracked")
 
-    state = {k: v for k, v in load_state_dict_file(path).items() if keep(k)}
+    state = {k: v for k, v in state.items() if keep(k)}
     own = {k: v for k, v in resnet.state_dict().items() if keep(k)}
-    try:
-        check_compatible(own, state)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{path}: not a {type(resnet).__name__} backbone: {exc}") from None
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+              if k in own and v.shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"not a {type(resnet).__name__} backbone: {len(missing)} missing keys "
+                         f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
+                         f"{len(shapes)} shape mismatches {shapes[:1]}")
     resnet.load_state_dict(state, strict=False)
 
 

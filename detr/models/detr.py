@@ -4,31 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from detr.config import ModelConfig
+from detr.models.aids import AIDS, Denoising, DenseHead, Queries, QueryGroups, TrainingAid
 from detr.models.backbone import Backbone, Joiner
-from detr.models.denoising import Denoiser, attention_mask
+from detr.models.mlp import MLP
 from detr.models.padding import pad_images
 from detr.models.position_encoding import build_position_encoding
 from detr.models.transformer import Transformer
-
-
-class MLP(nn.Module):
-    """``num_layers`` linear layers with ReLU between them (none after the last)."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
-        super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim],
-                                                                     strict=True))
-
-    def forward(self, x: Tensor) -> Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
-        return x
 
 
 class DETR(nn.Module):
@@ -43,24 +27,14 @@ class DETR(nn.Module):
         ``pred_boxes`` [B, Q, 4]: normalised (cx, cy, w, h) in [0, 1], relative to each image's
             own (unpadded) size;
         ``aux_outputs``: the same two keys for each decoder layer but the last (if aux_loss);
-        ``query_groups``: G, only in training with G > 1 (Group DETR): then Q = G x num_queries,
-            group g being queries [g * num_queries, (g + 1) * num_queries).
-        ``denoising``: only in training with a ``denoiser`` and ``targets`` given (DN-DETR):
-            the denoising queries' outputs (``pred_logits``, ``pred_boxes``, ``aux_outputs``)
-            and their :class:`~detr.models.denoising.DenoisingBatch` under ``batch``.
-        ``dense``: only in training with ``dense_aux``: ``pred_logits`` [B, h*w, num_classes + 1]
-            of every encoder token and the feature padding ``mask`` [B, h, w]; with
-            ``dense_boxes`` also ``pred_ltrb`` [B, h*w, 4] in (0, 1): each token's distances to
-            the left, top, right and bottom sides of its box, as fractions of the image's size.
+        in training, each training aid's outputs under its name (:mod:`detr.models.aids`):
+        ``query_groups`` (then Q = G x num_queries), ``denoising`` (when ``targets`` are
+        given), ``dense``.
     """
 
     def __init__(self, backbone: Joiner, transformer: Transformer, *, num_classes: int,
-                 num_queries: int, aux_loss: bool = True, query_groups: int = 1,
-                 denoiser: Denoiser | None = None, dense_aux: bool = False,
-                 dense_boxes: bool = False):
+                 num_queries: int, aux_loss: bool = True):
         super().__init__()
-        if query_groups < 1:
-            raise ValueError(f"model.query_groups must be >= 1, got {query_groups}")
         d = transformer.d_model
         self.num_queries = num_queries
         self.num_classes = num_classes
@@ -71,21 +45,21 @@ class DETR(nn.Module):
         self.input_proj = nn.Conv2d(backbone.num_channels, d, kernel_size=1)
         self.backbone = backbone
         self.aux_loss = aux_loss
-        self.query_groups = query_groups
-        if query_groups > 1:  # training-only queries; the official keys stay as they are
-            self.group_query_embed = nn.Embedding((query_groups - 1) * num_queries, d)
-        self.denoiser = denoiser  # training-only queries; absent unless configured
-        # training-only dense class head on the encoder tokens; absent unless configured
-        self.dense_embed = nn.Linear(d, num_classes + 1) if dense_aux else None
-        if dense_boxes and not dense_aux:
-            raise ValueError("model.dense_boxes needs model.dense_aux: true (the dense head's "
-                             "class targets choose the box each token regresses)")
-        # training-only: each token's distances to the sides of its box (dense_boxes)
-        self.dense_bbox_embed = MLP(d, d, 4, 3) if dense_boxes else None
+        self.aids: list[TrainingAid] = []  # training only; see attach()
+
+    def attach(self, aid: TrainingAid) -> None:
+        """Add a training aid. Its modules become the model's own under their names (the
+        state-dict keys ``group_query_embed.*``, ``denoiser.*``, ``dense_embed.*`` ...); the
+        aid itself is not a child module. Aids act in the order they are attached."""
+        for name, module in aid.named_children():
+            if name not in aid.parts:
+                raise ValueError(f"{type(aid).__name__}: module {name!r} not in its parts")
+            self.add_module(name, module)
+        self.aids.append(aid)
 
     def forward(self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None,
                 targets: Sequence[dict] | None = None, *, padded: bool | None = None) -> dict:
-        """``targets`` (training only) feed the denoising queries when there is a denoiser.
+        """``targets`` (training only) feed the aids that need them (denoising queries).
         ``padded``: whether ``mask`` marks any padding; None looks, a data-dependent branch
         that ``torch.export`` cannot trace (:mod:`detr.export` passes True or False)."""
         if mask is None:
@@ -95,34 +69,27 @@ class DETR(nn.Module):
         features, mask, pos = self.backbone(images, mask, padded)
         # Without padding the attention needs no mask, which lets SDPA use its fastest kernels.
         attn_mask = mask if padded else None
-        groups = self.query_groups if self.training else 1
-        queries, attend, content = self.query_embed.weight, None, None
-        if groups > 1:
-            queries = torch.cat([queries, self.group_query_embed.weight])
-            attend = _block_diagonal(groups, self.num_queries, queries.device)
-        dn = None
-        if self.training and self.denoiser is not None and targets is not None:
-            dn = self.denoiser(targets)
-            obj = queries.expand(len(targets), -1, -1)
-            queries = torch.cat([obj, dn.query_pos.to(obj)], dim=1)
-            content = torch.cat([torch.zeros_like(obj), dn.content.to(obj)], dim=1)
-            attend = attention_mask(dn, self.num_queries, groups)
-        hs, memory = self.transformer(self.input_proj(features), attn_mask, queries, pos, attend,
-                                      content)
-        if dn is not None:
-            num_obj = self.num_queries * groups
-            out = self.heads(hs[:, :, :num_obj])
-            out["denoising"] = {**self.heads(hs[:, :, num_obj:]), "batch": dn}
-        else:
-            out = self.heads(hs)
-        if groups > 1:
-            out["query_groups"] = groups
-        if self.training and self.dense_embed is not None:
-            tokens = memory.flatten(2).transpose(1, 2)
-            out["dense"] = {"pred_logits": self.dense_embed(tokens), "mask": mask}
-            if self.dense_bbox_embed is not None:
-                out["dense"]["pred_ltrb"] = self.dense_bbox_embed(tokens).sigmoid()
+        aids = self.aids if self.training else []
+        queries = Queries(self.query_embed.weight, num_object=self.num_queries)
+        for aid in aids:
+            queries = aid.extend_queries(queries, targets)
+        hs, memory = self.transformer(self.input_proj(features), attn_mask, queries.pos, pos,
+                                      queries.attend, queries.content)
+        out = self.heads(hs[:, :, :queries.num_object] if aids else hs)
+        for aid in aids:
+            out.update(aid.outputs(queries, hs, memory, mask, self.heads))
         return out
+
+    @staticmethod
+    def training_only_prefixes() -> tuple[str, ...]:
+        """State-dict prefixes of every kind of training aid, attached or not: a checkpoint
+        may have them when the model does not, and the other way round."""
+        return tuple(p for aid in AIDS for p in aid.training_only_prefixes())
+
+    @staticmethod
+    def class_sized_prefixes() -> tuple[str, ...]:
+        """State-dict prefixes of the tensors sized by the number of classes."""
+        return ("class_embed.", *(p for aid in AIDS for p in aid.class_sized))
 
     def heads(self, hs: Tensor) -> dict:
         """Decoder states [L, B, Q, d] -> output dict (see class docstring)."""
@@ -135,16 +102,17 @@ class DETR(nn.Module):
         return out
 
 
-def _block_diagonal(groups: int, size: int, device: torch.device) -> Tensor:
-    """[G*n, G*n] bool: True where both indices are in the same group of ``size``."""
-    group = torch.arange(groups * size, device=device) // size
-    return group[:, None] == group[None, :]
-
-
-def build_model(cfg: ModelConfig) -> DETR:
-    """Build a DETR from the ``model:`` config section (weights: see ``cfg.backbone_weights``)."""
+def build_model(cfg: ModelConfig, *, backbone_state: dict[str, Tensor] | None = None) -> DETR:
+    """Build a DETR from the ``model:`` config section. ``cfg.backbone_weights``: None or
+    "imagenet" (torchvision's download); a file's weights come in ``backbone_state`` (a
+    torchvision ResNet state dict: :func:`detr.hub.build` reads the file)."""
+    weights = cfg.backbone_weights
+    if weights not in (None, "imagenet") and backbone_state is None:
+        raise ValueError(f"model.backbone_weights: {weights!r} is a file: build the model with "
+                         f"detr.hub.build(cfg), which reads it, or pass backbone_state")
     backbone = Backbone(cfg.backbone, dilation=cfg.dilation, norm=cfg.norm,
-                        weights=cfg.backbone_weights, freeze_stem=cfg.freeze_stem,
+                        weights=backbone_state if backbone_state is not None else weights,
+                        freeze_stem=cfg.freeze_stem,
                         mask_padding=cfg.mask_padding, last_stage=cfg.last_stage)
     joiner = Joiner(backbone, build_position_encoding(cfg.position_embedding, cfg.hidden_dim))
     transformer = Transformer(
@@ -153,16 +121,20 @@ def build_model(cfg: ModelConfig) -> DETR:
         dropout=cfg.dropout, pre_norm=cfg.pre_norm, input_pos=cfg.input_pos,
         value_pos=cfg.value_pos,
     )
-    if cfg.dn_groups < 0:
-        raise ValueError(f"model.dn_groups must be >= 0 (0 = off), got {cfg.dn_groups}")
-    denoiser = None
-    if cfg.dn_groups > 0:
-        denoiser = Denoiser(cfg.num_classes, cfg.hidden_dim, groups=cfg.dn_groups,
-                            box_noise=cfg.dn_box_noise, label_noise=cfg.dn_label_noise,
-                            labels=cfg.dn_labels)
-    return DETR(joiner, transformer, num_classes=cfg.num_classes, num_queries=cfg.num_queries,
-                aux_loss=cfg.aux_loss, query_groups=cfg.query_groups, denoiser=denoiser,
-                dense_aux=cfg.dense_aux, dense_boxes=cfg.dense_boxes)
+    aids, d, classes = cfg.aids, cfg.hidden_dim, cfg.num_classes
+    # The denoiser draws its initial weights before the heads, the other aids after them: the
+    # order of the first runs, kept so that seeded trainings repeat them bit for bit.
+    denoising = (Denoising(aids.denoising, num_classes=classes, dim=d,
+                           num_queries=cfg.num_queries) if aids.denoising else None)
+    model = DETR(joiner, transformer, num_classes=classes, num_queries=cfg.num_queries,
+                 aux_loss=cfg.aux_loss)
+    if aids.query_groups:  # first: it extends the object queries, denoising appends to them
+        model.attach(QueryGroups(aids.query_groups, dim=d, num_queries=cfg.num_queries))
+    if denoising:
+        model.attach(denoising)
+    if aids.dense:
+        model.attach(DenseHead(aids.dense, num_classes=classes, dim=d))
+    return model
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

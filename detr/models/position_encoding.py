@@ -73,9 +73,8 @@ class PositionEmbeddingLearned(nn.Module):
 
 
 def build_position_encoding(kind: str, hidden_dim: int) -> nn.Module:
-    """``kind`` "sine" or "learned"; the encoding has ``hidden_dim`` channels."""
-    if hidden_dim % 2:
-        raise ValueError(f"model.hidden_dim must be even for positional encoding, got {hidden_dim}")
+    """``kind`` "sine" or "learned"; the encoding has ``hidden_dim`` channels (even: the
+    model config checks ``model.hidden_dim``), half for y, half for x."""
     if kind == "sine":
         return PositionEmbeddingSine(hidden_dim // 2, normalize=True)
     if kind == "learned":

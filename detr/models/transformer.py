@@ -29,9 +29,8 @@ class Attention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
+        """``dim`` divisible by ``num_heads`` (the model config checks ``model.hidden_dim``)."""
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"hidden_dim {dim} is not divisible by nheads {num_heads}")
         self.num_heads = num_heads
         self.dropout = dropout
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))

@@ -48,7 +48,7 @@ import torch
 from prefect import flow
 from torch.utils.data import DataLoader
 
-from detr.checkpoint import CheckpointError, model_from_checkpoint
+from detr.checkpoint import CheckpointError
 from detr.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from detr.data.batching import collate
 from detr.data.coco import (
@@ -61,6 +61,7 @@ from detr.data.transforms import make_transforms
 from detr.device import resolve_precision, select_device
 from detr.engine import evaluate
 from detr.evaluation import STAT_NAMES, CocoEvaluation, evaluate_detections, format_per_class
+from detr.hub import model_from_checkpoint
 from detr.models.postprocess import PostProcess
 from detr.queries import query_boxes
 from pipelines import params as pipeline_params

@@ -303,7 +303,8 @@ def test_train_stage_refuses_bad_init_weights(tiny_dataset, tmp_path, monkeypatc
     params = _params(tmp_path, lambda p: p.update(
         model={**p["model"], **{k: getattr(TINY, k) for k in (
             "backbone", "norm", "hidden_dim", "nheads", "enc_layers", "dec_layers",
-            "dim_feedforward", "num_queries")}, "query_groups": 1},
+            "dim_feedforward", "num_queries")},
+               "aids": {**p["model"]["aids"], "query_groups": None}},
         data={**p["data"], "scales": [64], "max_size": 64, "crop_scales": [64],
               "crop_size": [48, 64]},
         train={**p["train"], "epochs": 1, "device": "cpu", "precision": "fp32"}))

@@ -12,7 +12,10 @@ from detr.checkpoint import (
     load_weights,
     save_file,
 )
+from detr.config import ModelConfig, load_section, migrate_params, to_dict
+from detr.hub import model_from_checkpoint
 from detr.models.detr import build_model
+from tests.conftest import with_aids
 
 BN = ("weight", "bias", "running_mean", "running_var")  # FrozenBatchNorm2d: no num_batches_tracked
 
@@ -107,9 +110,9 @@ def test_checkpoint_from_another_architecture_is_refused(tmp_path, tiny_cfg):
 def test_training_only_parts_may_be_absent_on_either_side(tiny_cfg):
     """An official-style checkpoint (no training-only parts) fine-tunes a model with query
     groups, denoising and the dense head; such a model's checkpoint loads into a plain one."""
-    extras = dict(query_groups=3, dn_groups=2, dense_aux=True)
+    extras = dict(query_groups=3, denoising={"groups": 2}, dense={})
     plain = build_model(dataclasses.replace(tiny_cfg, num_classes=4))
-    rich = build_model(dataclasses.replace(tiny_cfg, num_classes=6, **extras))
+    rich = build_model(with_aids(dataclasses.replace(tiny_cfg, num_classes=6), **extras))
     before = {k: v.clone() for k, v in rich.state_dict().items()}
     report = load_weights(rich, plain.state_dict(), finetune=True)
     fresh = {k for k in before if k.startswith(("group_query_embed.", "denoiser.", "dense_embed."))}
@@ -119,7 +122,8 @@ def test_training_only_parts_may_be_absent_on_either_side(tiny_cfg):
     assert torch.equal(rich.query_embed.weight, plain.query_embed.weight)
 
     # Same classes, other number of groups: the extra queries start fresh, the rest loads.
-    other = build_model(dataclasses.replace(tiny_cfg, num_classes=6, **{**extras, "query_groups": 2}))
+    other = build_model(with_aids(dataclasses.replace(tiny_cfg, num_classes=6),
+                                  **{**extras, "query_groups": 2}))
     report = load_weights(other, rich.state_dict(), finetune=True)
     assert set(report.skipped) == {"group_query_embed.weight"}
 
@@ -132,7 +136,8 @@ def test_training_only_parts_may_be_absent_on_either_side(tiny_cfg):
 
     # Without finetune a different class count is still refused.
     with pytest.raises(CheckpointError, match="shape mismatches"):
-        load_weights(build_model(dataclasses.replace(tiny_cfg, num_classes=4, **extras)),
+        load_weights(build_model(with_aids(dataclasses.replace(tiny_cfg, num_classes=4),
+                                               **extras)),
                      rich.state_dict())
 
 
@@ -190,13 +195,19 @@ def test_backbone_weights_from_a_file(tmp_path):
 
     resnet = torchvision.models.resnet18()
     torch.save(resnet.state_dict(), tmp_path / "r18.pth")
+    from detr.hub import build
     from detr.models.backbone import Backbone
 
-    bb = Backbone("resnet18", norm="bn", weights=str(tmp_path / "r18.pth"))
+    bb = Backbone("resnet18", norm="bn", weights=resnet.state_dict())
     assert torch.equal(bb.body.layer3[0].conv1.weight, resnet.layer3[0].conv1.weight)
+    cfg = ModelConfig(backbone="resnet18", norm="bn", last_stage="layer3", hidden_dim=32,
+                      nheads=2, enc_layers=1, dec_layers=1, dim_feedforward=32,
+                      backbone_weights=str(tmp_path / "r18.pth"))
+    body = build(cfg).backbone[0].body  # the file read by detr.hub.build
+    assert torch.equal(body.layer3[0].conv1.weight, resnet.layer3[0].conv1.weight)
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match="bad.pth: not a ResNet backbone"):
-        Backbone("resnet18", weights=str(tmp_path / "bad.pth"))
+        build(dataclasses.replace(cfg, backbone_weights=str(tmp_path / "bad.pth")))
 
 
 def test_unknown_override_is_a_clear_error():
@@ -204,3 +215,44 @@ def test_unknown_override_is_a_clear_error():
 
     with pytest.raises(ConfigError, match="hidden_dimm"):
         detr.detr_resnet50(hidden_dimm=3)
+
+
+def _old_format_params(cfg: ModelConfig) -> dict:
+    """The params as checkpoints stored them before ``model.aids``: flat aid keys."""
+    model = {k: v for k, v in to_dict(cfg).items() if k != "aids"}
+    model.update(dense_aux=True, dense_boxes=True, query_groups=2, dn_groups=2,
+                 dn_box_noise=0.3, dn_label_noise=0.1, dn_labels=False)
+    return {"model": model, "loss": {"eos_coef": 0.1, "dense_loss_coef": 15.0}}
+
+
+def test_a_checkpoint_with_the_old_flat_aid_params_still_rebuilds(tiny_cfg, tmp_path):
+    cfg = with_aids(tiny_cfg, dense={"boxes": True, "loss_coef": 15.0}, query_groups=2,
+                    denoising={"groups": 2, "box_noise": 0.3, "label_noise": 0.1,
+                               "labels": False})
+    trained = build_model(cfg)
+    path = tmp_path / "old.pth"
+    save_file({"model": trained.state_dict(), "params": _old_format_params(tiny_cfg)}, path)
+    model, model_cfg, _ = model_from_checkpoint(path)
+    assert model_cfg.aids == cfg.aids
+    assert [aid.name for aid in model.aids] == ["query_groups", "denoising", "dense"]
+    for key, value in trained.state_dict().items():  # every tensor, the aids' too
+        assert torch.equal(model.state_dict()[key], value), key
+    # the migration itself: the loss coefficient moves into the dense section
+    migrated = migrate_params(_old_format_params(tiny_cfg))
+    assert "dense_loss_coef" not in migrated["loss"] and "dn_groups" not in migrated["model"]
+    assert load_section(ModelConfig, migrated["model"], "model") == cfg
+    # current params come back as they are; off in the old layout is null in the new one
+    assert migrate_params({"model": to_dict(cfg)}) == {"model": to_dict(cfg)}
+    off = migrate_params({"model": {"query_groups": 1, "dn_groups": 0, "dense_aux": False}})
+    assert off["model"]["aids"] == {"dense": None, "query_groups": None, "denoising": None}
+
+
+def test_resume_accepts_a_checkpoint_with_the_old_flat_aid_params(tiny_cfg):
+    from detr.train import _comparable
+
+    cfg = with_aids(tiny_cfg, dense={"boxes": True, "loss_coef": 15.0}, query_groups=2,
+                    denoising={"groups": 2, "box_noise": 0.3, "label_noise": 0.1,
+                               "labels": False})
+    old = _old_format_params(tiny_cfg)
+    new = {"model": to_dict(cfg), "loss": {"eos_coef": 0.1}}
+    assert _comparable(migrate_params(old)) == _comparable(new)

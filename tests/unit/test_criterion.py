@@ -2,7 +2,8 @@ import pytest
 import torch
 from torchvision.ops import box_convert, box_iou
 
-from detr.config import LossConfig
+from detr.config import LossConfig, QueryGroupsConfig
+from detr.models.aids import QueryGroups
 from detr.models.criterion import build_criterion, paired_iou
 
 C = 3
@@ -102,7 +103,8 @@ def test_empty_targets_give_finite_losses_and_gradients():
 def test_query_groups_are_matched_separately_and_summed():
     """Two identical groups give twice one group's losses; the groups' queries may both
     predict the same target (one-to-many across groups)."""
-    criterion = build_criterion(C, LossConfig())
+    groups = QueryGroups(QueryGroupsConfig(groups=2), dim=8, num_queries=4)
+    criterion = build_criterion(C, LossConfig(), [groups])
     tgt = _target()
     logits, boxes = torch.randn(1, 4, C + 1), torch.rand(1, 4, 4) * 0.5 + 0.2
     single = criterion(_outputs(logits, boxes, 1), tgt)
@@ -112,6 +114,9 @@ def test_query_groups_are_matched_separately_and_summed():
     for key in ("loss_ce", "loss_bbox", "loss_giou", "loss_giou_0"):
         assert grouped[key].item() == pytest.approx(2 * single[key].item(), rel=1e-5)
     assert grouped["class_error"].item() == pytest.approx(single["class_error"].item())
+    # a criterion without the aid refuses its outputs rather than missing its losses
+    with pytest.raises(ValueError, match=r"training aid\(s\) \['query_groups'\]"):
+        build_criterion(C, LossConfig())(doubled, tgt)
 
 
 def test_paired_iou_is_the_diagonal_of_box_iou_and_zero_for_empty_boxes():

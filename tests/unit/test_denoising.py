@@ -1,14 +1,22 @@
-"""Denoising training (DN-DETR option): query construction, isolation, losses."""
+"""Denoising training (model.aids.denoising, DN-DETR): query construction, isolation, losses."""
 
 import dataclasses
 
+import pytest
 import torch
 from torchvision.ops import box_convert
 
-from detr.config import LossConfig
+from detr.config import AidsConfig, ConfigError, DenoisingConfig, LossConfig, QueryGroupsConfig
+from detr.models.aids import block_diagonal
+from detr.models.aids.denoising import Denoiser, attention_mask, box_sine_embedding
 from detr.models.criterion import build_criterion
-from detr.models.denoising import Denoiser, attention_mask, box_sine_embedding
 from detr.models.detr import build_model
+
+
+def _aids(cfg, *, query_groups=None, **denoising):
+    groups = QueryGroupsConfig(query_groups) if query_groups else None
+    return dataclasses.replace(cfg, aids=AidsConfig(denoising=DenoisingConfig(**denoising),
+                                                    query_groups=groups))
 
 
 def _targets():
@@ -38,7 +46,7 @@ def test_box_noise_moves_corners_within_the_bound():
 
 def test_attention_mask_isolates_inference_queries_and_groups():
     dn = Denoiser(5, 32, groups=2)(_targets())
-    allowed = attention_mask(dn, num_queries=3, query_groups=2)
+    allowed = attention_mask(dn, num_queries=3, objects=block_diagonal(2, 3, torch.device("cpu")))
     assert allowed.shape == (2, 1, 6 + 4, 6 + 4)
     a = allowed[0, 0]
     assert not a[:6, 6:].any()  # object queries never see denoising queries
@@ -49,7 +57,7 @@ def test_attention_mask_isolates_inference_queries_and_groups():
 
 
 def test_object_queries_are_unchanged_by_denoising_queries(tiny_cfg):
-    model = build_model(dataclasses.replace(tiny_cfg, dn_groups=3)).train()
+    model = build_model(_aids(tiny_cfg, groups=3)).train()
     model.backbone.eval()  # BatchNorm on running statistics in both runs; dropout is 0
     images = [torch.randn(3, 64, 80), torch.randn(3, 48, 64)]
     with torch.no_grad():
@@ -62,9 +70,9 @@ def test_object_queries_are_unchanged_by_denoising_queries(tiny_cfg):
 
 
 def test_denoising_losses_train_the_denoiser(tiny_cfg):
-    cfg = dataclasses.replace(tiny_cfg, dn_groups=2, query_groups=2)
+    cfg = _aids(tiny_cfg, groups=2, query_groups=2)
     model = build_model(cfg).train()
-    criterion = build_criterion(cfg.num_classes, LossConfig())
+    criterion = build_criterion(cfg.num_classes, LossConfig(), model.aids)
     losses = criterion(model([torch.randn(3, 64, 64)] * 2, None, _targets()), _targets())
     names = {k for k in losses if "_dn" in k}
     assert names == {f"loss_{t}_dn{s}" for t in ("ce", "bbox", "giou")
@@ -89,15 +97,19 @@ def test_box_sine_embedding_distinguishes_coordinates():
 def test_disabled_by_default_keeps_the_official_keys(tiny_cfg):
     keys = build_model(tiny_cfg).state_dict()
     assert not any(k.startswith("denoiser.") for k in keys)
-    keys = build_model(dataclasses.replace(tiny_cfg, dn_groups=1, dn_labels=False)).state_dict()
+    keys = build_model(_aids(tiny_cfg, groups=1, labels=False)).state_dict()
     assert any(k.startswith("denoiser.dn_pos_embed") for k in keys)
     assert not any(k.startswith("denoiser.dn_label_embed") for k in keys)
 
 
-def test_bad_settings_are_refused(tiny_cfg):
-    import pytest
-
-    with pytest.raises(ValueError, match="model.dn_groups"):
-        build_model(dataclasses.replace(tiny_cfg, dn_groups=-1))
-    with pytest.raises(ValueError, match="dn_label_noise"):
-        build_model(dataclasses.replace(tiny_cfg, dn_groups=1, dn_label_noise=1.5))
+def test_bad_settings_are_refused_where_the_config_is_read(tiny_cfg):
+    with pytest.raises(ConfigError, match=r"model\.aids\.denoising\.groups: 0 must be >= 1"):
+        _aids(tiny_cfg, groups=0)
+    with pytest.raises(ConfigError, match=r"model\.aids\.denoising\.label_noise: 1.5"):
+        _aids(tiny_cfg, label_noise=1.5)
+    with pytest.raises(ConfigError, match=r"model\.aids\.denoising\.box_noise: -0.1"):
+        _aids(tiny_cfg, box_noise=-0.1)
+    # the box encoding needs hidden_dim divisible by 8 (fine without denoising)
+    odd = dataclasses.replace(tiny_cfg, hidden_dim=36, nheads=2)
+    with pytest.raises(ConfigError, match=r"model\.hidden_dim: 36 .*by 8.*e\.g\. 32"):
+        _aids(odd)

@@ -1,4 +1,4 @@
-"""The dense auxiliary head (model.dense_aux): per-token targets, training-only output, loss."""
+"""The dense auxiliary head (model.aids.dense): per-token targets, training-only output, loss."""
 
 import dataclasses
 
@@ -7,9 +7,16 @@ import torch
 from torchvision.ops import box_convert
 
 from detr.checkpoint import load_weights
-from detr.config import LossConfig
-from detr.models.criterion import build_criterion, cell_centres, dense_assignment, dense_targets
+from detr.config import AidsConfig, ConfigError, DenseConfig, LossConfig, load_section
+from detr.models.aids.dense import DenseHead, cell_centres, dense_assignment, dense_targets
+from detr.models.criterion import build_criterion
 from detr.models.detr import build_model
+
+NO_AIDS = AidsConfig()
+
+
+def _dense(cfg, **kwargs):
+    return dataclasses.replace(cfg, aids=AidsConfig(dense=DenseConfig(**kwargs)))
 
 
 def test_dense_targets_smallest_box_wins_and_tiny_boxes_keep_their_centre_cell():
@@ -38,13 +45,13 @@ def _two_images() -> tuple[list, list]:
 
 def test_dense_head_is_training_only_and_its_loss_reaches_the_backbone(tiny_cfg):
     torch.manual_seed(0)
-    cfg = dataclasses.replace(tiny_cfg, num_classes=4, dense_aux=True)
+    cfg = _dense(dataclasses.replace(tiny_cfg, num_classes=4), loss_coef=2.0)
     model = build_model(cfg)
     images, targets = _two_images()
     out = model.train()(images)
     h, w = out["dense"]["mask"].shape[-2:]
     assert out["dense"]["pred_logits"].shape == (2, h * w, 5)
-    criterion = build_criterion(4, dataclasses.replace(LossConfig(), dense_loss_coef=2.0))
+    criterion = build_criterion(4, LossConfig(), model.aids)
     losses = criterion(out, targets)
     assert torch.isfinite(losses["loss_ce_dense"])
     model.zero_grad()
@@ -57,7 +64,7 @@ def test_dense_head_is_training_only_and_its_loss_reaches_the_backbone(tiny_cfg)
                           2.0 * losses["loss_ce_dense"])
     # Inference: no dense output, and the same predictions as the model without the head.
     model.eval()
-    plain = build_model(dataclasses.replace(cfg, dense_aux=False)).eval()
+    plain = build_model(dataclasses.replace(cfg, aids=NO_AIDS)).eval()
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("dense_embed")}
     plain.load_state_dict(state)
     with torch.no_grad():
@@ -68,8 +75,8 @@ def test_dense_head_is_training_only_and_its_loss_reaches_the_backbone(tiny_cfg)
 
 
 def test_finetuning_to_other_classes_starts_the_dense_head_fresh(tiny_cfg):
-    trained = build_model(dataclasses.replace(tiny_cfg, num_classes=4, dense_aux=True))
-    model = build_model(dataclasses.replace(tiny_cfg, num_classes=6, dense_aux=True))
+    trained = build_model(_dense(dataclasses.replace(tiny_cfg, num_classes=4)))
+    model = build_model(_dense(dataclasses.replace(tiny_cfg, num_classes=6)))
     report = load_weights(model, trained.state_dict(), finetune=True)
     assert sorted(report.skipped) == ["class_embed.bias", "class_embed.weight",
                                       "dense_embed.bias", "dense_embed.weight"]
@@ -103,31 +110,35 @@ def test_dense_box_loss_is_zero_for_exact_distances_and_grows_with_error():
     on = box >= 0
     b = box[on]
     exact[on] = torch.stack([cx[on] - x0[b], cy[on] - y0[b], x1[b] - cx[on], y1[b] - cy[on]], -1)
-    criterion = build_criterion(2, LossConfig())
-    losses = criterion._dense(_dense_outputs(exact, valid, 2), target)
+    head = DenseHead(DenseConfig(boxes=True), num_classes=2, dim=8)
+    criterion = build_criterion(2, LossConfig(), [head])
+
+    def dense_losses(ltrb):
+        return head.losses({"dense": _dense_outputs(ltrb, valid, 2)}, target,
+                           num_boxes=torch.tensor(2.0), empty_weight=criterion.empty_weight)
+
+    losses = dense_losses(exact)
     assert losses["loss_bbox_dense"] < 1e-6 and losses["loss_giou_dense"] < 1e-6
     # Only assigned tokens count: the padding and unassigned tokens' predictions are ignored.
     other = exact.clone()
     other[~on] = 0.9
-    assert criterion._dense(_dense_outputs(other, valid, 2), target)["loss_bbox_dense"] < 1e-6
+    assert dense_losses(other)["loss_bbox_dense"] < 1e-6
     # Every assigned token's box 0.1 too wide on the left: L1 (cxcywh) = 0.05 + 0.1 per token.
     wider = exact.clone()
     wider[on, 0] += 0.1
-    shifted = criterion._dense(_dense_outputs(wider, valid, 2), target)
+    shifted = dense_losses(wider)
     assert torch.isclose(shifted["loss_bbox_dense"], torch.tensor(0.15))
     assert shifted["loss_giou_dense"] > 0.05
 
 
 def test_dense_boxes_train_the_backbone_and_leave_inference_alone(tiny_cfg):
     torch.manual_seed(0)
-    cfg = dataclasses.replace(tiny_cfg, num_classes=4, dense_aux=True, dense_boxes=True)
-    with pytest.raises(ValueError, match="dense_boxes needs model.dense_aux"):
-        build_model(dataclasses.replace(cfg, dense_aux=False))
+    cfg = _dense(dataclasses.replace(tiny_cfg, num_classes=4), boxes=True)
     model = build_model(cfg)
     images, targets = _two_images()
     out = model.train()(images)
     assert out["dense"]["pred_ltrb"].shape == (*out["dense"]["pred_logits"].shape[:2], 4)
-    criterion = build_criterion(4, LossConfig())
+    criterion = build_criterion(4, LossConfig(), model.aids)
     losses = criterion(out, targets)
     model.zero_grad()
     (losses["loss_bbox_dense"] + losses["loss_giou_dense"]).backward()
@@ -143,9 +154,19 @@ def test_dense_boxes_train_the_backbone_and_leave_inference_alone(tiny_cfg):
     assert none["loss_bbox_dense"] == 0 and none["loss_giou_dense"] == 0
     # Inference: no dense output; a plain model loads the weights with the head reported.
     model.eval()
-    plain = build_model(dataclasses.replace(cfg, dense_aux=False, dense_boxes=False)).eval()
+    plain = build_model(dataclasses.replace(cfg, aids=NO_AIDS)).eval()
     report = load_weights(plain, model.state_dict())
     assert {k for k in report.skipped if k.startswith("dense_bbox_embed.")}
     with torch.no_grad():
         assert "dense" not in model(images)
         assert torch.equal(model(images)["pred_boxes"], plain(images)["pred_boxes"])
+
+
+def test_dense_section_is_validated_where_it_is_read():
+    cfg = load_section(AidsConfig, {"dense": {"boxes": True}}, "model.aids")
+    assert cfg.dense == DenseConfig(boxes=True, loss_coef=1.0) and cfg.query_groups is None
+    assert load_section(AidsConfig, {"dense": {}}, "model.aids").dense == DenseConfig()
+    with pytest.raises(ConfigError, match=r"model\.aids\.dense\.loss_coef: -1.0 must be >= 0"):
+        load_section(AidsConfig, {"dense": {"loss_coef": -1}}, "model.aids")
+    with pytest.raises(ConfigError, match=r"model\.aids\.dense\.loss_coef: expected float"):
+        load_section(AidsConfig, {"dense": {"loss_coef": "x"}}, "model.aids")

@@ -71,8 +71,9 @@ def test_cli_exports_a_dynamic_graph_that_matches_eager(checkpoint, positions_in
     import onnx
     import onnxruntime
 
-    from detr.checkpoint import load_file, model_from_checkpoint
+    from detr.checkpoint import load_file
     from detr.export import main
+    from detr.hub import model_from_checkpoint
 
     if positions_in_values:
         checkpoint = _with_positions_in_values(checkpoint, tmp_path)

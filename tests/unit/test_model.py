@@ -6,9 +6,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from detr.models.backbone import Backbone
-from detr.models.detr import build_model, count_parameters
+from detr.models.detr import DETR, build_model, count_parameters
 from detr.models.postprocess import PostProcess
 from detr.models.transformer import Attention, Transformer
+from tests.conftest import with_aids
 
 
 def test_output_contract_for_tensor_and_list_inputs(tiny_cfg):
@@ -234,7 +235,7 @@ def test_an_earlier_last_stage_gives_its_stride_without_the_later_stages(
     assert (~out_mask[1]).all(1).tolist() == [True] * 3 + [False] * (96 // stride - 3)
     assert not any(k.startswith(absent) for k in backbone.body.state_dict())
     assert Backbone("resnet50", last_stage=stage).num_channels == r50_channels
-    model = build_model(dataclasses.replace(tiny_cfg, last_stage=stage, dense_aux=True))
+    model = build_model(with_aids(dataclasses.replace(tiny_cfg, last_stage=stage), dense={}))
     assert model.input_proj.in_channels == channels
     out = model.train()([torch.randn(3, 64, 80), torch.randn(3, 48, 48)])
     assert torch.isfinite(out["pred_boxes"]).all()
@@ -270,7 +271,7 @@ def test_postprocess_gives_absolute_xyxy_and_category_ids():
 
 
 def test_query_groups_train_only_and_isolated(tiny_cfg):
-    model = build_model(dataclasses.replace(tiny_cfg, query_groups=3))
+    model = build_model(with_aids(tiny_cfg, query_groups=3))
     x = torch.randn(1, 3, 64, 64)
     out = model.train()(x)
     assert out["pred_logits"].shape[1] == 3 * tiny_cfg.num_queries and out["query_groups"] == 3
@@ -283,3 +284,26 @@ def test_query_groups_train_only_and_isolated(tiny_cfg):
     assert plain["pred_boxes"].shape[1] == tiny_cfg.num_queries and "query_groups" not in plain
     assert torch.allclose(grouped, plain["pred_boxes"], atol=1e-5)
     assert "group_query_embed.weight" in model.state_dict()
+
+
+def test_the_aids_report_their_training_only_and_class_sized_keys(tiny_cfg):
+    """A model without aids has no training-only keys; with all three, every key under the
+    reported prefixes exists and belongs to an aid (the checkpoint loader relies on it)."""
+    plain = build_model(tiny_cfg)
+    prefixes = DETR.training_only_prefixes()
+    assert set(prefixes) == {"group_query_embed.", "denoiser.", "dense_embed.",
+                             "dense_bbox_embed."}
+    assert plain.aids == [] and not any(k.startswith(prefixes) for k in plain.state_dict())
+    rich = build_model(with_aids(tiny_cfg, dense={"boxes": True}, query_groups=2,
+                                 denoising={"groups": 1}))
+    assert [aid.name for aid in rich.aids] == ["query_groups", "denoising", "dense"]
+    for aid in rich.aids:
+        own = {f"{name}.{k}" for name, m in aid.named_children() for k in m.state_dict()}
+        assert own and all(k.startswith(aid.training_only_prefixes()) for k in own)
+        assert own <= set(rich.state_dict())
+    assert set(rich.state_dict()) - set(plain.state_dict()) == {
+        k for k in rich.state_dict() if k.startswith(prefixes)}
+    assert rich.class_sized_prefixes() == ("class_embed.", "denoiser.dn_label_embed.",
+                                           "dense_embed.")
+    with pytest.raises(ValueError, match="backbone_weights: 'w.pth' is a file"):
+        build_model(dataclasses.replace(tiny_cfg, backbone_weights="w.pth"))

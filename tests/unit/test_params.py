@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from detr.config import ConfigError
+from detr.config import AidsConfig, ConfigError
 from pipelines.params import load
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +24,8 @@ def test_the_r50_preset_is_the_paper_recipe():
     m, t, d = p["model"], p["train"], p["data"]
     assert (m.backbone, m.norm, m.hidden_dim, m.enc_layers, m.dec_layers) == (
         "resnet50", "frozen_bn", 256, 6, 6)
-    assert (m.num_queries, m.dropout, m.pre_norm, m.query_groups) == (100, 0.1, False, 1)
+    assert (m.num_queries, m.dropout, m.pre_norm) == (100, 0.1, False)
+    assert m.aids == AidsConfig()  # no training aids
     assert (t.lr, t.lr_backbone, t.weight_decay, t.clip_max_norm) == (1e-4, 1e-5, 1e-4, 0.1)
     assert d.scales == tuple(range(480, 801, 32)) and d.max_size == 1333
 

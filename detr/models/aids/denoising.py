@@ -1,4 +1,4 @@
-"""Denoising training (DN-DETR, Li et al. 2022) for plain DETR: training-only queries.
+"""Denoising training (DN-DETR, Li et al. 2022) for plain DETR (``model.aids.denoising``).
 
 Besides its learned object queries, the decoder gets ``groups`` copies of the ground truth with
 noise: each box shifted by up to ``box_noise / 2`` of its size and rescaled by up to
@@ -12,7 +12,10 @@ Attention: the object queries never see the denoising queries (inference has non
 denoising group sees itself and the first group of object queries only. Padding slots (images
 with fewer boxes than the batch's most) are hidden from every query and carry no loss.
 Inference and exported models never build these queries; the extra parameters
-(``dn_pos_embed``, ``dn_label_embed``) exist only when denoising is on.
+(``denoiser.dn_pos_embed``, ``denoiser.dn_label_embed``) exist only when denoising is on.
+The losses ``loss_ce_dn``, ``loss_bbox_dn``, ``loss_giou_dn`` (and per aux layer) compare each
+query with the object it was made from, weighted like the matched terms and normalised by the
+number of boxes (all groups summed, as Group DETR).
 """
 
 from __future__ import annotations
@@ -23,7 +26,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import box_convert
+from torch.nn import functional as F
+from torchvision.ops import box_convert, generalized_box_iou_loss
+
+from detr.config import DenoisingConfig
+from detr.models.aids.base import Queries, TrainingAid, block_diagonal
 
 
 @dataclass
@@ -45,9 +52,8 @@ class DenoisingBatch:
 
 def box_sine_embedding(boxes: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
     """[..., 4] normalised cxcywh -> [..., dim]: ``dim / 4`` sine/cosine channels per coordinate
-    (the same frequencies as the feature map's sine encoding)."""
-    if dim % 8:
-        raise ValueError(f"denoising needs model.hidden_dim divisible by 8, got {dim}")
+    (the same frequencies as the feature map's sine encoding); ``dim`` divisible by 8 (the
+    model config checks ``model.hidden_dim``)."""
     per = dim // 4
     i = torch.arange(per, dtype=torch.float32, device=boxes.device)
     freq = temperature ** (2 * torch.div(i, 2, rounding_mode="floor") / per)
@@ -61,11 +67,7 @@ class Denoiser(nn.Module):
 
     def __init__(self, num_classes: int, dim: int, *, groups: int, box_noise: float = 0.4,
                  label_noise: float = 0.2, labels: bool = True):
-        super().__init__()
-        if groups < 1:
-            raise ValueError(f"Denoiser: groups must be >= 1, got {groups}")
-        if not 0 <= label_noise <= 1 or box_noise < 0:
-            raise ValueError("model.dn_label_noise must be in [0, 1] and model.dn_box_noise >= 0")
+        super().__init__()  # ranges: checked by DenoisingConfig
         self.num_classes = num_classes
         self.dim = dim
         self.groups = groups
@@ -110,19 +112,83 @@ class Denoiser(nn.Module):
         return torch.cat([out[..., :2], out[..., 2:].clamp(min=1e-3)], dim=-1)
 
 
-def attention_mask(batch: DenoisingBatch, num_queries: int, query_groups: int) -> Tensor:
-    """[B, 1, Q+D, Q+D] bool, True where a query may attend to a key. Object queries
-    (Q = query_groups x num_queries, group-diagonal as in Group DETR) come first, then the
-    D = G x M denoising queries."""
-    q = num_queries * query_groups
+def attention_mask(batch: DenoisingBatch, num_queries: int, objects: Tensor) -> Tensor:
+    """[B, 1, Q+D, Q+D] bool, True where a query may attend to a key. The Q object queries
+    come first, attending to each other as ``objects`` [Q, Q] says (all, or group-diagonal
+    with Group DETR's query groups), then the D = G x M denoising queries."""
+    q = len(objects)
     d = batch.groups * batch.slots
     b = batch.valid.shape[0]
     device = batch.valid.device
-    obj_group = torch.arange(q, device=device) // num_queries
-    dn_group = torch.arange(d, device=device) // batch.slots
     allowed = torch.zeros(q + d, q + d, dtype=torch.bool, device=device)
-    allowed[:q, :q] = obj_group[:, None] == obj_group[None, :]
+    allowed[:q, :q] = objects
     allowed[q:, :num_queries] = True  # denoising sees the first (inference) group
-    allowed[q:, q:] = dn_group[:, None] == dn_group[None, :]
+    allowed[q:, q:] = block_diagonal(batch.groups, batch.slots, device)
     keys = torch.cat([torch.ones(b, q, dtype=torch.bool, device=device), batch.valid], dim=1)
     return (allowed[None] & keys[:, None, :])[:, None]
+
+
+class Denoising(TrainingAid):
+    """The denoising queries and their losses. Adds ``outputs["denoising"]`` (in training,
+    when the forward pass gets ``targets``): the denoising queries' ``pred_logits``,
+    ``pred_boxes``, ``aux_outputs`` and their :class:`DenoisingBatch` under ``batch``."""
+
+    name = "denoising"
+    parts = ("denoiser",)
+    class_sized = ("denoiser.dn_label_embed.",)
+
+    def __init__(self, cfg: DenoisingConfig, *, num_classes: int, dim: int, num_queries: int):
+        super().__init__()
+        self.num_queries = num_queries
+        self.denoiser = Denoiser(num_classes, dim, groups=cfg.groups, box_noise=cfg.box_noise,
+                                 label_noise=cfg.label_noise, labels=cfg.labels)
+
+    def extend_queries(self, queries: Queries, targets: Sequence[dict] | None) -> Queries:
+        """Append each image's denoising queries after the object queries (``queries.pos``
+        [Q, d] becomes [B, Q + D, d])."""
+        if targets is None:
+            return queries
+        dn = self.denoiser(targets)
+        obj = queries.pos.expand(len(targets), -1, -1)
+        q = obj.shape[1]
+        objects = (queries.attend if queries.attend is not None
+                   else torch.ones(q, q, dtype=torch.bool, device=obj.device))
+        content = torch.zeros_like(obj) if queries.content is None else queries.content
+        return queries.with_state(
+            self.name, (q, dn), pos=torch.cat([obj, dn.query_pos.to(obj)], dim=1),
+            content=torch.cat([content, dn.content.to(obj)], dim=1),
+            attend=attention_mask(dn, self.num_queries, objects))
+
+    def outputs(self, queries, hs, memory, mask, heads) -> dict:
+        if self.name not in queries.state:
+            return {}
+        start, dn = queries.state[self.name]
+        return {"denoising": {**heads(hs[:, :, start:start + dn.groups * dn.slots]),
+                              "batch": dn}}
+
+    def losses(self, outputs: dict, targets: Sequence[dict], *, num_boxes: Tensor,
+               empty_weight: Tensor) -> dict[str, Tensor]:
+        """Losses of the denoising queries: fixed targets, no matching, no "no object"."""
+        if "denoising" not in outputs:
+            return {}
+        dn = outputs["denoising"]["batch"]
+        layers = [*outputs["denoising"].get("aux_outputs", []), outputs["denoising"]]
+        valid = dn.valid
+        labels = dn.labels[valid]
+        tgt = dn.boxes[valid].float()
+        out = {}
+        for i, layer in enumerate(layers):
+            suffix = "_dn" if i == len(layers) - 1 else f"_dn_{i}"
+            logits = layer["pred_logits"][valid].float()
+            src = layer["pred_boxes"][valid].float()
+            ce = F.cross_entropy(logits, labels, reduction="sum") / num_boxes
+            l1 = F.l1_loss(src, tgt, reduction="sum") / num_boxes
+            giou = generalized_box_iou_loss(box_convert(src, "cxcywh", "xyxy"),
+                                            box_convert(tgt, "cxcywh", "xyxy"),
+                                            reduction="sum") / num_boxes
+            out.update({f"loss_ce{suffix}": ce, f"loss_bbox{suffix}": l1,
+                        f"loss_giou{suffix}": giou})
+        return out
+
+    def loss_weights(self, matched: dict[str, float]) -> dict[str, float]:
+        return {f"{name}_dn": weight for name, weight in matched.items()}
