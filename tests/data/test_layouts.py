@@ -11,10 +11,10 @@ import yaml
 
 from detr.data.detect_layout import detect_layout, import_layout
 from detr.data.formats import FormatError
+from pipelines.params import PrepareConfig, ValidateConfig
 from pipelines.stages import prepare
 from pipelines.validation.dataset_tables import load_tables
 from pipelines.validation.expectations import run_suites
-from pipelines.params import PrepareConfig, ValidateConfig
 from tests.data.conftest import CATEGORIES, coco_split, write_coco_dataset, write_image
 from tests.data.test_formats import NAMES, TRAIN, VAL, read_boxes, write_voc, write_yolo
 
