@@ -64,7 +64,7 @@ prefect-ui: $(STAMP)
 	PREFECT_HOME=$(abspath .prefect) $(BIN)/prefect server start --host 127.0.0.1 \
 	  --port $(PREFECT_PORT)
 
-# The team stack and scale-out (infra/, README "At scale"). DVC's S3 remote, credentials from
+# The team stack and scale-out (infra/, docs/infra.md). DVC's S3 remote, credentials from
 # the environment only: make dvc-remote DVC_REMOTE_URL=s3://dvc/detr-ops [DVC_REMOTE_ENDPOINT=...]
 dvc-remote: $(STAMP)
 	DVC=$(abspath $(BIN))/dvc infra/dvc-remote.sh

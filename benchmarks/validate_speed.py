@@ -94,9 +94,7 @@ def main() -> None:
         rows.append((f"flatten + file checks ({args.workers} workers)", seconds))
         seconds, _ = _timed(run_suites, tables, cfg)
         rows.append(("GE suites (no Data Docs)", seconds))
-        seconds, report = _timed(
-            run, root, cfg, Path(tmp) / "reports", metrics_path=Path(tmp) / "dataset.json"
-        )
+        seconds, report = _timed(run, root, cfg, Path(tmp) / "reports")
         rows.append(("run(): the whole stage, Data Docs and JSON included", seconds))
     boxes = args.images * args.boxes_per_image
     print(

@@ -119,7 +119,7 @@ class Predictor:
         device: ``auto`` (CUDA if present), ``cpu``, ``cuda:1`` ...
         precision: ``auto`` is fp32 on every device; ``bf16`` autocasts where supported. At
             prediction's batch sizes bf16 autocast was slower than fp32 on H100 and H200 GPUs
-            (R50, batch 2: 1.01x vs 1.35x the official code's speed; README: Speed), and
+            (R50, batch 2: 1.01x vs 1.35x the official code's speed; docs/speed.md), and
             most CPUs emulate it.
         score_threshold, top_k: defaults of :meth:`predict`.
         fold_bn: run :meth:`predict` on a copy of the model with each BatchNorm folded into the

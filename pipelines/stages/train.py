@@ -29,8 +29,8 @@ from pipelines.stage import DATASET
 
 CHECKPOINTS = Path("checkpoints")
 LOSS_PLOT = Path("plots/train_loss.csv")
-DATASET_STATS = Path("metrics/dataset.json")  # written by the validate stage
-VALIDATION = Path("reports/validation/validation.json")
+VALIDATION = Path("reports/validation/validation.json")  # written by the validate stage
+DATASET_STATS = VALIDATION.parent / "dataset.json"  # its statistics, beside the report
 LOG_EVERY = 20  # steps per batch of MLflow metrics (one round trip each)
 LIBRARY = ("model", "loss", "data", "train")
 

@@ -6,8 +6,8 @@ Reads ``<dataset>/annotations/{train,val}.json`` and ``<dataset>/images/{train,v
 - ``<report_dir>/validation.json``: success, counts, params and every expectation with
   pass/fail, counts and up to ``max_examples`` offending records (split + ids / file name);
 - ``<report_dir>/data_docs/index.html``: Great Expectations Data Docs of the same run;
-- ``metrics_path`` (optional, e.g. ``metrics/dataset.json``): :func:`dataset_statistics`, for
-  ``dvc metrics`` and MLflow.
+- ``<report_dir>/dataset.json``: :func:`dataset_statistics` (a report, not a ``dvc metrics``
+  file: its ~40 numbers would crowd ``dvc exp show``), logged to MLflow by the train stage.
 
 ``run`` is pure (files in, files out, a report back); ``validate_flow`` wraps it for Prefect and
 fails when the dataset fails; ``main`` is the command line (``python -m pipelines validate``):
@@ -35,6 +35,7 @@ from pipelines.validation.expectations import ExpectationOutcome, run_suites
 # COCO's area ranges (px^2): small < 32^2 <= medium < 96^2 <= large.
 AREA_RANGES = {"small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2),
                "large": (96.0**2, float("inf"))}
+STATISTICS_FILE = "dataset.json"  # in the report folder, beside validation.json
 
 
 class DatasetValidationError(RuntimeError):
@@ -43,7 +44,8 @@ class DatasetValidationError(RuntimeError):
 
 @dataclass(frozen=True)
 class ValidationReport:
-    """What ``run`` found and wrote. ``statistics``: see :func:`dataset_statistics`."""
+    """What ``run`` found and wrote. ``statistics``: see :func:`dataset_statistics` (also
+    written to ``report_path.parent / STATISTICS_FILE``)."""
 
     success: bool
     outcomes: tuple[ExpectationOutcome, ...]
@@ -69,9 +71,9 @@ class ValidationReport:
         return "\n".join(lines)
 
 
-def run(dataset_dir: str | Path, params: ValidateConfig, report_dir: str | Path,
-        *, metrics_path: str | Path | None = None) -> ValidationReport:
-    """Validate ``dataset_dir``; write the JSON report, Data Docs and (optional) metrics.
+def run(dataset_dir: str | Path, params: ValidateConfig,
+        report_dir: str | Path) -> ValidationReport:
+    """Validate ``dataset_dir``; write the JSON report, Data Docs and dataset statistics.
 
     Does not raise on failed expectations: see ``ValidationReport.success``.
 
@@ -93,15 +95,14 @@ def run(dataset_dir: str | Path, params: ValidateConfig, report_dir: str | Path,
         docs_index=docs_dir / "index.html",
     )
     _write_json(report.report_path, _report_dict(report, dataset_dir, params, tables))
-    if metrics_path is not None:
-        _write_json(Path(metrics_path), statistics)
+    _write_json(report_dir / STATISTICS_FILE, statistics)
     return report
 
 
 def dataset_statistics(tables: DatasetTables) -> dict[str, Any]:
     """Per split: images, boxes, crowd boxes, boxes per image (mean, max), boxes per COCO area
     range (small/medium/large by ``area``) and per category name. Plain numbers in nested
-    dicts, as ``dvc metrics`` and ``mlflow.log_metrics`` (after flattening) want them."""
+    dicts, as ``mlflow.log_metrics`` (after flattening) wants them."""
     names = tables.categories.drop_duplicates("id").set_index("id")["name"]
     stats: dict[str, Any] = {"categories": int(tables.categories["id"].nunique())}
     for split in SPLITS:
@@ -179,11 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="data/dataset", help="canonical dataset folder")
     parser.add_argument("--params", default="params.yaml", help="params.yaml")
     parser.add_argument("--reports", default="reports/validation",
-                        help="folder for validation.json + data_docs/")
-    parser.add_argument("--metrics", default="metrics/dataset.json", help="dataset statistics")
+                        help="folder for validation.json, dataset.json (statistics), data_docs/")
     args = parser.parse_args(argv)
     kwargs = {"dataset_dir": args.data, "params": load(args.params)["validate"],
-              "report_dir": args.reports, "metrics_path": args.metrics}
+              "report_dir": args.reports}
     try:
         result = stage.invoke(validate_flow, run, **kwargs)
     except DatasetLayoutError as exc:

@@ -206,8 +206,7 @@ def test_validation_suite_reports_instead_of_crashing(workdir: Path, tmp_path_fa
     reports = workdir / "reports"
     shutil.rmtree(reports, ignore_errors=True)
     try:
-        report = validate_run(workdir, ValidateConfig(workers=1), reports,
-                              metrics_path=reports / "dataset.json")
+        report = validate_run(workdir, ValidateConfig(workers=1), reports)
     except DatasetLayoutError as exc:
         event("DatasetLayoutError")
         assert "annotations" in str(exc), exc
@@ -240,10 +239,9 @@ def test_what_the_fuzzer_found_is_reported_not_raised(dataset: Path, tmp_path: P
     data = json.loads(path.read_text())
     data[table][index][field] = value
     path.write_text(json.dumps(data))
-    report = validate_run(dataset, ValidateConfig(workers=1), tmp_path / "reports",
-                          metrics_path=tmp_path / "dataset.json")
+    report = validate_run(dataset, ValidateConfig(workers=1), tmp_path / "reports")
     assert expectation in {o.name for o in report.failed}
     assert [o.name for o in report.outcomes if o.error] == []
-    json.loads((tmp_path / "dataset.json").read_text(), parse_constant=pytest.fail)
+    json.loads((tmp_path / "reports" / "dataset.json").read_text(), parse_constant=pytest.fail)
     failed = next(o for o in report.failed if o.name == expectation)
     assert any(e.get("split") == "train" for e in failed.examples), failed.examples

@@ -37,8 +37,6 @@ def _stage_args(
         str(tmp_path / "params.yaml"),
         "--reports",
         str(tmp_path / "reports"),
-        "--metrics",
-        str(tmp_path / "metrics" / "dataset.json"),
     ]
 
 
@@ -47,7 +45,6 @@ def test_run_writes_report_docs_and_statistics(pristine_dataset: Path, tmp_path:
         pristine_dataset,
         ValidateConfig(workers=1),
         tmp_path / "reports",
-        metrics_path=tmp_path / "metrics" / "dataset.json",
     )
     assert report.success and report.failed == []
     saved = json.loads((tmp_path / "reports" / "validation.json").read_text())
@@ -57,7 +54,7 @@ def test_run_writes_report_docs_and_statistics(pristine_dataset: Path, tmp_path:
     assert saved["counts"]["rows"] == {"images": 9, "annotations": 18, "categories": 6}
     assert report.docs_index.is_file()
     assert "image_file_decodes" in _docs_text(report.docs_index.parent)
-    stats = json.loads((tmp_path / "metrics" / "dataset.json").read_text())
+    stats = json.loads((tmp_path / "reports" / "dataset.json").read_text())
     assert stats == report.statistics
     assert stats["train"]["images"] == 6 and stats["val"]["boxes"] == 6
     assert stats["train"]["per_class"] == {"circle": 4, "square": 4, "triangle": 4}
@@ -83,7 +80,7 @@ def test_area_histogram_uses_coco_ranges(dataset: Path, tmp_path: Path) -> None:
 def test_main_passes_on_valid_data(pristine_dataset: Path, tmp_path: Path, capsys) -> None:
     assert main(_stage_args(pristine_dataset, tmp_path)) == 0
     assert "expectations passed" in capsys.readouterr().out
-    assert (tmp_path / "metrics" / "dataset.json").is_file()
+    assert (tmp_path / "reports" / "dataset.json").is_file()
 
 
 def test_main_fails_naming_expectation_and_record(dataset: Path, tmp_path: Path, capsys) -> None:

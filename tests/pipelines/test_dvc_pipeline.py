@@ -31,6 +31,7 @@ def test_dvc_repro_end_to_end(project):
     first = _sh([dvc, "repro"], root, env)
     assert _ran(first.stdout) == set(STAGES), first.stdout
     for path in ("data/dataset/annotations/train.json", "reports/validation/validation.json",
+                 "reports/validation/dataset.json",
                  "checkpoints/checkpoint.pth", "metrics/coco.json", "plots/train_loss.csv",
                  "reports/evaluation/coco_table.txt", "reports/register.json"):
         assert (root / path).exists(), path
