@@ -214,6 +214,14 @@ class TrainConfig:
                       warmup_steps=self.warmup_steps, eval_every=self.eval_every)
 
 
+def check_ranges(section: str, config: Any, checks: dict[str, bool]) -> None:
+    """Raise ConfigError naming ``<section>.<key>`` and its value for the first check that
+    is False (``checks``: key -> whether its value is in range)."""
+    for key, ok in checks.items():
+        if not ok:
+            raise ConfigError(f"{section}.{key}: {getattr(config, key)!r} is out of range")
+
+
 def _at_least(section: str, low: int = 1, **values: int) -> None:
     """ConfigError naming ``section.key`` unless every value is >= ``low``."""
     for key, value in values.items():

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from detr.config import LIBRARY_SECTIONS, ConfigError, parse_params, read_params
+from detr.config import LIBRARY_SECTIONS, ConfigError, check_ranges, parse_params, read_params
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -22,14 +22,6 @@ def project_root() -> Path:
     """The DVC project root (``DVC_ROOT`` inside a stage), else the working directory: where
     ``params.yaml``, ``dvc.lock``, the MLflow store and the servers' state are."""
     return Path(os.environ.get("DVC_ROOT", ".")).resolve()
-
-
-def check_ranges(section: str, config: Any, checks: dict[str, bool]) -> None:
-    """Raise ConfigError naming ``<section>.<key>`` and its value for the first check that
-    is False (``checks``: key -> whether its value is in range)."""
-    for key, ok in checks.items():
-        if not ok:
-            raise ConfigError(f"{section}.{key}: {getattr(config, key)!r} is out of range")
 
 
 @dataclass(frozen=True)
@@ -68,7 +60,7 @@ class PrepareConfig:
                 raise ConfigError(f"prepare.{key}: {getattr(self, key)!r} is not one of "
                                   f"{', '.join(allowed)}")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"prepare.val_fraction: {self.val_fraction!r} is not in [0, 1)")
+            raise ConfigError(f"prepare.val_fraction: {self.val_fraction!r} must be in [0, 1)")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 ``invoke(flow, run, **kwargs)``: with a Prefect API configured (``PREFECT_API_URL`` in the
 environment or the active Prefect profile), the stage runs as its Prefect flow: it shows in the
 UI with its logs and artifacts. So does a Prefect server that ``make serve`` started for this
-project and that answers now (:func:`pipelines.ops.servers.live_url`). Without one, the pure ``run``
+project and that answers now (:func:`pipelines.server_state.live_url`). Without one, the pure ``run``
 is called directly, so a plain ``dvc repro`` needs no server and does not start a temporary one
 (~8 s a stage). ``PIPELINES_STAGE_FLOWS=0`` also calls ``run`` directly: the ``retrain`` flow
 sets it for the stages it runs, which it shows as its own tasks (a stage in a subprocess could
@@ -33,10 +33,10 @@ def prefect_api_url() -> str | None:
 
     if get_current_settings().api.url:
         return str(get_current_settings().api.url)
-    from pipelines.ops import servers
+    from pipelines import server_state
     from pipelines.params import project_root
 
-    return servers.live_url("prefect", project_root())
+    return server_state.live_url("prefect", project_root())
 
 
 def prefect_enabled() -> bool:

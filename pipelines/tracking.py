@@ -46,9 +46,9 @@ def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    from pipelines.ops import servers
+    from pipelines import server_state
 
-    return servers.live_url("mlflow", project_root()) or f"sqlite:///{project_root() / 'mlflow.db'}"
+    return server_state.live_url("mlflow", project_root()) or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
 def configure() -> str:

@@ -19,8 +19,8 @@ not already running:
 Each runs in its own session (process group). Pid files, logs and ``state.json`` (the URLs) are
 kept in ``SERVE_DIR`` (``<project>/.servers``, git-ignored). ``stop`` sends SIGTERM to each
 group (worker first), SIGKILL after ``STOP_GRACE_S``, and removes the state. Both commands are
-idempotent. The pipeline finds the servers through :func:`live_url` (``state.json`` plus a
-health check): with them up, the stages log to this MLflow server and run as Prefect flows;
+idempotent. The pipeline finds the servers through
+:func:`pipelines.server_state.live_url` (``state.json`` plus a health check): with them up, the stages log to this MLflow server and run as Prefect flows;
 without them, they use the embedded defaults (``mlflow.db``, no Prefect).
 """
 
@@ -41,8 +41,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.server_state import STATE_FILE, healthy, read_state, serve_dir
+
 BIN = Path(sys.executable).parent
-STATE_FILE = "state.json"
 STOP_GRACE_S = 20.0
 SERVICES = ("prefect", "mlflow", "worker")  # start order; stop goes backwards
 
@@ -96,40 +97,6 @@ class ServeConfig:
         return f"http://{self.host}:{self.mlflow_port}"
 
 
-def serve_dir(root: Path, env: Mapping[str, str] = os.environ) -> Path:
-    return (Path(root) / env.get("SERVE_DIR", ".servers")).resolve()
-
-
-# ---- what the pipeline asks: is a server of this project up? ------------------------------
-
-def read_state(root: Path) -> dict | None:
-    try:
-        return json.loads((serve_dir(root) / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def live_url(service: str, root: Path) -> str | None:
-    """The URL of ``service`` ("mlflow": the tracking URI, "prefect": the API URL) that
-    ``make serve`` started for the project at ``root``, if it answers its health check now."""
-    state = read_state(root)
-    if not state or service not in ("mlflow", "prefect"):
-        return None
-    url = state.get(f"{service}_url")
-    health = f"{url}/health" if service == "mlflow" else f"{url}/api/health"
-    if url and _healthy(health, timeout=2.0):
-        return url if service == "mlflow" else f"{url}/api"
-    return None
-
-
-def _healthy(url: str, timeout: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status == 200
-    except (OSError, urllib.error.URLError, ValueError):
-        return False
-
-
 # ---- start -------------------------------------------------------------------------------
 
 def commands(cfg: ServeConfig, work_pool: str, worker_name: str) -> dict[str, list[str]]:
@@ -180,8 +147,8 @@ def start(cfg: ServeConfig, work_pool: str) -> dict:
     if _pid(cfg, "worker") and state.get("worker_name"):
         worker_name = state["worker_name"]  # the running one keeps its name
     argv = commands(cfg, work_pool, worker_name)
-    checks = {"prefect": lambda: _healthy(f"{cfg.prefect_url}/api/health"),
-              "mlflow": lambda: _healthy(f"{cfg.mlflow_url}/health"),
+    checks = {"prefect": lambda: healthy(f"{cfg.prefect_url}/api/health"),
+              "mlflow": lambda: healthy(f"{cfg.mlflow_url}/health"),
               "worker": lambda: _worker_online(cfg, work_pool, worker_name)}
     ports = {"prefect": cfg.prefect_port, "mlflow": cfg.mlflow_port}
     started = []

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipelines import tracking
-from pipelines.ops import servers
+from pipelines import server_state, tracking
 from pipelines.params import project_root
 
 TABLE = Path("reports/evaluation/coco_table.txt")
@@ -24,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{reg.get('champion_version_before') or 'none'}")
         print(f"  load it: mlflow.pyfunc.load_model('{reg['alias_uri']}')")
     print(f"\nMLflow runs and registry: {tracking.tracking_uri()}")
-    mlflow_ui = servers.live_url("mlflow", project_root())
-    prefect_api = servers.live_url("prefect", project_root())
+    mlflow_ui = server_state.live_url("mlflow", project_root())
+    prefect_api = server_state.live_url("prefect", project_root())
     if mlflow_ui and prefect_api:  # `make serve` is up: the stages used it
         print(f"  UI:       {mlflow_ui} (MLflow), {prefect_api.removesuffix('/api')} (Prefect: "
               "each stage is a flow run)")

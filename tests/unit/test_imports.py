@@ -56,6 +56,14 @@ def test_models_import_no_data_training_or_checkpoint_code():
     assert not bad, f"detr/models/ imports code above it: {'; '.join(bad)}"
 
 
+def test_stages_import_nothing_from_what_runs_them():
+    """pipelines/ops/ (servers, retrain, deploy, lock) runs the stages, not the other way
+    round: a stage, its plumbing and its reports must not need it."""
+    sources = [m for m in _package("pipelines") if not _in(m, ("pipelines.ops",))]
+    bad = offences(sources, ("pipelines.ops",), lambda name: set(imports(name)))
+    assert not bad, f"pipelines/ imports its operations: {'; '.join(bad)}"
+
+
 def test_the_rules_see_a_violation():
     """The checks themselves, on a made-up graph: a circle and a banned import are named."""
     fake = {"detr.a": {"detr.b"}, "detr.b": {"detr.c", "mlflow"}, "detr.c": {"detr.a"},
