@@ -20,6 +20,7 @@ this policy is the one in force: a dead server fails a stage after about half a 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -223,10 +224,16 @@ def dvc_hash(path: str) -> str | None:
     return None
 
 
-def flat_params(sections: dict[str, Any]) -> dict[str, str]:
-    """``{"train": {"lr": 1e-4}}`` -> ``{"train.lr": "0.0001"}`` for ``mlflow.log_params``."""
+def flat_params(sections: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"train": {"lr": 1e-4}}`` -> ``{"train.lr": "0.0001"}`` for ``mlflow.log_params``;
+    nested sections (``model.aids.dense``) and config dataclasses are flattened all the way
+    down, so each knob is one param."""
     out = {}
-    for section, values in sections.items():
-        for key, value in values.items():
-            out[f"{section}.{key}"] = str(value)[:6000]
+    for key, value in sections.items():
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
+        if isinstance(value, dict) and value:
+            out.update(flat_params(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = str(value)[:6000]
     return out

@@ -83,7 +83,7 @@ def run(*, params: dict, dataset_dir: Path = DATASET, out_dir: Path = CHECKPOINT
     run_id = tracking.start_run(run_file=run_file)
     client = mlflow.MlflowClient()
     sections = {k: params[k] for k in LIBRARY}
-    logged = tracking.flat_params({k: vars(v) for k, v in sections.items()})
+    logged = tracking.flat_params(sections)
     items = list(logged.items())
     for i in range(0, len(items), 100):
         batch = [Param(k, v) for k, v in items[i:i + 100]]
