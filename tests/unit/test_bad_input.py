@@ -128,11 +128,10 @@ def test_validate_stage_names_a_malformed_annotation_file(tmp_path, capsys, text
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     (tmp_path / "params.yaml").write_text("validate:\n  workers: 1\n")
     code = pipelines_main(["validate", "--data", str(root), "--params",
-                           str(tmp_path / "params.yaml"), "--reports", str(tmp_path / "r"),
-                           "--metrics", str(tmp_path / "m.json")])
+                           str(tmp_path / "params.yaml"), "--reports", str(tmp_path / "r")])
     assert code == 2
     assert re.search(message, capsys.readouterr().err)
-    assert not (tmp_path / "m.json").exists()  # no statistics of a dataset that was not read
+    assert not (tmp_path / "r" / "dataset.json").exists()  # no statistics of unread data
 
 
 def test_unsafe_file_name_rule():
