@@ -83,8 +83,9 @@ def fit(*, model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig,
     ``init_weights``: a checkpoint to fine-tune from (class head re-initialised if it differs);
     defaults to ``train_cfg.init_weights``.
     ``stop_after_epoch``: stop (as if interrupted) after that epoch, for tests and budgets.
-    ``evaluate_at_end``: COCO evaluation on all of val after the last epoch (the pipeline's
-    evaluate stage does its own, so it turns this off).
+    ``evaluate_at_end``: COCO evaluation of the final weights (the EMA's when on) on all of val
+    after the last epoch (the pipeline's evaluate stage does its own, of best.pth, so it turns
+    this off).
     Every ``train_cfg.eval_every_steps`` steps, and after the last one, the val AP of the
     weights (the EMA's with ``train_cfg.ema_decay``) on the first ``eval_images`` val images;
     the best go to ``out_dir/best.pth`` (``model``, ``params``, ``label_map``, ``epoch``,
@@ -159,8 +160,7 @@ def fit(*, model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig,
             callback=callback if info.is_main else None, log_every=train_cfg.log_every,
             on_step=lambda s, e=epoch: on_step(s, e), progress=progress and info.is_main)
         done = epoch + 1
-        finishing = done == train_cfg.epochs or monitor.should_stop
-        if finishing and train_cfg.eval_every_steps and monitor.last_step != step:
+        if done == train_cfg.epochs and train_cfg.eval_every_steps and monitor.last_step != step:
             validate(step, epoch)  # the final weights compete for best.pth too
         record = {"epoch": epoch, **{f"epoch_{k}": v for k, v in means.items()}}
         if monitor.curve and monitor.curve[-1]["epoch"] == epoch:
