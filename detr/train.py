@@ -292,7 +292,8 @@ def _save_best(path: Path, model: DETR, step: int, epoch: int, stats: dict | Non
 
 def _resume(out_dir: Path, params: dict, epochs: int, state: dict, info) -> tuple[int, list]:
     """Load ``out_dir/checkpoint.pth`` into ``state``'s objects if it was made with the same
-    params (epochs and monitoring aside); a fresh start removes an old ``best.pth``.
+    params (epochs and monitoring aside). Else a fresh start: a checkpoint of other params
+    and its best.pth are moved aside (``*.stale.pth``), a best.pth alone is removed.
 
     Raises:
         CheckpointError: the checkpoint is past ``epochs`` (made by a longer run).
@@ -310,9 +311,11 @@ def _resume(out_dir: Path, params: dict, epochs: int, state: dict, info) -> tupl
             return ckpt["epoch"] + 1, list(ckpt.get("history", []))
         if info.is_main:
             path.replace(out_dir / "checkpoint.stale.pth")
-            print(f"{path}: made with other params; moved to checkpoint.stale.pth, starting "
-                  f"afresh", file=sys.stderr)
-    if info.is_main:
+            if (out_dir / BEST).is_file():
+                (out_dir / BEST).replace(out_dir / "best.stale.pth")
+            print(f"{path}: made with other params; moved to checkpoint.stale.pth (and "
+                  f"best.pth to best.stale.pth), starting afresh", file=sys.stderr)
+    if info.is_main:  # a best.pth without its checkpoint.pth belongs to no run
         (out_dir / BEST).unlink(missing_ok=True)
     distributed.barrier(info)
     return 0, []

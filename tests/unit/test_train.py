@@ -61,9 +61,10 @@ def test_checkpoint_contents(tiny_dataset, tmp_path):
 
 def test_other_params_start_afresh_and_keep_the_old_checkpoint(tiny_dataset, tmp_path):
     _fit(tiny_dataset, tmp_path, train={"epochs": 1})
-    old = (tmp_path / "checkpoint.pth").read_bytes()
+    old, old_best = ((tmp_path / name).read_bytes() for name in ("checkpoint.pth", "best.pth"))
     _fit(tiny_dataset, tmp_path, train={"epochs": 1, "lr": 5e-4})
     assert (tmp_path / "checkpoint.stale.pth").read_bytes() == old
+    assert (tmp_path / "best.stale.pth").read_bytes() == old_best
 
 
 def test_nan_loss_stops_with_step_and_term_and_keeps_the_last_good_checkpoint(
