@@ -46,6 +46,18 @@ def test_resume_after_an_interruption_ends_with_the_same_weights(tiny_dataset, t
     assert all(torch.equal(best_a["model"][k], best_b["model"][k]) for k in best_a["model"])
 
 
+def test_validation_during_training_leaves_the_training_unchanged(tiny_dataset, tmp_path):
+    """Evaluations mid-epoch draw no random numbers from the training's streams (the val
+    loader does) and leave the model in train mode (batch-norm statistics would differ):
+    without either restore this test fails."""
+    plain = _fit(tiny_dataset, tmp_path / "plain", evaluate_at_end=False)
+    watched = _fit(tiny_dataset, tmp_path / "watched", evaluate_at_end=False,
+                   train={"eval_every_steps": 1})
+    assert len(watched.val_curve) == 4
+    a, b = _weights(plain.checkpoint), _weights(watched.checkpoint)
+    assert all(torch.equal(a[k], b[k]) for k in a), "evaluating changed the training"
+
+
 def test_checkpoint_contents(tiny_dataset, tmp_path):
     result = _fit(tiny_dataset, tmp_path, train={"epochs": 1})
     ckpt = load_file(result.checkpoint)
