@@ -47,9 +47,9 @@ def test_resume_after_an_interruption_ends_with_the_same_weights(tiny_dataset, t
 
 
 def test_validation_during_training_leaves_the_training_unchanged(tiny_dataset, tmp_path):
-    """Evaluations mid-epoch draw no random numbers from the training's streams (the val
-    loader does) and leave the model in train mode (batch-norm statistics would differ):
-    without either restore this test fails."""
+    """Evaluations mid-epoch leave the training's random streams as they were (evaluating
+    draws from them) and the model in train mode (batch-norm statistics would differ):
+    without either restore in detr.train._evaluate_aside this test fails."""
     plain = _fit(tiny_dataset, tmp_path / "plain", evaluate_at_end=False)
     watched = _fit(tiny_dataset, tmp_path / "watched", evaluate_at_end=False,
                    train={"eval_every_steps": 1})
