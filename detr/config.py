@@ -199,19 +199,32 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:1 ...
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast where fast
     channels_last: bool = True
-    eval_every: int = 0  # epochs between val AP evaluations during training; 0 = only at the end
+    # Val AP every eval_every_steps steps (0 = none) on the first eval_images (0 = all); stop
+    # after early_stop_patience evaluations without a better AP (0 = never); ema_decay: average
+    # of the weights, evaluated and kept as best.pth (0 = off). See detr/train.py.
+    eval_every_steps: int = 0
+    eval_images: int = 0
+    early_stop_patience: int = 0
+    ema_decay: float = 0.0
+    log_every: int = 50  # optimiser steps per logged mean of the losses (callback, MLflow)
     # Fine-tune from a checkpoint (path or URL, e.g. the official DETR R50): every tensor is
     # loaded but a class head of another size, which starts fresh. None = from scratch.
     init_weights: str | None = None
 
     def __post_init__(self):
         _at_least("train", epochs=self.epochs, batch_size=self.batch_size,
-                  grad_accum=self.grad_accum)
+                  grad_accum=self.grad_accum, log_every=self.log_every)
         if self.lr <= 0:
             raise ConfigError(f"train.lr: {self.lr} must be > 0, e.g. 1.0e-4")
         _non_negative("train", lr_backbone=self.lr_backbone, weight_decay=self.weight_decay,
                       clip_max_norm=self.clip_max_norm, lr_drop=self.lr_drop,
-                      warmup_steps=self.warmup_steps, eval_every=self.eval_every)
+                      warmup_steps=self.warmup_steps, eval_every_steps=self.eval_every_steps,
+                      eval_images=self.eval_images,
+                      early_stop_patience=self.early_stop_patience)
+        _fraction("train.ema_decay", self.ema_decay)
+        if self.early_stop_patience and not self.eval_every_steps:
+            raise ConfigError(f"train.early_stop_patience: {self.early_stop_patience} needs "
+                              f"train.eval_every_steps > 0 (it counts val evaluations)")
 
 
 def check_ranges(section: str, config: Any, checks: dict[str, bool]) -> None:
@@ -259,6 +272,8 @@ def load_section(cls: type, data: Any, name: str) -> Any:
     if unknown:
         moved = " (moved into model.aids: see params.yaml)" if unknown[0] in _FLAT_AID_KEYS or (
             unknown[0] == "dense_loss_coef") else ""
+        if name.endswith("train") and unknown[0] == "eval_every":
+            moved = " (now train.eval_every_steps, in optimiser steps: see params.yaml)"
         raise ConfigError(f"{name}.{unknown[0]}: unknown key{moved} "
                           f"(allowed: {', '.join(sorted(fields))})")
     values = {}

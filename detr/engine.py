@@ -1,8 +1,9 @@
 """Training and evaluation loops: one epoch at a time, no file I/O.
 
 Batches are ``(images [B,3,H,W], mask [B,H,W], targets)`` as :func:`detr.data.batching.collate`
-makes them. Metrics go to an optional ``callback(dict)``: per optimiser step ``{"step",
-"epoch", "loss", <each loss term>, "lr", "lr_backbone"}``.
+makes them. Metrics go to an optional ``callback(dict)``: every ``log_every`` optimiser steps ``{"step",
+"epoch", "loss", <each loss term>, "lr", "lr_backbone"}``, the loss terms averaged over the
+batches since the last call (summed on the device: no host sync per value per step).
 """
 
 from __future__ import annotations
@@ -42,18 +43,25 @@ def train_one_epoch(model: nn.Module, criterion: SetCriterion, loader: Iterable,
                     step: int = 0, scheduler=None, precision: str = "fp32",
                     clip_max_norm: float = 0.1, grad_accum: int = 1,
                     channels_last: bool = False, callback: Callback | None = None,
+                    log_every: int = 1, on_step: Callable[[int], None] | None = None,
                     progress: bool = True) -> tuple[dict[str, float], int]:
     """Train for one pass over ``loader``.
 
     ``step`` counts optimiser steps across epochs; one step per ``grad_accum`` batches.
-    Returns the epoch's mean of every logged value and the new step count.
+    The loss terms are summed on the device: the host reads them only every ``log_every``
+    steps, when ``callback`` gets their mean over the batches since its last call (and once
+    more at the end of the epoch for the rest). ``on_step(step)`` runs after every optimiser
+    step (an EMA update, a validation).
+    Returns the epoch's mean of every loss term and learning rate, and the new step count.
 
     Raises:
         NonFiniteLossError: a loss term is NaN/inf (before any weight is updated with it).
     """
     model.train()
-    sums: dict[str, float] = {}
-    batches = 0
+    total = window = None  # [terms] sums over the epoch's / the log window's batches
+    batches = in_window = steps = 0
+    lr_sums: dict[str, float] = {}
+    lrs: dict[str, float] = {}
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, dynamic_ncols=True)
     num_batches = len(loader) if hasattr(loader, "__len__") else None
     for i, batch in enumerate(bar):
@@ -61,25 +69,43 @@ def train_one_epoch(model: nn.Module, criterion: SetCriterion, loader: Iterable,
         update = (i + 1) % grad_accum == 0 or (num_batches is not None and i + 1 == num_batches)
         no_sync = getattr(model, "no_sync", None)
         with no_sync() if (no_sync and not update) else contextlib.nullcontext():
-            values, total = _forward_backward(model, criterion, images, mask, targets,
+            names, values = _forward_backward(model, criterion, images, mask, targets,
                                               device, precision, grad_accum, epoch, step)
+        total = values if total is None else total + values
+        window = values if window is None else window + values
+        batches, in_window = batches + 1, in_window + 1
         if update:
             _optimizer_step(model, optimizer, scheduler, clip_max_norm)
-            step += 1
-            values.update(_learning_rates(optimizer), step=step, epoch=epoch)
-            if callback:
-                callback(values)
-        batches += 1
-        for k, v in values.items():
-            sums[k] = sums.get(k, 0.0) + v
-        bar.set_postfix(loss=f"{sums['loss'] / batches:.3f}",
-                        giou=f"{sums['loss_giou'] / batches:.3f}")
-    means = {k: v / max(batches, 1) for k, v in sums.items() if k not in ("step", "epoch")}
-    return means, step
+            step, steps = step + 1, steps + 1
+            lrs = _learning_rates(optimizer)
+            lr_sums = {k: lr_sums.get(k, 0.0) + v for k, v in lrs.items()}
+            if on_step:
+                on_step(step)
+            if step % log_every == 0:
+                _log(callback, bar, names, window / in_window, lrs, step, epoch)
+                window, in_window = None, 0
+    if in_window:  # the epoch's last steps since the last log
+        _log(callback, bar, names, window / in_window, lrs, step, epoch)
+    means = dict(zip(names, (total / max(batches, 1)).tolist(), strict=True)) if total is not None \
+        else {}
+    return {**means, **{k: v / max(steps, 1) for k, v in lr_sums.items()}}, step
+
+
+def _log(callback: Callback | None, bar, names: list[str], means: Tensor, lrs: dict,
+         step: int, epoch: int) -> None:
+    """One host read of the window's mean loss terms, to ``callback`` and the progress bar."""
+    if callback is None and bar.disable:
+        return
+    values = dict(zip(names, means.tolist(), strict=True))
+    bar.set_postfix(loss=f"{values['loss']:.3f}", giou=f"{values.get('loss_giou', 0):.3f}")
+    if callback:
+        callback({**values, **lrs, "step": step, "epoch": epoch})
 
 
 def _forward_backward(model, criterion, images, mask, targets, device, precision, grad_accum,
-                      epoch, step) -> tuple[dict[str, float], Tensor]:
+                      epoch, step) -> tuple[list[str], Tensor]:
+    """Backward of the total loss; returns the names (``loss`` first) and values of every
+    loss term, on the device, averaged over DDP processes (each holds part of the batch)."""
     try:
         with autocast(device, precision):
             outputs = model(images, mask, targets)  # targets feed denoising queries, if any
@@ -87,21 +113,17 @@ def _forward_backward(model, criterion, images, mask, targets, device, precision
     except FloatingPointError as exc:
         raise NonFiniteLossError(f"epoch {epoch}, step {step}: {exc}") from exc
     total = criterion.total(losses)
-    values = _global_values({**losses, "loss": total})
-    for name in ["loss", *losses]:
-        if not math.isfinite(values[name]):
-            raise NonFiniteLossError(
-                f"epoch {epoch}, step {step}: loss term {name!r} is {values[name]} "
-                f"(lower train.lr, check the data, or keep train.clip_max_norm > 0)")
+    names = ["loss", *losses]
+    values = mean_over_processes(torch.stack([total.detach().float(),
+                                              *(v.detach().float() for v in losses.values())]))
+    if not bool(torch.isfinite(values).all()):  # one host sync per step, no more
+        name, value = next((n, v) for n, v in zip(names, values.tolist(), strict=True)
+                           if not math.isfinite(v))
+        raise NonFiniteLossError(
+            f"epoch {epoch}, step {step}: loss term {name!r} is {value} "
+            f"(lower train.lr, check the data, or keep train.clip_max_norm > 0)")
     (total / grad_accum).backward()
-    return values, total
-
-
-def _global_values(losses: dict[str, Tensor]) -> dict[str, float]:
-    """Loss values as plain floats, averaged over DDP processes (each holds part of the
-    batch), so that the logged loss is the global batch's."""
-    stacked = mean_over_processes(torch.stack([v.detach().float() for v in losses.values()]))
-    return dict(zip(losses, stacked.tolist(), strict=True))
+    return names, values
 
 
 def _optimizer_step(model: nn.Module, optimizer, scheduler, clip_max_norm: float) -> None:

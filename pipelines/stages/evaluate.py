@@ -71,7 +71,7 @@ from pipelines.reporting.pictures import image_sizes, write_attention, write_exa
 from pipelines.reporting.plots import ALL, SIZES
 from pipelines.reporting.report import Picture, write_report
 
-DEFAULT_CHECKPOINT = Path("checkpoints/checkpoint.pth")
+DEFAULT_CHECKPOINT = Path("checkpoints/best.pth")  # the train stage's best by val AP
 ARTIFACT_DIR = "evaluation"
 FIGURE_CAPTIONS = {
     "pr_curves.png": "Precision-recall per class and overall (all areas, 100 detections)",
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=pipeline_params.PARAMS_FILE,
                         help="evaluate, data and train sections")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
-                        help="the train stage's checkpoint.pth")
+                        help="the train stage's best.pth")
     parser.add_argument("--data", type=Path, default=Path("data/dataset"),
                         help="canonical dataset folder")
     parser.add_argument("--metrics", type=Path, default=Path("metrics/coco.json"),

@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines register",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--params", type=Path, default=PARAMS_FILE)
-    parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/checkpoint.pth"))
+    parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/best.pth"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics/coco.json"))
     parser.add_argument("--report", type=Path, default=Path("reports/register.json"))
     args = parser.parse_args(argv)

@@ -1,10 +1,12 @@
 """The ``train`` stage: :func:`detr.train.fit` with MLflow tracking.
 
 Starts the pipeline's MLflow run (its id goes to ``reports/mlflow_run.json`` for evaluate and
-register), logs every param, per-step losses and learning rates, per-epoch means (and val AP
-when ``train.eval_every`` is set), the dataset's DVC hash and the git commit. ``checkpoints/``
-is a persisted DVC output: an interrupted training resumes from its last epoch. The epoch
-history goes to ``plots/train_loss.csv`` (a DVC plot).
+register), logs every param, the losses and learning rates averaged over every
+``train.log_every`` steps, per-epoch means, the val AP of each evaluation during training
+(``train.eval_every_steps``), the dataset's DVC hash and the git commit. ``checkpoints/`` is a
+persisted DVC output: an interrupted training resumes from ``checkpoint.pth``; evaluate and
+register read ``best.pth``. The epoch history goes to ``plots/train_loss.csv``, the val AP
+curve to ``plots/val_ap.csv`` (DVC plots).
 """
 
 from __future__ import annotations
@@ -23,20 +25,24 @@ from prefect import flow
 from detr.checkpoint import CheckpointError
 from detr.data.coco import AnnotationError, ImageLoadError
 from detr.engine import NonFiniteLossError
+from detr.evaluation import STAT_NAMES
 from detr.train import fit
 from pipelines import stage, tracking
 from pipelines.stage import DATASET
 
 CHECKPOINTS = Path("checkpoints")
 LOSS_PLOT = Path("plots/train_loss.csv")
+VAL_PLOT = Path("plots/val_ap.csv")
 VALIDATION = Path("reports/validation/validation.json")  # written by the validate stage
 DATASET_STATS = VALIDATION.parent / "dataset.json"  # its statistics, beside the report
-LOG_EVERY = 20  # steps per batch of MLflow metrics (one round trip each)
 LIBRARY = ("model", "loss", "data", "train")
 
 
 class MlflowLogger:
-    """``fit`` callback: per-step metrics in batches, per-epoch metrics at once."""
+    """``fit`` callback: one batch of metrics (one round trip) per call. Step rows (the
+    losses' means over ``train.log_every`` steps, an evaluation's ``val_*``) at their step;
+    epoch rows (``epoch_*``) at the epoch, without the epoch's ``val_*`` copy (already
+    logged at its step)."""
 
     def __init__(self, run_id: str):
         from mlflow import MlflowClient
@@ -49,13 +55,11 @@ class MlflowLogger:
             step = int(values["step"])
             self.pending += [Metric(k, float(v), now, step) for k, v in values.items()
                              if k not in ("step", "epoch")]
-            if step % LOG_EVERY == 0:
-                self.flush()
         else:  # end of an epoch
             epoch = int(values["epoch"])
             self.pending += [Metric(k, float(v), now, epoch) for k, v in values.items()
-                             if k != "epoch"]
-            self.flush()
+                             if k != "epoch" and not k.startswith("val_")]
+        self.flush()
 
     def flush(self) -> None:
         pending, self.pending = self.pending, []
@@ -71,9 +75,10 @@ def _now_ms() -> int:
 
 def run(*, params: dict, dataset_dir: Path = DATASET, out_dir: Path = CHECKPOINTS,
         run_file: Path = tracking.RUN_FILE, plot_path: Path = LOSS_PLOT,
-        init_weights: Path | None = None, progress: bool = True,
+        val_plot_path: Path = VAL_PLOT, init_weights: Path | None = None, progress: bool = True,
         dataset_stats: Path = DATASET_STATS, validation_report: Path = VALIDATION) -> Path:
-    """Train (resuming from ``out_dir`` when possible); returns the checkpoint path.
+    """Train (resuming from ``out_dir`` when possible); returns the best checkpoint's path
+    (``best.pth``: the best val AP during training, else the last weights).
 
     The validate stage's statistics (``dataset_stats``) and report go into the same MLflow
     run: metrics ``dataset.<split>.<name>``, artifact ``validation/validation.json``.
@@ -110,7 +115,8 @@ def run(*, params: dict, dataset_dir: Path = DATASET, out_dir: Path = CHECKPOINT
         tracking.retry(lambda: client.set_tag(run_id, "resumed_from_epoch",
                                               str(result.start_epoch)), what="tag run")
     _write_history(plot_path, result.history)
-    return result.checkpoint
+    _write_val_curve(val_plot_path, result.val_curve)
+    return result.best
 
 
 def _fail_run(client, run_id: str, logger: MlflowLogger, status: str) -> None:
@@ -158,6 +164,17 @@ def _write_history(path: Path, history: list[dict]) -> None:
             writer.writerow({k.removeprefix("epoch_"): v for k, v in row.items()})
 
 
+def _write_val_curve(path: Path, curve: list[dict]) -> None:
+    """One row per evaluation during training: ``step``, ``epoch``, the COCO statistics
+    (header only when none ran, so that the DVC plot output always exists)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = ["step", "epoch", *STAT_NAMES]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(curve)
+
+
 @flow(name="train", log_prints=True)
 def train_flow(**kwargs) -> Path:
     return run(**kwargs)
@@ -183,5 +200,5 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, AnnotationError, ImageLoadError, FileNotFoundError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2
-    print(f"train: checkpoint {checkpoint}")
+    print(f"train: best checkpoint {checkpoint}")
     return 0

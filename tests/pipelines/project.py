@@ -27,7 +27,8 @@ TINY_PARAMS = {
     "data": {"scales": [64], "max_size": 64, "crop_scales": [64], "crop_size": [48, 64],
              "num_workers": 0},
     "train": {"epochs": 1, "batch_size": 4, "lr": 1.0e-3, "lr_backbone": 1.0e-3,
-              "warmup_steps": 0, "precision": "fp32", "channels_last": False, "device": "cpu"},
+              "warmup_steps": 0, "precision": "fp32", "channels_last": False, "device": "cpu",
+              "log_every": 1},  # every step reaches MLflow: the fault tests wait for a step
     "evaluate": {"batch_size": 4, "num_examples": 2},
     # A second version can't beat the first by 0.5 AP: it must become @challenger.
     "register": {"model_name": "detr-e2e", "min_improvement": 0.5},

@@ -32,8 +32,8 @@ def test_dvc_repro_end_to_end(project):
     assert _ran(first.stdout) == set(STAGES), first.stdout
     for path in ("data/dataset/annotations/train.json", "reports/validation/validation.json",
                  "reports/validation/dataset.json",
-                 "checkpoints/checkpoint.pth", "metrics/coco.json", "plots/train_loss.csv",
-                 "reports/evaluation/coco_table.txt", "reports/register.json"):
+                 "checkpoints/checkpoint.pth", "checkpoints/best.pth", "metrics/coco.json",
+                 "plots/train_loss.csv", "plots/val_ap.csv", "reports/evaluation/coco_table.txt", "reports/register.json"):
         assert (root / path).exists(), path
     coco = json.loads((root / "metrics/coco.json").read_text())
     assert len(coco) == 12 and "AP" in coco
