@@ -116,13 +116,17 @@ def _restore(client, name: str, alias: str, version: str | None, previous) -> li
     return []
 
 
+def history_entry(event: str) -> str:
+    """``<UTC time> <event>``: one entry of the ``alias_history`` tag."""
+    return f"{datetime.now(UTC).strftime('%Y-%m-%dT%H:%MZ')} {event}"
+
+
 def record(client, name: str, version, event: str, *, previous_champion=None) -> None:
     """Append ``event`` to ``version``'s ``alias_history`` tag; with ``previous_champion``
     (a version, or "none"), also set that tag unless the version already has one."""
     mv = tracking.retry(lambda: client.get_model_version(name, str(version)),
                         what=f"read {name} version {version}")
-    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%MZ")
-    history = "; ".join(filter(None, [mv.tags.get(HISTORY), f"{stamp} {event}"]))
+    history = "; ".join(filter(None, [mv.tags.get(HISTORY), history_entry(event)]))
     tags = {HISTORY: history[-HISTORY_CHARS:]}
     if previous_champion is not None and PREVIOUS_CHAMPION not in mv.tags:
         tags[PREVIOUS_CHAMPION] = str(previous_champion)
