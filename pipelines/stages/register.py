@@ -62,6 +62,7 @@ from pipelines.registry.aliases import (  # noqa: F401  (the stage's public name
     promote,
     rollback,
 )
+from pipelines.registry.card import publish_card
 from pipelines.registry.champion import CACHE_DIR, measure_champion
 from pipelines.registry.decision import Decision, class_drops, decide
 from pipelines.registry.report import report_markdown, summary
@@ -92,7 +93,9 @@ def run(*, checkpoint: Path, metrics_path: Path = Path("metrics/coco.json"),
     when registered), ``champion_dataset_md5``, ``champion_measurement`` (null, or where the
     number comes from: "measured" / "cached" / why not), ``per_class`` (``{class: {"new",
     "champion"}}``), ``model_uri`` (``models:/<name>/<version>``), ``alias_uri``
-    (``models:/<name>@<decision>``), ``run_id``, ``tracking_uri``.
+    (``models:/<name>@<decision>``), ``run_id``, ``tracking_uri``, ``model_card`` (the run
+    artifact of the HTML model card, :mod:`pipelines.registry.card`; null if not published).
+    The card is also the version's description.
 
     Raises:
         MetricsError: ``cfg.metric`` unknown or missing from ``metrics_path``, or not finite,
@@ -128,6 +131,8 @@ def run(*, checkpoint: Path, metrics_path: Path = Path("metrics/coco.json"),
         "alias_uri": f"models:/{cfg.model_name}@{decision.alias}",
         "run_id": run_id, "tracking_uri": tracking.tracking_uri(),
     }
+    report["model_card"] = publish_card(client, report, stats=_stats(Path(metrics_path)),
+                                        per_class=_per_class_if_any(Path(per_class_path)))
     _write_json(Path(report_path), report)
     print(summary(report))
     stage.publish_markdown(key="registration", markdown=report_markdown(report),
@@ -185,6 +190,19 @@ def read_per_class(path: Path) -> dict[str, float | None]:
     if not isinstance(data, dict):
         raise MetricsError(f"{path}: not a {{class: AP}} object")
     return {str(k): None if v is None else float(v) for k, v in data.items()}
+
+
+def _stats(path: Path) -> dict[str, float]:
+    """All statistics of the metrics file (read_metric checked the one that decides)."""
+    data = json.loads(path.read_text())
+    return dict(data.get("stats", data))
+
+
+def _per_class_if_any(path: Path) -> dict[str, float | None]:
+    try:
+        return read_per_class(path)
+    except MetricsError:
+        return {}
 
 
 def _mlflow_error() -> type[Exception]:

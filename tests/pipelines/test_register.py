@@ -134,6 +134,7 @@ def test_champion_challenger_sequence(env):
         "champion_dataset_md5": None, "champion_measurement": None, "per_class": {},
         "model_uri": "models:/seq/1", "alias_uri": "models:/seq@champion",
         "run_id": env.run_id, "tracking_uri": tracking.tracking_uri(),
+        "model_card": "model_card/seq-v1.html",
     }
     assert json.loads((env.root / "reports" / "seq.json").read_text()) == first
     assert _register(env, "seq", 0.20, min_improvement=0.05)["decision"] == "challenger"

@@ -130,7 +130,7 @@ def test_an_untrained_model_is_never_champion_with_the_default_params(registry):
 def test_no_class_may_lose_more_than_max_class_drop(registry, max_class_drop, expected):
     """Q-detecting-b beats P-detecting-a overall (0.5 vs 0.125) but class a loses 0.25."""
     name = f"gate-{expected}"
-    today = _dataset(registry, "gate", [("Q", "b")] * 3 + [("P", "a")])
+    today = _dataset(registry, name, [("Q", "b")] * 3 + [("P", "a")])
     qb = fixed_predictor(registry.root / "qb.pth", "Q", "b")
     assert _register(registry, name, registry.P, today,
                      max_class_drop=max_class_drop)["decision"] == "champion"
@@ -140,3 +140,29 @@ def test_no_class_may_lose_more_than_max_class_drop(registry, max_class_drop, ex
     if expected == "challenger":
         assert report["reason"] == ("class 'a' loses 0.2500 AP against the champion (more "
                                     "than register.max_class_drop 0.1)")
+
+
+def test_every_version_gets_a_model_card(registry):
+    import mlflow
+
+    today = _dataset(registry, "card", V2)
+    (registry.root / "metrics").mkdir(exist_ok=True)
+    (registry.root / "metrics" / "dataset.json").write_text(json.dumps({
+        "categories": 2, "val": {"images": 4, "boxes": 4, "area": {"small": 4, "medium": 0,
+                                                                    "large": 0},
+                                 "per_class": {"a": 4}}}))
+    (registry.root / "reports" / "validation").mkdir(parents=True, exist_ok=True)
+    (registry.root / "reports" / "validation" / "validation.json").write_text(json.dumps(
+        {"success": True, "counts": {"expectations": 12, "passed": 12}, "failed": []}))
+    report = _register(registry, "carded", registry.P, today)
+    card = registry.client.get_model_version("carded", "1").description
+    for text in ("# Model card: carded version 1", "**What it detects:** a, b (2 classes)",
+                 f"`{today.md5}`", "| val | 4 | 4 | 4 | 0 | 0 |", "| a | 4 |",
+                 "git commit", "suite passed: 12 of 12", "| AP | 0.0644 |", "| a | 0.0644 |",
+                 "| small | 0.0644 |", "no champion before", "weakest classes: a (AP 0.064)",
+                 "weakest object size: small", "not measured (no val objects): b",
+                 "mlflow models serve -m models:/carded/1"):
+        assert text in card, text
+    assert report["model_card"] == "model_card/carded-v1.html"
+    page = mlflow.artifacts.load_text(f"runs:/{report['run_id']}/{report['model_card']}")
+    assert "<h1>Model card: carded version 1</h1>" in page and "<table>" in page
