@@ -3,9 +3,10 @@
 :func:`measure_champion` downloads the champion version's checkpoint artifact (the slim
 checkpoint :mod:`pipelines.mlflow_model` logs) and evaluates it with
 :func:`pipelines.measurement.measure`, the evaluate stage's code and settings. The result is
-cached in ``cache_dir/<model>-v<version>-<dataset md5>.json`` (the dataset's DVC hash from
-dvc.lock), so registering again on the same data costs nothing; without a known hash nothing is
-cached.
+cached in ``cache_dir/<model>-v<version>-<dataset md5>-<settings>.json`` (the dataset's DVC
+hash from dvc.lock; ``settings``: a digest of the val resizing and the precision, which change
+the numbers), so registering again on the same data costs nothing; without a known dataset hash
+nothing is cached.
 
 Cache file / result: ``{"model_name", "version", "dataset_md5", "stats": {name: float},
 "per_class": {class: AP or null}, "evaluated_at", "cached": bool}``.
@@ -13,6 +14,7 @@ Cache file / result: ``{"model_name", "version", "dataset_md5", "stats": {name: 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import tempfile
@@ -30,9 +32,13 @@ CACHE_DIR = Path("reports/champion_eval")
 _UNSAFE = re.compile(r"[^\w.\-]")
 
 
-def cache_path(cache_dir: Path, name: str, version: int, dataset_md5: str) -> Path:
+def cache_path(cache_dir: Path, name: str, version: int, dataset_md5: str, *,
+               data_cfg: DataConfig, train_cfg: TrainConfig) -> Path:
     """Where the measurement of ``name`` version ``version`` on dataset ``dataset_md5`` goes."""
-    return Path(cache_dir) / (_UNSAFE.sub("_", f"{name}-v{version}-{dataset_md5}") + ".json")
+    settings = json.dumps([list(data_cfg.scales), data_cfg.max_size, train_cfg.precision])
+    digest = hashlib.sha256(settings.encode()).hexdigest()[:8]
+    return Path(cache_dir) / (_UNSAFE.sub("_", f"{name}-v{version}-{dataset_md5}-{digest}")
+                              + ".json")
 
 
 def measure_champion(name: str, version: int, *, dataset_dir: Path, dataset_md5: str | None,
@@ -46,7 +52,8 @@ def measure_champion(name: str, version: int, *, dataset_dir: Path, dataset_md5:
             trained on other categories than the val split's.
         mlflow.exceptions.MlflowException: the artifact could not be downloaded.
     """
-    path = cache_path(cache_dir, name, version, dataset_md5) if dataset_md5 else None
+    path = cache_path(cache_dir, name, version, dataset_md5, data_cfg=data_cfg,
+                      train_cfg=train_cfg) if dataset_md5 else None
     if path is not None and path.is_file():
         return {**json.loads(path.read_text()), "cached": True}
     with tempfile.TemporaryDirectory(prefix="detr-champion-") as tmp:
