@@ -1,8 +1,9 @@
 """``python -m pipelines <stage> [options]``: the commands dvc.yaml runs.
 
 Stages: prepare, validate, train, evaluate, register; promote (move @champion by hand);
-summary (print the last run's AP/AR table, registration and where the UIs are); retrain (the
-parent flow: new data, stale stages, push, registration); deploy (its scheduled deployment).
+rollback (@champion back to the previous champion); summary (print the last run's AP/AR
+table, registration and where the UIs are); retrain (the parent flow: new data, stale stages,
+push, registration); deploy (its scheduled deployment).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ COMMANDS = {
     "evaluate": ("pipelines.stages.evaluate", "main"),
     "register": ("pipelines.stages.register", "main"),
     "promote": ("pipelines.stages.register", "promote_main"),
+    "rollback": ("pipelines.stages.register", "rollback_main"),
     "summary": ("pipelines.reporting.summary", "main"),
     "retrain": ("pipelines.ops.retrain", "main"),
     "deploy": ("pipelines.ops.deploy", "main"),

@@ -47,6 +47,7 @@ from detr.inference import Predictor, check_options
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 INFERENCE_ARTIFACT = "inference"
+CHECKPOINT_FILE = "checkpoint.pth"  # the checkpoint artifact's file name in the model
 DEFAULT_TOP_K = 100
 BATCH_SIZE = 8  # images per forward pass in predict()
 # What the model imports at load time; pinned to the installed versions (local labels such as
@@ -114,7 +115,7 @@ def log_model(checkpoint: Path, data_cfg: DataConfig, *, name: str = "model",
     settings = inference_settings(data_cfg, score_threshold=score_threshold, top_k=top_k)
     with tempfile.TemporaryDirectory(prefix="detr-pyfunc-") as tmp:
         tmp = Path(tmp)
-        weights = slim_checkpoint(Path(checkpoint), tmp / "checkpoint.pth")
+        weights = slim_checkpoint(Path(checkpoint), tmp / CHECKPOINT_FILE)
         (tmp / "inference.json").write_text(json.dumps(settings, indent=2) + "\n")
         (tmp / "detr_model.py").write_text(MODEL_CODE)
         with warnings.catch_warnings():  # no input example on purpose: a base64 image

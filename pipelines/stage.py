@@ -19,6 +19,8 @@ from typing import Any
 
 FLOWS_SWITCH = "PIPELINES_STAGE_FLOWS"
 DATASET = Path("data/dataset")  # prepare's output: the canonical layout the later stages read
+VALIDATION_REPORT = Path("reports/validation/validation.json")  # the validate stage's
+DATASET_STATS = VALIDATION_REPORT.parent / "dataset.json"  # its statistics, beside it
 
 
 def prefect_api_url() -> str | None:

@@ -53,7 +53,7 @@ from pipelines.ops.lock import RetrainBusy, retrain_lock
 from pipelines.params import PARAMS_FILE, ScheduleConfig, load
 
 BIN = Path(sys.executable).parent
-VALIDATION_REPORT = Path("reports/validation/validation.json")
+VALIDATION_REPORT = stage.VALIDATION_REPORT
 REGISTER_REPORT = Path("reports/register.json")
 COCO_METRICS = Path("metrics/coco.json")
 COCO_TABLE = Path("reports/evaluation/coco_table.txt")
@@ -222,7 +222,7 @@ def push_data(root: Path, plan: Plan, enabled: bool) -> bool:
 
 def report_decision(root: Path, registered: bool) -> dict[str, Any]:
     """The registration decision of this run, as the register stage made and wrote it
-    (``reports/register.json``; the rule is :func:`pipelines.stages.register.decide`),
+    (``reports/register.json``; the rule is :func:`pipelines.registry.decision.decide`),
     published as artifacts with the AP/AR table."""
     report = _read_json(root / REGISTER_REPORT)
     if registered and report:
@@ -240,7 +240,7 @@ def report_decision(root: Path, registered: bool) -> dict[str, Any]:
 
 
 def _publish(root: Path, report: dict | None, registered: bool, text: str) -> None:
-    from pipelines.stages.register import report_markdown
+    from pipelines.registry.report import report_markdown
 
     coco = _read_json(root / COCO_METRICS)
     if coco:

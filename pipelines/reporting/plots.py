@@ -22,8 +22,8 @@ from matplotlib.ticker import MaxNLocator
 from detr.evaluation import CocoEvaluation
 from detr.queries import QueryBoxes
 from detr.visualize import box_shape_colors, class_color
+from pipelines.measurement import ALL  # the class name of the mean PR curve
 
-ALL = "all"  # the class name of the mean PR curve
 SIZES = ("small", "medium", "large")
 _AUX_TERM = re.compile(r"_\d+$")  # loss_ce_0: an auxiliary decoder layer's term
 

@@ -40,35 +40,22 @@ import csv
 import json
 import re
 import sys
-from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
-import torch
 from prefect import flow
-from torch.utils.data import DataLoader
 
 from detr.checkpoint import CheckpointError
 from detr.config import ConfigError, DataConfig, ModelConfig, TrainConfig
-from detr.data.batching import collate
-from detr.data.coco import (
-    AnnotationError,
-    CocoDetection,
-    ImageLoadError,
-    category_ids_from_label_map,
-)
-from detr.data.transforms import make_transforms
-from detr.device import resolve_precision, select_device
-from detr.engine import evaluate
-from detr.evaluation import STAT_NAMES, CocoEvaluation, evaluate_detections, format_per_class
-from detr.hub import model_from_checkpoint
-from detr.models.postprocess import PostProcess
+from detr.data.coco import AnnotationError, ImageLoadError
+from detr.evaluation import STAT_NAMES, CocoEvaluation, format_per_class
 from detr.queries import query_boxes
 from pipelines import params as pipeline_params
 from pipelines import stage, tracking
+from pipelines.measurement import ALL, EvaluationInputError, class_labels, measure, per_class_ap
 from pipelines.params import EvaluateConfig
 from pipelines.reporting.pictures import image_sizes, write_attention, write_examples, write_figures
-from pipelines.reporting.plots import ALL, SIZES
+from pipelines.reporting.plots import SIZES
 from pipelines.reporting.report import Picture, write_report
 
 DEFAULT_CHECKPOINT = Path("checkpoints/best.pth")  # the train stage's best by val AP
@@ -81,10 +68,6 @@ FIGURE_CAPTIONS = {
                                 "box it predicts on every val image",
 }
 _METRIC_UNSAFE = re.compile(r"[^\w.\- ]")  # what MLflow refuses in metric names (and / :)
-
-
-class EvaluationInputError(ValueError):
-    """The checkpoint and the dataset do not belong together (other categories)."""
 
 
 def run(*, checkpoint: Path, dataset_dir: Path, cfg: EvaluateConfig, data_cfg: DataConfig,
@@ -104,13 +87,9 @@ def run(*, checkpoint: Path, dataset_dir: Path, cfg: EvaluateConfig, data_cfg: D
     """
     checkpoint, dataset_dir = Path(checkpoint), Path(dataset_dir)
     report_dir, plots_dir = Path(report_dir), Path(plots_dir)
-    _check_inputs(checkpoint, dataset_dir)
-    model, model_cfg, label_map = model_from_checkpoint(checkpoint)
-    val = CocoDetection.from_root(dataset_dir, "val", transforms=make_transforms(
-        "val", scales=data_cfg.scales, max_size=data_cfg.max_size))
-    category_ids = _category_ids(label_map, val, checkpoint)
-    predictions = _predict(model, val, category_ids, cfg, data_cfg, train_cfg)
-    evaluation = evaluate_detections(val.coco, predictions)
+    measured = measure(checkpoint, dataset_dir, cfg=cfg, data_cfg=data_cfg, train_cfg=train_cfg)
+    evaluation, val, predictions = measured.evaluation, measured.val, measured.predictions
+    model, model_cfg, category_ids = measured.model, measured.model_cfg, measured.category_ids
     labels = class_labels(evaluation)
     print(evaluation.table)
     print(format_per_class(evaluation))
@@ -137,14 +116,6 @@ def run(*, checkpoint: Path, dataset_dir: Path, cfg: EvaluateConfig, data_cfg: D
     return evaluation
 
 
-def class_labels(evaluation: CocoEvaluation) -> dict[int, str]:
-    """A unique display name per category id: its name, or ``<name>_<id>`` where the name
-    repeats or is ``all`` (reserved for the mean curve)."""
-    counts = Counter(evaluation.category_names.values())
-    return {cat: name if counts[name] == 1 and name != ALL else f"{name}_{cat}"
-            for cat, name in evaluation.category_names.items()}
-
-
 def stat_rows(evaluation: CocoEvaluation) -> list[dict]:
     """``[{"metric", "value", "line"}]``: each statistic with its line of the COCO table."""
     lines = evaluation.table.splitlines()
@@ -166,49 +137,9 @@ def _facts(checkpoint: Path, dataset_dir: Path, model_cfg: ModelConfig,
     }
 
 
-def _check_inputs(checkpoint: Path, dataset_dir: Path) -> None:
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint} (run the train stage, or "
-                                f"pass --checkpoint)")
-    annotations = dataset_dir / "annotations" / "val.json"
-    if not annotations.is_file():
-        raise FileNotFoundError(f"{dataset_dir}: no val annotations at {annotations} (run the "
-                                f"prepare stage, or pass --data)")
-
-
-def _category_ids(label_map: dict | None, val: CocoDetection, checkpoint: Path) -> list | None:
-    """Category id of each model label; None for checkpoints whose labels are the ids."""
-    if label_map is None:
-        return None
-    try:
-        ids = category_ids_from_label_map(label_map)
-    except ValueError as exc:
-        raise CheckpointError(f"{checkpoint}: {exc}") from exc
-    if sorted(ids) != sorted(val.label_to_category):
-        raise EvaluationInputError(
-            f"{checkpoint} was trained on category ids {sorted(ids)}, but {val.ann_file} has "
-            f"{sorted(val.label_to_category)}: evaluate it on the dataset it was trained for")
-    return ids
-
-
-def _predict(model, val: CocoDetection, category_ids: list | None, cfg: EvaluateConfig,
-             data_cfg: DataConfig, train_cfg: TrainConfig) -> dict[int, dict]:
-    """Detections by image id (``detr.engine.evaluate``'s contract), every query kept."""
-    device = select_device(train_cfg.device)
-    precision = resolve_precision(train_cfg.precision, device)
-    model = model.to(device)
-    if train_cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    loader = DataLoader(val, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate,
-                        num_workers=data_cfg.num_workers, pin_memory=device.type == "cuda")
-    return evaluate(model, PostProcess(category_ids).to(device), loader, device=device,
-                    precision=precision, channels_last=train_cfg.channels_last,
-                    progress=sys.stderr.isatty())
-
-
 def _write_reports(evaluation: CocoEvaluation, labels: dict[int, str], metrics_path: Path,
                    plots_dir: Path, report_dir: Path) -> None:
-    per_class = {labels[c]: ap for c, ap in evaluation.per_class_ap.items()}
+    per_class = per_class_ap(evaluation)
     _write_text(metrics_path, json.dumps(evaluation.stats, indent=2) + "\n")
     _write_text(report_dir / "coco_table.txt", evaluation.table + "\n")
     _write_text(report_dir / "per_class_ap.json", json.dumps(per_class, indent=2) + "\n")

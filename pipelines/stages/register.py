@@ -1,24 +1,32 @@
 """The ``register`` stage: log the trained model, register a version, move an alias by a rule.
 
     python -m pipelines register [--params params.yaml] [--checkpoint checkpoints/checkpoint.pth]
-        [--metrics metrics/coco.json] [--report reports/register.json]
+        [--metrics metrics/coco.json] [--per-class reports/evaluation/per_class_ap.json]
+        [--data data/dataset] [--report reports/register.json]
     python -m pipelines promote --version N [--params params.yaml] [--alias champion]
+    python -m pipelines rollback [--params params.yaml]
 
 Reads the checkpoint, ``metrics_path`` (``evaluate``'s COCO statistics: ``{"AP": 0.41, ...}``,
-at the top level or under ``"stats"``) and the run id in ``reports/mlflow_run.json``. Logs the
-model into that run (:mod:`pipelines.mlflow_model`), registers a new version of
-``register.model_name`` and points ``@champion`` or ``@challenger`` at it.
+at the top level or under ``"stats"``), ``per_class_path`` (its ``{class: AP or null}``) and the
+run id in ``reports/mlflow_run.json``. Logs the model into that run (:mod:`pipelines.mlflow_model`),
+registers a new version of ``register.model_name`` and points ``@champion`` or ``@challenger``
+at it.
 
-The alias rule (``register:`` in params.yaml): the new version becomes ``@champion`` iff its
-``metric`` reaches ``min_ap`` and either there is no champion or it beats the champion's value
-by more than ``min_improvement`` (strictly: ``value > champion + min_improvement``; a tie does
-not displace the champion). Otherwise it becomes ``@challenger``. A champion whose value is
-unknown (no ``metric_<name>`` tag, no run metric) is kept: promote by hand.
+Like for like: the current champion is evaluated again on today's val split (``dataset_dir``)
+with the evaluate stage's code and settings (:mod:`pipelines.registry.champion`, cached by
+version and dataset md5), and the rule (:func:`pipelines.registry.decision.decide`) compares
+the two numbers measured on the same images: the new version becomes ``@champion`` iff its
+``metric`` reaches ``min_ap``, and there is no champion, or it beats the champion's value by
+more than ``min_improvement`` and no class loses more than ``max_class_drop`` AP. Otherwise
+``@challenger``. A champion that cannot be measured on this val split (other categories, no
+checkpoint artifact) is kept: promote by hand.
 
 All or nothing: the version is created with its tags (``metric_<name>``, ``decision``,
-``champion_version_before``, ``champion_value_before``, ``run_id``, ``git_commit``,
-``dataset_md5``), then the alias is moved. If anything fails after the version exists, the alias
-is put back where it was and the version is deleted; the error is re-raised.
+``decision_reason``, ``champion_version_before``, ``champion_value_before`` (same val split),
+``champion_value_logged``, ``champion_dataset_md5``, ``run_id``, ``git_commit``,
+``dataset_md5``, and for a new champion the alias history of :mod:`pipelines.registry.aliases`),
+then the alias is moved. If anything fails after the version exists, the alias is put back
+where it was and the version is deleted; the error is re-raised.
 
 Writes ``report_path`` (JSON, see :func:`run`). One writer at a time: two concurrent
 registrations of the same model may both read the same champion.
@@ -36,17 +44,31 @@ from typing import Any
 from prefect import flow
 
 from detr.checkpoint import CheckpointError
-from detr.config import ConfigError, DataConfig
+from detr.config import ConfigError, DataConfig, TrainConfig
 from detr.evaluation import STAT_NAMES
 from pipelines import mlflow_model, stage, tracking
-from pipelines.params import PARAMS_FILE, RegisterConfig, load
+from pipelines.measurement import EvaluationInputError
+from pipelines.params import PARAMS_FILE, EvaluateConfig, RegisterConfig, load
+from pipelines.registry.aliases import (  # noqa: F401  (the stage's public names)
+    CHALLENGER,
+    CHAMPION,
+    HISTORY,
+    NOT_FOUND,
+    PREVIOUS_CHAMPION,
+    RegistrationError,
+    alias_version,
+    history_entry,
+    move_alias,
+    promote,
+    rollback,
+)
+from pipelines.registry.card import publish_card
+from pipelines.registry.champion import CACHE_DIR, measure_champion
+from pipelines.registry.decision import Decision, class_drops, decide
+from pipelines.registry.report import report_markdown, summary
 
-CHAMPION, CHALLENGER = "champion", "challenger"
-NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
-
-
-class RegistrationError(RuntimeError):
-    """Registering failed; the registry was left as it was (the message says what failed)."""
+DATASET = "data/dataset"  # the dataset's DVC output path (its md5 in dvc.lock)
+PER_CLASS = Path("reports/evaluation/per_class_ap.json")
 
 
 class MetricsError(ValueError):
@@ -54,50 +76,139 @@ class MetricsError(ValueError):
 
 
 def run(*, checkpoint: Path, metrics_path: Path = Path("metrics/coco.json"),
-        cfg: RegisterConfig, data_cfg: DataConfig, run_file: Path = tracking.RUN_FILE,
+        cfg: RegisterConfig, data_cfg: DataConfig, eval_cfg: EvaluateConfig | None = None,
+        train_cfg: TrainConfig | None = None, dataset_dir: Path = Path(DATASET),
+        per_class_path: Path = PER_CLASS, cache_dir: Path = CACHE_DIR,
+        run_file: Path = tracking.RUN_FILE,
         report_path: Path = Path("reports/register.json")) -> dict[str, Any]:
     """Log, register and alias the model; write and return the report.
 
+    ``eval_cfg``, ``data_cfg`` and ``train_cfg`` (device, precision) are the evaluate stage's
+    settings, used to measure the champion on ``dataset_dir``'s val split.
+
     Report (``report_path``): ``model_name``, ``version`` (int), ``decision`` ("champion" or
-    "challenger"), ``metric``, ``value``, ``champion_version_before`` / ``champion_value_before``
-    (null without a champion), ``model_uri`` (``models:/<name>/<version>``), ``alias_uri``
-    (``models:/<name>@<decision>``), ``run_id``, ``tracking_uri``.
+    "challenger"), ``reason`` (one line), ``metric``, ``value``, ``dataset_md5``,
+    ``champion_version_before``, ``champion_value_before`` (measured on this val split; null
+    without a champion or when it could not be measured), ``champion_value_logged`` (its number
+    when registered), ``champion_dataset_md5``, ``champion_measurement`` (null, or where the
+    number comes from: "measured" / "cached" / why not), ``per_class`` (``{class: {"new",
+    "champion"}}``), ``model_uri`` (``models:/<name>/<version>``), ``alias_uri``
+    (``models:/<name>@<decision>``), ``run_id``, ``tracking_uri``, ``model_card`` (the run
+    artifact of the HTML model card, :mod:`pipelines.registry.card`; null if not published).
+    The card is also the version's description.
 
     Raises:
-        MetricsError: ``cfg.metric`` unknown or missing from ``metrics_path``, or not finite.
+        MetricsError: ``cfg.metric`` unknown or missing from ``metrics_path``, or not finite,
+            or ``per_class_path`` unreadable when there is a champion to compare with.
         CheckpointError: ``checkpoint`` is not a readable training checkpoint.
+        FileNotFoundError: a champion exists but ``dataset_dir`` has no val split.
         RegistrationError: the version could not be registered or aliased (registry unchanged).
     """
     import mlflow
 
     value = read_metric(Path(metrics_path), cfg.metric)
+    dataset_md5 = tracking.dvc_hash(DATASET)
     with tracking.resume_run(Path(run_file)) as active:
         run_id = active.info.run_id
         client = mlflow.MlflowClient()
         info = tracking.retry(lambda: mlflow_model.log_model(Path(checkpoint), data_cfg),
                               what="log the model")
-        before_version, before_value = champion_state(client, cfg.model_name, cfg.metric)
-        decision = decide(value, before_value, has_champion=before_version is not None,
-                          min_ap=cfg.min_ap, min_improvement=cfg.min_improvement)
-        tags = version_tags(client, run_id, cfg.metric, value, decision,
-                            before_version, before_value)
-        holder = alias_version(client, cfg.model_name, decision)  # read before the window
+        before = compare(client, cfg, value, dataset_md5=dataset_md5, dataset_dir=dataset_dir,
+                         per_class_path=Path(per_class_path), eval_cfg=eval_cfg or EvaluateConfig(),
+                         data_cfg=data_cfg, train_cfg=train_cfg or TrainConfig(),
+                         cache_dir=Path(cache_dir))
+        decision = before.pop("decision")
+        tags = version_tags(client, run_id, cfg.metric, value, decision, before, dataset_md5)
+        holder = alias_version(client, cfg.model_name, decision.alias)  # read before the window
         version = register_version(client, info.model_uri, cfg.model_name, tags)
-        move_alias(client, cfg.model_name, decision, version, previous=holder)
-        tracking.retry(lambda: _tag_run(run_id, version, decision), what="tag the run")
+        move_alias(client, cfg.model_name, decision.alias, version, previous=holder)
+        tracking.retry(lambda: _tag_run(run_id, version, decision.alias), what="tag the run")
     report = {
-        "model_name": cfg.model_name, "version": int(version), "decision": decision,
-        "metric": cfg.metric, "value": value, "champion_version_before": before_version,
-        "champion_value_before": before_value,
+        "model_name": cfg.model_name, "version": int(version), "decision": decision.alias,
+        "reason": decision.reason, "metric": cfg.metric, "value": value,
+        "dataset_md5": dataset_md5, **before,
         "model_uri": f"models:/{cfg.model_name}/{version}",
-        "alias_uri": f"models:/{cfg.model_name}@{decision}",
+        "alias_uri": f"models:/{cfg.model_name}@{decision.alias}",
         "run_id": run_id, "tracking_uri": tracking.tracking_uri(),
     }
+    report["model_card"] = publish_card(client, report, stats=_stats(Path(metrics_path)),
+                                        per_class=_per_class_if_any(Path(per_class_path)))
     _write_json(Path(report_path), report)
     print(summary(report))
     stage.publish_markdown(key="registration", markdown=report_markdown(report),
-                           description=f"{cfg.model_name} v{version}: {decision}")
+                           description=f"{cfg.model_name} v{version}: {decision.alias}")
     return report
+
+
+def compare(client, cfg: RegisterConfig, value: float, *, dataset_md5: str | None,
+            dataset_dir: Path, per_class_path: Path, eval_cfg: EvaluateConfig,
+            data_cfg: DataConfig, train_cfg: TrainConfig, cache_dir: Path) -> dict[str, Any]:
+    """The champion, measured on this val split, against ``value``: the report's
+    ``champion_*`` and ``per_class`` entries, and ``decision`` (a :class:`Decision`)."""
+    version, logged = champion_state(client, cfg.model_name, cfg.metric)
+    out = {"champion_version_before": version, "champion_value_before": None,
+           "champion_value_logged": logged, "champion_dataset_md5": None,
+           "champion_measurement": None, "per_class": {}}
+    drops = None
+    if version is not None:
+        champion = alias_version(client, cfg.model_name, CHAMPION)
+        out["champion_dataset_md5"] = champion.tags.get("dataset_md5")
+        try:
+            measured = measure_champion(cfg.model_name, version, dataset_dir=dataset_dir,
+                                        dataset_md5=dataset_md5, cfg=eval_cfg,
+                                        data_cfg=data_cfg, train_cfg=train_cfg,
+                                        cache_dir=cache_dir)
+        except (EvaluationInputError, CheckpointError, _mlflow_error()) as exc:
+            out["champion_measurement"] = f"not measured: {exc}"
+            print(f"register: champion v{version} not measured on {dataset_dir}: {exc}",
+                  file=sys.stderr)
+        else:
+            out["champion_measurement"] = "cached" if measured["cached"] else "measured"
+            out["champion_value_before"] = float(measured["stats"][cfg.metric])
+            new = read_per_class(per_class_path)
+            out["per_class"] = {name: {"new": new.get(name), "champion": ap}
+                                for name, ap in measured["per_class"].items()}
+            drops = class_drops(new, measured["per_class"])
+    out["decision"] = decide(value, out["champion_value_before"],
+                             has_champion=version is not None, min_ap=cfg.min_ap,
+                             min_improvement=cfg.min_improvement, class_drops=drops,
+                             max_class_drop=cfg.max_class_drop, metric=cfg.metric)
+    return out
+
+
+def read_per_class(path: Path) -> dict[str, float | None]:
+    """The evaluate stage's ``per_class_ap.json``: ``{class: AP or null}``.
+
+    Raises:
+        MetricsError: missing or unreadable file, or not a JSON object.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise MetricsError(f"{path}: cannot read the per-class AP (run the evaluate stage): "
+                           f"{exc}") from exc
+    if not isinstance(data, dict):
+        raise MetricsError(f"{path}: not a {{class: AP}} object")
+    return {str(k): None if v is None else float(v) for k, v in data.items()}
+
+
+def _stats(path: Path) -> dict[str, float]:
+    """All statistics of the metrics file (read_metric checked the one that decides)."""
+    data = json.loads(path.read_text())
+    return dict(data.get("stats", data))
+
+
+def _per_class_if_any(path: Path) -> dict[str, float | None]:
+    try:
+        return read_per_class(path)
+    except MetricsError:
+        return {}
+
+
+def _mlflow_error() -> type[Exception]:
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException
 
 
 def read_metric(path: Path, metric: str) -> float:
@@ -126,40 +237,6 @@ def read_metric(path: Path, metric: str) -> float:
     return value
 
 
-def decide(value: float, champion_value: float | None, *, has_champion: bool,
-           min_ap: float, min_improvement: float) -> str:
-    """"champion" iff ``value >= min_ap`` and (no champion, or ``value > champion_value +
-    min_improvement``); else "challenger". A champion of unknown value is never displaced."""
-    if value < min_ap:
-        return CHALLENGER
-    if not has_champion:
-        return CHAMPION
-    if champion_value is None:
-        return CHALLENGER
-    return CHAMPION if value > champion_value + min_improvement else CHALLENGER
-
-
-def alias_version(client, name: str, alias: str):
-    """The ModelVersion holding ``name@alias``; None when the model or the alias is missing.
-
-    Reads the registered model's alias table rather than ``get_model_version_by_alias``, whose
-    "not found" is an INVALID_PARAMETER_VALUE error, like a malformed alias name.
-    """
-    from mlflow.exceptions import MlflowException
-
-    try:
-        model = tracking.retry(lambda: client.get_registered_model(name), what=f"read {name}")
-    except MlflowException as exc:
-        if exc.error_code == NOT_FOUND:
-            return None
-        raise
-    version = (model.aliases or {}).get(alias)
-    if version is None:
-        return None
-    return tracking.retry(lambda: client.get_model_version(name, str(version)),
-                          what=f"read {name} version {version}")
-
-
 def champion_state(client, name: str, metric: str) -> tuple[int | None, float | None]:
     """(version, metric value) of ``name@champion``; (None, None) without one. The value comes
     from the version's ``metric_<metric>`` tag, else from its run's metrics (None if neither)."""
@@ -177,18 +254,24 @@ def champion_state(client, name: str, metric: str) -> tuple[int | None, float | 
     return int(champion.version), value
 
 
-def version_tags(client, run_id: str, metric: str, value: float, decision: str,
-                 before_version: int | None, before_value: float | None) -> dict[str, str]:
+def version_tags(client, run_id: str, metric: str, value: float, decision: Decision,
+                 before: dict[str, Any], dataset_md5: str | None) -> dict[str, str]:
     """The tags a new version is created with (all strings; "none" for a missing value)."""
     run_tags = tracking.retry(lambda: client.get_run(run_id), what=f"read run {run_id}").data.tags
-    tags = {f"metric_{metric}": repr(value), "decision": decision, "run_id": run_id,
-            "champion_version_before": str(before_version or "none"),
-            "champion_value_before": "none" if before_value is None else repr(before_value)}
+    champion = before["champion_version_before"]
+    tags = {f"metric_{metric}": repr(value), "decision": decision.alias,
+            "decision_reason": decision.reason[:500], "run_id": run_id,
+            "champion_version_before": str(champion or "none"),
+            **{key: "none" if before[key] is None else repr(before[key])
+               for key in ("champion_value_before", "champion_value_logged")},
+            "champion_dataset_md5": str(before["champion_dataset_md5"] or "none")}
     if run_tags.get("git_commit"):
         tags["git_commit"] = run_tags["git_commit"]
-    dataset_md5 = tracking.dvc_hash("data/dataset")
     if dataset_md5:
         tags["dataset_md5"] = dataset_md5
+    if decision.alias == CHAMPION:
+        tags[PREVIOUS_CHAMPION] = str(champion or "none")
+        tags[HISTORY] = history_entry(f"@champion (registered; was v{champion or 'none'})")
     return tags
 
 
@@ -210,48 +293,6 @@ def register_version(client, model_uri: str, name: str, tags: dict[str, str]) ->
             raise
         raise RegistrationError(f"could not register {model_uri} as {name!r} (deleted "
                                 f"versions: {leftovers or 'none'}): {exc}") from exc
-
-
-def move_alias(client, name: str, alias: str, version: str, *, previous) -> None:
-    """Point ``name@alias`` at ``version``. ``previous``: the ModelVersion holding the alias
-    before (None if unset), read before ``version`` was created. On any failure (interrupts
-    included) the alias goes back to ``previous`` and ``version`` is deleted: all or nothing.
-
-    Raises:
-        RegistrationError: the alias could not be moved (the message says what was undone).
-    """
-    try:
-        tracking.retry(lambda: client.set_registered_model_alias(name, alias, version),
-                       what=f"set {name}@{alias}")
-    except BaseException as exc:
-        problems = _roll_back(client, name, alias, version, previous)
-        if not isinstance(exc, Exception):
-            raise
-        undo = (f"version {version} deleted, @{alias} "
-                f"{f'on version {previous.version}' if previous else 'unset'}")
-        raise RegistrationError(
-            f"could not point {name}@{alias} at version {version}: {exc}. "
-            + (f"Rolled back: {undo}" if not problems else
-               f"Rollback incomplete ({'; '.join(problems)}); what remains to do: {undo}")
-        ) from exc
-
-
-def _roll_back(client, name: str, alias: str, version: str, previous) -> list[str]:
-    """Put ``alias`` back on ``previous`` (or remove it) and delete ``version``; returns what
-    could not be done (the original error matters more than these)."""
-    problems = []
-    try:
-        if previous is not None:
-            client.set_registered_model_alias(name, alias, previous.version)
-        elif str(getattr(alias_version(client, name, alias), "version", "")) == version:
-            client.delete_registered_model_alias(name, alias)
-    except Exception as exc:  # reported along with the original error
-        problems.append(f"restoring @{alias}: {exc}")
-    try:
-        client.delete_model_version(name, version)
-    except Exception as exc:
-        problems.append(f"deleting version {version}: {exc}")
-    return problems
 
 
 def _delete_versions_of(client, name: str, model_uri: str) -> list[str]:
@@ -278,68 +319,6 @@ def _tag_run(run_id: str, version: str, decision: str) -> None:
     client.log_metric(run_id, "registered_version", float(version))
 
 
-def promote(version: int, *, model_name: str, alias: str = CHAMPION) -> dict[str, Any]:
-    """Point ``model_name@alias`` at ``version`` by hand; the previous holder just loses the
-    alias. Tags the version ``promoted_manually=true``; promoting to champion also removes the
-    version's ``@challenger``. Returns ``{model_name, version, alias, previous_version,
-    alias_uri, tracking_uri}``.
-
-    Raises:
-        RegistrationError: the model or the version does not exist.
-    """
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    tracking.configure()
-    client = mlflow.MlflowClient()
-    try:
-        target = tracking.retry(lambda: client.get_model_version(model_name, str(version)),
-                                what=f"read {model_name} version {version}")
-    except MlflowException as exc:
-        raise RegistrationError(f"{model_name} version {version}: not in the registry at "
-                                f"{tracking.tracking_uri()}: {exc}") from exc
-    previous = alias_version(client, model_name, alias)
-    tracking.retry(lambda: client.set_model_version_tag(model_name, target.version,
-                                                        "promoted_manually", "true"),
-                   what="tag the version")
-    tracking.retry(lambda: client.set_registered_model_alias(model_name, alias, target.version),
-                   what=f"set {model_name}@{alias}")
-    if alias == CHAMPION and CHALLENGER in (target.aliases or []):
-        tracking.retry(lambda: client.delete_registered_model_alias(model_name, CHALLENGER),
-                       what=f"remove {model_name}@{CHALLENGER}")
-    return {"model_name": model_name, "version": int(target.version), "alias": alias,
-            "previous_version": int(previous.version) if previous else None,
-            "alias_uri": f"models:/{model_name}@{alias}", "tracking_uri": tracking.tracking_uri()}
-
-
-def summary(report: dict[str, Any]) -> str:
-    """Three lines for the terminal: the decision, where it is, how to look at it."""
-    before = ("no champion before" if report["champion_version_before"] is None else
-              f"champion was v{report['champion_version_before']} "
-              f"({_fmt(report['champion_value_before'])})")
-    return (f"register: {report['model_name']} v{report['version']} -> @{report['decision']} "
-            f"({report['metric']} {_fmt(report['value'])}; {before})\n"
-            f"  {report['alias_uri']} in {report['tracking_uri']}\n"
-            f"  browse it: make mlflow-ui, then http://127.0.0.1:5000/#/models/"
-            f"{report['model_name']}")
-
-
-def report_markdown(report: dict[str, Any]) -> str:
-    """The registration report (``reports/register.json``, as :func:`run` returns it) as
-    Markdown: the decision, the new version and the champion before, with their metric."""
-    return "\n".join([
-        f"# {report['model_name']} version {report['version']}: @{report['decision']}", "",
-        f"| | version | {report['metric']} |", "|---|---|---|",
-        f"| new | {report['version']} | {_fmt(report['value'])} |",
-        f"| champion before | {report['champion_version_before'] or '-'} | "
-        f"{_fmt(report['champion_value_before'])} |", "",
-        f"`{report['alias_uri']}` in `{report['tracking_uri']}`"])
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
@@ -358,13 +337,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=PARAMS_FILE)
     parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/best.pth"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics/coco.json"))
+    parser.add_argument("--per-class", type=Path, default=PER_CLASS)
+    parser.add_argument("--data", type=Path, default=Path(DATASET),
+                        help="the dataset whose val split the champion is measured on")
     parser.add_argument("--report", type=Path, default=Path("reports/register.json"))
     args = parser.parse_args(argv)
     try:
         params = load(args.params)
         stage.invoke(register_flow, run, checkpoint=args.checkpoint, metrics_path=args.metrics,
-                     cfg=params["register"], data_cfg=params["data"], report_path=args.report)
-    except (ConfigError, MetricsError, CheckpointError) as exc:
+                     cfg=params["register"], data_cfg=params["data"],
+                     eval_cfg=params["evaluate"], train_cfg=params["train"],
+                     dataset_dir=args.data, per_class_path=args.per_class,
+                     report_path=args.report)
+    except (ConfigError, MetricsError, CheckpointError, FileNotFoundError) as exc:
         print(f"register: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -386,4 +371,21 @@ def promote_main(argv: list[str] | None = None) -> int:
         return 2
     print(f"promote: {result['alias_uri']} -> version {result['version']} (was "
           f"{result['previous_version'] or 'unset'}) in {result['tracking_uri']}")
+    return 0
+
+
+def rollback_main(argv: list[str] | None = None) -> int:
+    """``python -m pipelines rollback``: exit 0 moved back, 2 nothing to roll back to."""
+    parser = argparse.ArgumentParser(prog="python -m pipelines rollback",
+                                     description="Move @champion back to the previous champion.")
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE)
+    args = parser.parse_args(argv)
+    try:
+        name = load(args.params)["register"].model_name
+        result = rollback(model_name=name)
+    except (ConfigError, RegistrationError) as exc:
+        print(f"rollback: {exc}", file=sys.stderr)
+        return 2
+    print(f"rollback: {result['alias_uri']} -> version {result['version']} (version "
+          f"{result['previous_version']} is @challenger) in {result['tracking_uri']}")
     return 0

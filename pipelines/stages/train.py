@@ -33,8 +33,8 @@ from pipelines.stage import DATASET
 CHECKPOINTS = Path("checkpoints")
 LOSS_PLOT = Path("plots/train_loss.csv")
 VAL_PLOT = Path("plots/val_ap.csv")
-VALIDATION = Path("reports/validation/validation.json")  # written by the validate stage
-DATASET_STATS = VALIDATION.parent / "dataset.json"  # its statistics, beside the report
+VALIDATION = stage.VALIDATION_REPORT
+DATASET_STATS = stage.DATASET_STATS
 LIBRARY = ("model", "loss", "data", "train")
 
 

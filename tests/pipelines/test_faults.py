@@ -30,7 +30,7 @@ PARAMS = {**TINY_PARAMS,
           "prepare": {"demo": {"num_train": 4 * STEPS_PER_EPOCH, "num_val": 4,
                                "image_size": 64, "max_objects": 3}},
           "train": {**TINY_PARAMS["train"], "epochs": 2},
-          "register": {"model_name": MODEL, "min_improvement": 0.0}}
+          "register": {"model_name": MODEL, "min_improvement": 0.0, "min_ap": 0.0}}
 KILL_TIMEOUT_S = 600.0
 
 

@@ -163,7 +163,7 @@ def registry(tiny_dataset, tmp_path, monkeypatch):
     tracking.configure()
     tracking.start_run()
     env = SimpleNamespace(root=tmp_path, server=server, checkpoint=checkpoint, data=data,
-                          client=mlflow.MlflowClient())
+                          train=train, dataset=tiny_dataset, client=mlflow.MlflowClient())
     yield env
     env.server.stop()  # the one running now (the test may have restarted it)
 
@@ -174,9 +174,13 @@ def _register(registry, value: float, report: str) -> dict:
 
     metrics = registry.root / "metrics.json"
     metrics.write_text(json.dumps({n: value for n in STAT_NAMES}))
+    per_class = registry.root / "per_class_ap.json"
+    per_class.write_text("{}")
     return register.run(checkpoint=registry.checkpoint, metrics_path=metrics,
                         cfg=RegisterConfig(model_name="outage", metric="AP"),
-                        data_cfg=registry.data, report_path=registry.root / report)
+                        data_cfg=registry.data, train_cfg=registry.train,
+                        dataset_dir=registry.dataset, per_class_path=per_class,
+                        report_path=registry.root / report)
 
 
 def test_server_killed_between_version_and_alias_leaves_no_alias_on_it(registry, monkeypatch):

@@ -1,7 +1,10 @@
 """The register stage against a real MLflow registry (SQLite under a temporary folder).
 
 One tiny trained checkpoint and one registry for the module; each test registers its own model
-name, so the tests don't depend on each other's versions.
+name, so the tests don't depend on each other's versions. These tests are about the registry's
+mechanics with made-up metrics: the champion's measurement on today's val split is stubbed to
+reproduce its logged number (the data did not change); tests/pipelines/test_registry_decisions.py
+measures it for real.
 """
 
 from __future__ import annotations
@@ -56,15 +59,31 @@ def env(tiny_dataset, tmp_path_factory):
                               client=client, dataset=tiny_dataset)
 
 
+@pytest.fixture(autouse=True)
+def logged_numbers_hold(monkeypatch):
+    """The champion, "measured" on today's val split, scores what it logged, on every class."""
+    def measure_champion(name, version, **_):
+        import mlflow
+
+        tags = mlflow.MlflowClient().get_model_version(name, str(version)).tags
+        return {"stats": {"AP": float(tags["metric_AP"])}, "per_class": {"shape": 0.1},
+                "cached": False}
+
+    monkeypatch.setattr(register, "measure_champion", measure_champion)
+
+
 def _register(env, name: str, value: float, *, min_ap: float = 0.0,
               min_improvement: float = 0.0) -> dict:
     metrics = env.root / "metrics" / f"{name}.json"
     metrics.parent.mkdir(exist_ok=True)
     metrics.write_text(json.dumps({n: value if n == "AP" else 0.01 for n in STAT_NAMES}))
+    per_class = env.root / "metrics" / f"{name}-per-class.json"
+    per_class.write_text(json.dumps({"shape": 0.1}))
     cfg = RegisterConfig(model_name=name, metric="AP", min_ap=min_ap,
                          min_improvement=min_improvement)
     return register.run(checkpoint=env.checkpoint, metrics_path=metrics, cfg=cfg,
-                        data_cfg=env.data, report_path=env.root / "reports" / f"{name}.json")
+                        data_cfg=env.data, per_class_path=per_class,
+                        report_path=env.root / "reports" / f"{name}.json")
 
 
 def _alias(env, name: str, alias: str) -> str | None:
@@ -88,7 +107,7 @@ def _live_versions(env, name: str) -> list[str]:
 ])
 def test_decide(value, champion, has_champion, min_ap, gain, expected):
     assert register.decide(value, champion, has_champion=has_champion, min_ap=min_ap,
-                           min_improvement=gain) == expected
+                           min_improvement=gain).alias == expected
 
 
 def test_read_metric_names_the_problem(tmp_path):
@@ -108,10 +127,14 @@ def test_read_metric_names_the_problem(tmp_path):
 def test_champion_challenger_sequence(env):
     first = _register(env, "seq", 0.30, min_improvement=0.05)
     assert first == {
-        "model_name": "seq", "version": 1, "decision": "champion", "metric": "AP",
-        "value": 0.30, "champion_version_before": None, "champion_value_before": None,
+        "model_name": "seq", "version": 1, "decision": "champion",
+        "reason": "no champion before", "metric": "AP", "value": 0.30,
+        "dataset_md5": DATASET_MD5, "champion_version_before": None,
+        "champion_value_before": None, "champion_value_logged": None,
+        "champion_dataset_md5": None, "champion_measurement": None, "per_class": {},
         "model_uri": "models:/seq/1", "alias_uri": "models:/seq@champion",
         "run_id": env.run_id, "tracking_uri": tracking.tracking_uri(),
+        "model_card": "model_card/seq-v1.html",
     }
     assert json.loads((env.root / "reports" / "seq.json").read_text()) == first
     assert _register(env, "seq", 0.20, min_improvement=0.05)["decision"] == "challenger"
@@ -122,9 +145,15 @@ def test_champion_challenger_sequence(env):
     assert fourth["champion_value_before"] == pytest.approx(0.30)
     assert (_alias(env, "seq", "champion"), _alias(env, "seq", "challenger")) == ("4", "3")
     tags = env.client.get_model_version("seq", "4").tags
+    history = tags.pop("alias_history")
+    assert history.endswith(" @champion (registered; was v1)")
     assert tags == {"metric_AP": "0.4", "decision": "champion", "run_id": env.run_id,
+                    "decision_reason": "AP 0.4000 beats the champion's 0.3000 on the same "
+                                       "val split",
                     "champion_version_before": "1", "champion_value_before": "0.3",
-                    "git_commit": "abc123", "dataset_md5": DATASET_MD5}
+                    "champion_value_logged": "0.3", "champion_dataset_md5": DATASET_MD5,
+                    "previous_champion": "1", "git_commit": "abc123",
+                    "dataset_md5": DATASET_MD5}
     run_tags = env.client.get_run(env.run_id).data.tags
     assert (run_tags["registered_version"], run_tags["decision"]) == ("4", "champion")
 
@@ -230,3 +259,58 @@ def test_main_reads_params_and_reports_bad_inputs(env, capsys):
     assert register.promote_main(["--version", "1", "--alias", "stable"]) == 0
     assert _alias(env, "cli", "stable") == "1"
     assert register.promote_main(["--version", "5"]) == 2
+
+
+def test_rollback_returns_to_the_previous_champion(env, capsys):
+    for value in (0.3, 0.4, 0.5):  # three champions in a row: v1, v2, v3
+        assert _register(env, "back", value)["decision"] == "champion"
+    result = register.rollback(model_name="back")
+    assert (result["version"], result["previous_version"]) == (2, 3)
+    assert (_alias(env, "back", "champion"), _alias(env, "back", "challenger")) == ("2", "3")
+    assert "rolled back to v2" in env.client.get_model_version("back", "3").tags["alias_history"]
+    assert "rollback from v3" in env.client.get_model_version("back", "2").tags["alias_history"]
+    assert register.rollback(model_name="back")["version"] == 1  # history is a stack
+    with pytest.raises(register.RegistrationError, match="no previous champion recorded"):
+        register.rollback(model_name="back")
+    assert _alias(env, "back", "champion") == "1"
+    with pytest.raises(register.RegistrationError, match="no @champion"):
+        register.rollback(model_name="never-registered")
+
+
+def test_rollback_after_a_promotion(env):
+    _register(env, "promoted", 0.3)
+    _register(env, "promoted", 0.1)  # challenger
+    register.promote(2, model_name="promoted")
+    assert env.client.get_model_version("promoted", "2").tags["previous_champion"] == "1"
+    assert register.rollback(model_name="promoted")["version"] == 1
+
+
+def test_rollback_failing_between_the_two_alias_moves_changes_nothing(env, monkeypatch):
+    from mlflow import MlflowClient
+
+    _register(env, "halfback", 0.3)
+    _register(env, "halfback", 0.1)  # v2: challenger
+    _register(env, "halfback", 0.5)  # v3: champion, its previous champion v1
+    original = MlflowClient.set_registered_model_alias
+
+    def fail_on_challenger(self, model, alias, version):
+        if alias == "challenger" and str(version) == "3":
+            raise RuntimeError("injected: second alias move")
+        return original(self, model, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", fail_on_challenger)
+    monkeypatch.setenv("DETR_MLFLOW_ATTEMPTS", "1")
+    with pytest.raises(register.RegistrationError, match="injected.*Rolled back"):
+        register.rollback(model_name="halfback")
+    assert (_alias(env, "halfback", "champion"), _alias(env, "halfback", "challenger")) == \
+        ("3", "2")
+
+
+def test_rollback_command(env, capsys):
+    (env.root / "params.yaml").write_text(PARAMS_YAML.replace("cli", "cli-back"))
+    _register(env, "cli-back", 0.3)
+    _register(env, "cli-back", 0.4)
+    assert register.rollback_main([]) == 0
+    assert "models:/cli-back@champion -> version 1" in capsys.readouterr().out
+    assert register.rollback_main([]) == 2
+    assert "no previous champion recorded" in capsys.readouterr().err

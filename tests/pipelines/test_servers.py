@@ -186,6 +186,11 @@ def test_the_uis_show_the_champion_and_the_scheduled_deployment(served, first_ru
         expect(body).to_contain_text(re.compile(r"@\s*champion"))
         page.screenshot(path=SCREENSHOTS / "mlflow_registered_model.png")
 
+        page.goto(f"{mlflow_url}/#/models/{MODEL}/versions/1")  # its description: the card
+        expect(body).to_contain_text(f"Model card: {MODEL} version 1")
+        expect(body).to_contain_text("Known limits (measured)")
+        page.screenshot(path=SCREENSHOTS / "mlflow_model_card.png")
+
         page.goto(f"{mlflow_url}/#/experiments/{_experiment_id(served, run_info)}/runs/"
                   f"{run_info['run_id']}")
         page.get_by_placeholder("Search metrics").fill("AP")

@@ -69,6 +69,7 @@ def test_evaluate_section_refuses_out_of_range_values(tmp_path, line):
 @pytest.mark.parametrize("section, line", [
     ("register", "min_ap: 1.5"), ("register", "min_ap: -0.1"),
     ("register", "min_improvement: -0.01"), ("register", "model_name: ' '"),
+    ("register", "max_class_drop: 1.5"),
     ("validate", "workers: 0"), ("validate", "min_class_fraction: 2"),
     ("schedule", "lock_wait_s: -1")])
 def test_pipeline_sections_refuse_out_of_range_values(tmp_path, section, line):
@@ -83,6 +84,26 @@ def test_register_limits_are_inclusive(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("register:\n  min_ap: 1.0\n  min_improvement: 0.0\n")
     assert load(path)["register"].min_ap == 1.0
+
+
+@pytest.mark.parametrize(("params", "name"), [
+    ("", "detr-demo"),
+    ("prepare:\n  source: data/raw/My Boats\n", "detr-my-boats"),
+    ("prepare:\n  source: data/coco/data.yaml\n", "detr-coco"),
+    ("prepare:\n  source: data/raw\nregister:\n  model_name: boats\n", "boats"),
+])
+def test_register_model_name_defaults_to_one_derived_from_the_dataset(tmp_path, params, name):
+    path = tmp_path / "params.yaml"
+    path.write_text(params)
+    assert load(path)["register"].model_name == name
+
+
+def test_the_default_floor_keeps_untrained_models_out():
+    from pipelines.params import RegisterConfig
+
+    # An untrained demo model scores ~0.0001 AP (measured, see params.yaml's comment).
+    assert 0.01 <= RegisterConfig().min_ap <= 0.05
+    assert load(ROOT / "params.yaml")["register"].min_ap == RegisterConfig().min_ap
 
 
 def test_project_root_is_dvc_root_else_the_working_directory(monkeypatch, tmp_path):

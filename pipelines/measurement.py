@@ -1,0 +1,127 @@
+"""Measure a checkpoint on a dataset's val split: the evaluation the ``evaluate`` stage reports
+and the ``register`` stage repeats on the champion, so that both numbers come from one code path
+and one set of settings.
+
+Settings: ``evaluate.batch_size``; val resizing from ``data`` (``scales``, ``max_size``,
+``num_workers``); device and precision from ``train`` (``device``, ``precision``,
+``channels_last``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from detr.checkpoint import CheckpointError
+from detr.config import DataConfig, ModelConfig, TrainConfig
+from detr.data.batching import collate
+from detr.data.coco import CocoDetection, category_ids_from_label_map
+from detr.data.transforms import make_transforms
+from detr.device import resolve_precision, select_device
+from detr.engine import evaluate
+from detr.evaluation import CocoEvaluation, evaluate_detections
+from detr.hub import model_from_checkpoint
+from detr.models.postprocess import PostProcess
+from pipelines.params import EvaluateConfig
+
+ALL = "all"  # reserved: the name of the mean over the classes (PR curves, tables)
+
+
+class EvaluationInputError(ValueError):
+    """The checkpoint and the dataset do not belong together (other categories)."""
+
+
+@dataclass
+class Measurement:
+    """What :func:`measure` found: the COCO evaluation and what produced it.
+
+    ``predictions``: detections by image id (``detr.engine.evaluate``'s contract, every query
+    kept); ``category_ids``: the category id of each model label (None: labels are the ids).
+    """
+
+    evaluation: CocoEvaluation
+    model: torch.nn.Module
+    model_cfg: ModelConfig
+    val: CocoDetection
+    category_ids: list | None
+    predictions: dict[int, dict]
+
+
+def measure(checkpoint: Path, dataset_dir: Path, *, cfg: EvaluateConfig, data_cfg: DataConfig,
+            train_cfg: TrainConfig) -> Measurement:
+    """COCOeval of ``checkpoint`` on ``dataset_dir``'s val split (``annotations/val.json`` +
+    ``images/val/``).
+
+    Raises:
+        FileNotFoundError: no checkpoint file, or no ``annotations/val.json`` under the dataset.
+        CheckpointError: the checkpoint is not a readable training checkpoint.
+        EvaluationInputError: the checkpoint's categories are not the val split's.
+    """
+    checkpoint, dataset_dir = Path(checkpoint), Path(dataset_dir)
+    _check_inputs(checkpoint, dataset_dir)
+    model, model_cfg, label_map = model_from_checkpoint(checkpoint)
+    val = CocoDetection.from_root(dataset_dir, "val", transforms=make_transforms(
+        "val", scales=data_cfg.scales, max_size=data_cfg.max_size))
+    category_ids = _category_ids(label_map, val, checkpoint)
+    predictions = _predict(model, val, category_ids, cfg, data_cfg, train_cfg)
+    return Measurement(evaluate_detections(val.coco, predictions), model, model_cfg, val,
+                       category_ids, predictions)
+
+
+def class_labels(evaluation: CocoEvaluation) -> dict[int, str]:
+    """A unique display name per category id: its name, or ``<name>_<id>`` where the name
+    repeats or is ``all`` (reserved for the mean curve)."""
+    counts = Counter(evaluation.category_names.values())
+    return {cat: name if counts[name] == 1 and name != ALL else f"{name}_{cat}"
+            for cat, name in evaluation.category_names.items()}
+
+
+def per_class_ap(evaluation: CocoEvaluation) -> dict[str, float | None]:
+    """``{class label: AP@[.50:.95] or None (no val object)}``, as ``per_class_ap.json``."""
+    labels = class_labels(evaluation)
+    return {labels[c]: ap for c, ap in evaluation.per_class_ap.items()}
+
+
+def _check_inputs(checkpoint: Path, dataset_dir: Path) -> None:
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint} (run the train stage, or "
+                                f"pass --checkpoint)")
+    annotations = dataset_dir / "annotations" / "val.json"
+    if not annotations.is_file():
+        raise FileNotFoundError(f"{dataset_dir}: no val annotations at {annotations} (run the "
+                                f"prepare stage, or pass --data)")
+
+
+def _category_ids(label_map: dict | None, val: CocoDetection, checkpoint: Path) -> list | None:
+    """Category id of each model label; None for checkpoints whose labels are the ids."""
+    if label_map is None:
+        return None
+    try:
+        ids = category_ids_from_label_map(label_map)
+    except ValueError as exc:
+        raise CheckpointError(f"{checkpoint}: {exc}") from exc
+    if sorted(ids) != sorted(val.label_to_category):
+        raise EvaluationInputError(
+            f"{checkpoint} was trained on category ids {sorted(ids)}, but {val.ann_file} has "
+            f"{sorted(val.label_to_category)}: evaluate it on the dataset it was trained for")
+    return ids
+
+
+def _predict(model, val: CocoDetection, category_ids: list | None, cfg: EvaluateConfig,
+             data_cfg: DataConfig, train_cfg: TrainConfig) -> dict[int, dict]:
+    """Detections by image id (``detr.engine.evaluate``'s contract), every query kept."""
+    device = select_device(train_cfg.device)
+    precision = resolve_precision(train_cfg.precision, device)
+    model = model.to(device)
+    if train_cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loader = DataLoader(val, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate,
+                        num_workers=data_cfg.num_workers, pin_memory=device.type == "cuda")
+    return evaluate(model, PostProcess(category_ids).to(device), loader, device=device,
+                    precision=precision, channels_last=train_cfg.channels_last,
+                    progress=sys.stderr.isatty())

@@ -1,0 +1,1 @@
+"""The model registry's rules: aliases and rollback, the champion's re-evaluation, the decision."""
