@@ -10,15 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
+from detr.strict import (  # noqa: F401  (ConfigError, check_ranges, load_section: API)
+    ConfigError,
+    at_least,
+    check_ranges,
+    fraction,
+    load_section,
+    non_negative,
+)
 
-class ConfigError(ValueError):
-    """A configuration value is unknown, missing or of the wrong type."""
+# model keys of the params before the aids had their own section (checkpoints still have them)
+_FLAT_AID_KEYS = ("dense_aux", "dense_boxes", "query_groups", "dn_groups", "dn_box_noise",
+                  "dn_label_noise", "dn_labels")
+_TO_AIDS = "moved into model.aids: see params.yaml"
 
 
 @dataclass(frozen=True)
@@ -35,7 +43,7 @@ class DenseConfig:
     loss_coef: float = 1.0  # weight of the per-token class loss (loss_ce_dense)
 
     def __post_init__(self):
-        _non_negative("model.aids.dense", loss_coef=self.loss_coef)
+        non_negative("model.aids.dense", loss_coef=self.loss_coef)
 
 
 @dataclass(frozen=True)
@@ -47,7 +55,7 @@ class QueryGroupsConfig:
     groups: int = 2
 
     def __post_init__(self):
-        _at_least("model.aids.query_groups", 2, groups=self.groups)
+        at_least("model.aids.query_groups", 2, groups=self.groups)
 
 
 @dataclass(frozen=True)
@@ -62,9 +70,9 @@ class DenoisingConfig:
     labels: bool = True  # False: denoising queries get only the noisy box, no label
 
     def __post_init__(self):
-        _at_least("model.aids.denoising", groups=self.groups)
-        _non_negative("model.aids.denoising", box_noise=self.box_noise)
-        _fraction("model.aids.denoising.label_noise", self.label_noise, closed=True)
+        at_least("model.aids.denoising", groups=self.groups)
+        non_negative("model.aids.denoising", box_noise=self.box_noise)
+        fraction("model.aids.denoising.label_noise", self.label_noise, closed=True)
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,8 @@ class AidsConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a DETR detector (``model:`` in params.yaml)."""
+
+    MOVED_KEYS: ClassVar[dict[str, str]] = dict.fromkeys(_FLAT_AID_KEYS, _TO_AIDS)
 
     num_classes: int = 91  # logits = num_classes + 1; the last one is "no object"
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
@@ -119,11 +129,11 @@ class ModelConfig:
     value_pos: bool = False
 
     def __post_init__(self):
-        _at_least("model", num_classes=self.num_classes, nheads=self.nheads,
+        at_least("model", num_classes=self.num_classes, nheads=self.nheads,
                   dec_layers=self.dec_layers, dim_feedforward=self.dim_feedforward,
                   num_queries=self.num_queries)
-        _at_least("model", 0, enc_layers=self.enc_layers)
-        _fraction("model.dropout", self.dropout)
+        at_least("model", 0, enc_layers=self.enc_layers)
+        fraction("model.dropout", self.dropout)
         # the sine encoding splits the channels between y and x; the heads split them evenly;
         # the denoising queries' box encoding gives each coordinate dim / 4 sine/cosine pairs
         step = math.lcm(2, self.nheads, 8 if self.aids.denoising else 1)
@@ -137,6 +147,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class LossConfig:
     """Hungarian matching costs and loss weights (``loss:`` in params.yaml)."""
+
+    MOVED_KEYS: ClassVar[dict[str, str]] = {"dense_loss_coef": _TO_AIDS}
 
     set_cost_class: float = 1.0
     set_cost_bbox: float = 5.0
@@ -153,7 +165,7 @@ class LossConfig:
     iou_aware: bool = False
 
     def __post_init__(self):
-        _non_negative("loss", **dataclasses.asdict(self))
+        non_negative("loss", **dataclasses.asdict(self))
 
 
 @dataclass(frozen=True)
@@ -177,13 +189,16 @@ class DataConfig:
         if len(self.crop_size) != 2 or self.crop_size[0] > self.crop_size[1]:
             raise ConfigError(f"data.crop_size: {list(self.crop_size)} must be [min, max], "
                               f"e.g. [384, 600]")
-        _at_least("data", max_size=self.max_size)
-        _at_least("data", 0, num_workers=self.num_workers)
+        at_least("data", max_size=self.max_size)
+        at_least("data", 0, num_workers=self.num_workers)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation (``train:`` in params.yaml). Defaults are the paper's R50 recipe."""
+
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        "eval_every": "now train.eval_every_steps, in optimiser steps: see params.yaml"}
 
     epochs: int = 500
     batch_size: int = 2  # per process; the global batch is batch_size x world size x grad_accum
@@ -212,124 +227,19 @@ class TrainConfig:
     init_weights: str | None = None
 
     def __post_init__(self):
-        _at_least("train", epochs=self.epochs, batch_size=self.batch_size,
+        at_least("train", epochs=self.epochs, batch_size=self.batch_size,
                   grad_accum=self.grad_accum, log_every=self.log_every)
         if self.lr <= 0:
             raise ConfigError(f"train.lr: {self.lr} must be > 0, e.g. 1.0e-4")
-        _non_negative("train", lr_backbone=self.lr_backbone, weight_decay=self.weight_decay,
+        non_negative("train", lr_backbone=self.lr_backbone, weight_decay=self.weight_decay,
                       clip_max_norm=self.clip_max_norm, lr_drop=self.lr_drop,
                       warmup_steps=self.warmup_steps, eval_every_steps=self.eval_every_steps,
                       eval_images=self.eval_images,
                       early_stop_patience=self.early_stop_patience)
-        _fraction("train.ema_decay", self.ema_decay)
+        fraction("train.ema_decay", self.ema_decay)
         if self.early_stop_patience and not self.eval_every_steps:
             raise ConfigError(f"train.early_stop_patience: {self.early_stop_patience} needs "
                               f"train.eval_every_steps > 0 (it counts val evaluations)")
-
-
-def check_ranges(section: str, config: Any, checks: dict[str, bool]) -> None:
-    """Raise ConfigError naming ``<section>.<key>`` and its value for the first check that
-    is False (``checks``: key -> whether its value is in range)."""
-    for key, ok in checks.items():
-        if not ok:
-            raise ConfigError(f"{section}.{key}: {getattr(config, key)!r} is out of range")
-
-
-def _at_least(section: str, low: int = 1, **values: int) -> None:
-    """ConfigError naming ``section.key`` unless every value is >= ``low``."""
-    for key, value in values.items():
-        if value < low:
-            raise ConfigError(f"{section}.{key}: {value!r} must be >= {low}")
-
-
-def _non_negative(section: str, **values: float) -> None:
-    """ConfigError naming ``section.key`` for a negative number (bools are skipped)."""
-    for key, value in values.items():
-        if not isinstance(value, bool) and value < 0:
-            raise ConfigError(f"{section}.{key}: {value!r} must be >= 0")
-
-
-def _fraction(key: str, value: float, *, closed: bool = False) -> None:
-    """ConfigError naming ``key`` unless 0 <= value < 1 (<= 1 with ``closed``)."""
-    if not (0 <= value <= 1 if closed else 0 <= value < 1):
-        raise ConfigError(f"{key}: {value!r} must be in [0, 1{']' if closed else ')'}")
-
-
-def load_section(cls: type, data: Any, name: str) -> Any:
-    """Build dataclass ``cls`` from ``data`` (a mapping), strictly.
-
-    Raises:
-        ConfigError: ``data`` is not a mapping, has a key ``cls`` lacks, lacks a required key,
-            or has a value whose type does not match the field's annotation.
-    """
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{name}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        moved = " (moved into model.aids: see params.yaml)" if unknown[0] in _FLAT_AID_KEYS or (
-            unknown[0] == "dense_loss_coef") else ""
-        if name.endswith("train") and unknown[0] == "eval_every":
-            moved = " (now train.eval_every_steps, in optimiser steps: see params.yaml)"
-        raise ConfigError(f"{name}.{unknown[0]}: unknown key{moved} "
-                          f"(allowed: {', '.join(sorted(fields))})")
-    values = {}
-    for key, field in fields.items():
-        if key in data:
-            values[key] = _check(hints[key], data[key], f"{name}.{key}")
-        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{name}.{key}: required key is missing")
-    return cls(**values)
-
-
-def _check(hint: Any, value: Any, key: str) -> Any:
-    """Return ``value`` converted to ``hint`` where lossless, else raise ConfigError."""
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        if value not in typing.get_args(hint):
-            choices = ", ".join(repr(a) for a in typing.get_args(hint))
-            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        sections = [o for o in options if dataclasses.is_dataclass(o)]
-        if isinstance(value, dict) and len(sections) == 1:  # errors name the key inside
-            return load_section(sections[0], value, key)
-        errors = []
-        for option in options:
-            try:
-                return _check(option, value, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{key}: {value!r} matches none of {hint}")
-    if origin in (tuple, list):
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        (item,) = typing.get_args(hint)[:1] or (Any,)
-        return tuple(_check(item, v, f"{key}[{i}]") for i, v in enumerate(value))
-    if dataclasses.is_dataclass(hint):
-        return load_section(hint, value, key)
-    return _check_scalar(hint, value, key)
-
-
-def _check_scalar(hint: Any, value: Any, key: str) -> Any:
-    if hint is Any:
-        return value
-    if hint is type(None):
-        if value is not None:
-            raise ConfigError(f"{key}: expected null, got {value!r}")
-        return None
-    # YAML's bool is a subclass of int: never accept it as a number (or a number as a bool).
-    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, str, bool) and type(value) is hint:
-        return value
-    raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
 
 
 # The sections the detector library reads; the pipeline adds its own.
@@ -376,9 +286,6 @@ def to_dict(cfg: Any) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
-# model keys of the params before the aids had their own section (checkpoints still have them)
-_FLAT_AID_KEYS = ("dense_aux", "dense_boxes", "query_groups", "dn_groups", "dn_box_noise",
-                  "dn_label_noise", "dn_labels")
 
 
 def migrate_params(params: dict) -> dict:
