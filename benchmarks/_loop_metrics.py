@@ -9,7 +9,10 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
+import warnings
+from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -49,8 +52,10 @@ class StepClock:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, *, warmup: int,
-                 steps: int, on_start: Callable[[], None] | None = None) -> None:
-        self.device, self.warmup, self.steps, self.on_start = device, warmup, steps, on_start
+                 steps: int, on_start: Callable[[], None] | None = None,
+                 on_stop: Callable[[], None] | None = None) -> None:
+        self.device, self.warmup, self.steps = device, warmup, steps
+        self.on_start, self.on_stop = on_start, on_stop
         self.count, self.times = 0, []
         self._handle = optimizer.register_step_post_hook(self._tick)
 
@@ -63,6 +68,8 @@ class StepClock:
         self.times.append(time.perf_counter())
         if self.count == self.warmup and self.on_start:
             self.on_start()
+        elif self.count == self.warmup + self.steps and self.on_stop:
+            self.on_stop()
 
     def close(self) -> float:
         """Seconds per step over the window (its total time / ``steps``).
@@ -118,6 +125,53 @@ class GpuUtilisation:
             self._stop.set()
             self._thread.join()
         return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+class SyncCounter:
+    """Host-device synchronisations in the timed window, found by
+    ``torch.cuda.set_sync_debug_mode("warn")`` (CUDA only: None elsewhere).
+
+    Use as a context around the loop; :meth:`start` / :meth:`stop` bound the window (the
+    :class:`StepClock` hooks call them). Each sync is a warning whose Python frame (file:line)
+    names the code that caused it.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.enabled = device.type == "cuda"
+        self._records: list = []
+        self._window = (0, 0)
+
+    def __enter__(self):
+        if self.enabled:
+            self._context = warnings.catch_warnings(record=True)
+            self._records = self._context.__enter__()
+            warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            torch.cuda.set_sync_debug_mode(0)
+            self._context.__exit__(*exc)
+
+    def start(self) -> None:
+        if self.enabled:
+            torch.cuda.set_sync_debug_mode("warn")
+            self._window = (len(self._records), len(self._records))
+
+    def stop(self) -> None:
+        if self.enabled:
+            torch.cuda.set_sync_debug_mode(0)
+            self._window = (self._window[0], len(self._records))
+
+    def summary(self, steps: int) -> dict | None:
+        """``{"per_step": float, "sites": [["file:line", count], ...]}`` (the 8 most
+        frequent sites), or None off CUDA."""
+        if not self.enabled:
+            return None
+        window = [w for w in self._records[slice(*self._window)]
+                  if "synchroniz" in str(w.message)]
+        sites = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in window)
+        return {"per_step": len(window) / steps, "sites": sites.most_common(8)}
 
 
 def count_flops(step: Callable[[], None]) -> int:

@@ -16,8 +16,8 @@
 #       GPU_SESSION_PARTS="loop_big compile" bash benchmarks/gpu_session.sh device)
 #   4. the tool call   give_back   (unless rerunning at once)
 #
-# Results: $OUT/session.log (everything), $OUT/loop_b2.json, loop_big.json, loop_compile.json
-# (benchmarks/train_loop.py rows), $OUT/pipeline.json (benchmarks/pipeline_time.py),
+# Results: $OUT/session.log (everything), $OUT/loop_b2.json, loop_big.json, loop_syncs.json,
+# loop_compile.json (benchmarks/train_loop.py rows), $OUT/pipeline.json (benchmarks/pipeline_time.py),
 # $OUT/parts.tsv (each part's seconds and exit code); the tables are printed again at the end.
 # Each part runs under `timeout`; one that would start with < 30 s of the budget left is skipped.
 # Try it here on the CPU: GPU_SESSION_DEVICE=cpu GPU_SESSION_PRESET=tiny OUT=/tmp/o \
@@ -34,6 +34,7 @@ prepare() {
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 -d .whl pycocotools==2.0.11
+    [[ -s $exclude && -n $(tail -c1 "$exclude") ]] && echo >>"$exclude"  # end the last line
     for path in /.official/ /.whl/; do
         grep -qxF "$path" "$exclude" 2>/dev/null || echo "$path" >>"$exclude"
     done
@@ -45,7 +46,7 @@ OUT=${OUT:-$PWD/gpu_session_out}
 BUDGET=${GPU_SESSION_BUDGET:-480}   # seconds for all parts; the run call's limit is 600
 DEVICE=${GPU_SESSION_DEVICE:-cuda}
 PRESET=${GPU_SESSION_PRESET:-paper}
-PARTS=${GPU_SESSION_PARTS:-"env loop_b2 loop_big pipeline compile"}
+PARTS=${GPU_SESSION_PARTS:-"env loop_b2 loop_big pipeline syncs compile"}
 START=$(date +%s)
 LOG=$OUT/session.log
 
@@ -99,10 +100,14 @@ print(torch.__version__, torchvision.__version__, torch.version.cuda,
         pipe+=(--params configs/gpu_demo.yaml --epochs 2 --num-train 960 --num-val 100)
     fi
     part pipeline 150 "${pipe[@]}"
+    # Host-device syncs per step of ours, and the lines that cause them (issue 22, item 2).
+    part syncs 90 "${loop[@]}" --batch-size 16 --precision bf16 --steps 3 --warmup 2 \
+        --sync-debug --json "$OUT/loop_syncs.json"
     # Last, as the riskiest: torch.compile (dynamic shapes) of our model at batch 16, bf16.
     part compile 200 "${loop[@]}" --batch-size 16 --precision bf16 --compile --steps 10 \
         --warmup 5 --json "$OUT/loop_compile.json"
     echo "== tables (total $(($(date +%s) - START)) s)"
+    grep -h -E '^  ((ours|official) .* img/s|syncs per step)' "$LOG" || true  # rows as they ended
     grep -h -A12 '^row ' "$LOG" | grep -v '^(x off' || true
     grep -h -E '"(train_img_s|AP|AP50|prepare|train|evaluate)"' "$OUT/pipeline.json" 2>/dev/null
     cat "$OUT/parts.tsv"

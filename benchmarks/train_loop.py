@@ -143,11 +143,14 @@ def _measure(optimizer, device, args, run_loop, flop_step, batches) -> dict:
     """Run the loop with the clocks on; then count FLOPs of a step on each of ``batches``
     (``flop_step(batch)``): their mean."""
     util = metrics.GpuUtilisation(device)
+    syncs = metrics.SyncCounter(device if args.sync_debug else torch.device("cpu"))
     clock = metrics.StepClock(optimizer, device, warmup=args.warmup, steps=args.steps,
-                              on_start=lambda: (metrics.peak_memory_start(device), util.start()))
-    run_loop()
+                              on_start=lambda: (metrics.peak_memory_start(device), util.start(),
+                                                syncs.start()), on_stop=syncs.stop)
+    with syncs:
+        run_loop()
     seconds = clock.close()
-    result = {"step_s": seconds, "gpu_util": util.stop(),
+    result = {"step_s": seconds, "gpu_util": util.stop(), "syncs": syncs.summary(args.steps),
               "peak_mem_mib": metrics.peak_memory_mib(device)}
     flops = [metrics.count_flops(lambda b=b: flop_step(b)) for b in batches]
     result["flops"] = sum(flops) / len(flops)
@@ -265,7 +268,8 @@ def summarise(row: Row, raw: dict, peak: float | None) -> dict:
             "step_ms": raw["step_s"] * 1e3, "gpu_util_pct": raw["gpu_util"],
             "peak_mem_mib_per_image": None if mem is None else mem / row.batch,
             "gflops_per_image": flops_img / 1e9, "peak_tflops": peak,
-            "mfu_pct": None if peak is None else 100 * flops_img * img_s / (peak * 1e12)}
+            "mfu_pct": None if peak is None else 100 * flops_img * img_s / (peak * 1e12),
+            "syncs": raw["syncs"]}
 
 
 def _fmt(value, spec: str) -> str:
@@ -318,6 +322,9 @@ def parse_args(argv: list[str] | None):
                         help="a facebookresearch/detr checkout; without it no official rows")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's peak for MFU (default: _loop_metrics.PEAK_TFLOPS)")
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="CUDA: count host-device syncs per step and where they happen "
+                             "(set_sync_debug_mode; the warnings slow the timed steps)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
@@ -349,11 +356,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             results.append(summarise(row, raw, peak))
             print(f"  {row.name} batch {row.batch}: {results[-1]['img_s']:.2f} img/s",
                   flush=True)
+            if raw["syncs"] is not None:
+                print(f"  syncs per step {raw['syncs']['per_step']:.1f}, by site: "
+                      f"{raw['syncs']['sites']}", flush=True)
+            if args.json:  # after every row: a run stopped by a time limit keeps its rows
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps({"device": device_name(device),
+                                                 "preset": args.preset, "rows": results},
+                                                indent=2))
     print_table(results)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"device": device_name(device), "preset": args.preset,
-                                         "rows": results}, indent=2))
     return results
 
 

@@ -19,6 +19,7 @@ def test_tiny_whole_loop_on_cpu(tmp_path, capsys):
     row = rows[0]
     assert row["img_s"] > 0 and row["step_ms"] > 0 and row["gflops_per_image"] > 0
     assert row["mfu_pct"] is None and row["gpu_util_pct"] is None  # GPU-only numbers
+    assert row["syncs"] is None
     assert json.loads(out.read_text())["rows"][0]["img_s"] == row["img_s"]
     assert "ours fp32" in capsys.readouterr().out
     # the dataset is reused on a second run, not regenerated
@@ -30,10 +31,14 @@ def test_tiny_whole_loop_on_cpu(tmp_path, capsys):
 def test_step_clock_times_the_window_after_warmup():
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([param], lr=0.1)
-    clock = metrics.StepClock(opt, torch.device("cpu"), warmup=2, steps=3)
-    for _ in range(5):
+    seen = []
+    clock = metrics.StepClock(opt, torch.device("cpu"), warmup=2, steps=3,
+                              on_start=lambda: seen.append(("start", clock.count)),
+                              on_stop=lambda: seen.append(("stop", clock.count)))
+    for _ in range(7):
         opt.step()
     assert clock.close() >= 0 and len(clock.times) == 2
+    assert seen == [("start", 2), ("stop", 5)]
     short = metrics.StepClock(opt, torch.device("cpu"), warmup=2, steps=3)
     opt.step()
     with pytest.raises(RuntimeError, match="fewer than warmup 2 \\+ steps 3"):
