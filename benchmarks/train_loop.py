@@ -51,7 +51,7 @@ from detr import hub  # noqa: E402
 from detr.config import LossConfig, ModelConfig, TrainConfig  # noqa: E402
 from detr.data.batching import collate  # noqa: E402
 from detr.data.coco import CocoDetection  # noqa: E402
-from detr.data.synthetic import generate  # noqa: E402
+from detr.data.synthetic import DESCRIPTION, generate  # noqa: E402
 from detr.data.transforms import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -94,10 +94,19 @@ class Row:
 
 def dataset(root: Path, preset: Preset, workers: int) -> Path:
     """The synthetic dataset for ``preset`` under ``root``: reused when its train split has
-    the preset's image count and size, else (re)generated."""
+    the preset's image count and size, else (re)generated.
+
+    Raises:
+        FileExistsError: ``root`` holds a dataset that is not the synthetic demo (never
+            overwritten: pass another ``--data`` folder).
+    """
     ann = root / "annotations" / "train.json"
     if ann.is_file():
-        images = json.loads(ann.read_text())["images"]
+        coco = json.loads(ann.read_text())
+        if coco.get("info", {}).get("description") != DESCRIPTION:
+            raise FileExistsError(f"--data {root}: holds a dataset that is not the synthetic "
+                                  f"demo ({ann}); pass an empty or new folder")
+        images = coco["images"]
         if len(images) == preset.num_images and (images[0]["height"], images[0]["width"]) == (
                 preset.image_size):
             return root

@@ -28,6 +28,13 @@ def test_tiny_whole_loop_on_cpu(tmp_path, capsys):
     assert (tmp_path / "data" / "annotations" / "train.json").stat().st_mtime_ns == stamp
 
 
+def test_a_real_dataset_is_never_overwritten(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "train.json").write_text('{"images": [], "categories": []}')
+    with pytest.raises(FileExistsError, match="not the synthetic demo"):
+        train_loop.dataset(tmp_path, train_loop.PRESETS["tiny"], 1)
+
+
 def test_step_clock_times_the_window_after_warmup():
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([param], lr=0.1)
