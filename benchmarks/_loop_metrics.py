@@ -63,13 +63,13 @@ class StepClock:
         self.count += 1
         if self.count not in (self.warmup, self.warmup + self.steps):
             return
+        if self.count == self.warmup + self.steps and self.on_stop:
+            self.on_stop()  # before this hook's own sync, which is not the loop's
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.times.append(time.perf_counter())
         if self.count == self.warmup and self.on_start:
             self.on_start()
-        elif self.count == self.warmup + self.steps and self.on_stop:
-            self.on_stop()
 
     def close(self) -> float:
         """Seconds per step over the window (its total time / ``steps``).
