@@ -2,6 +2,7 @@
 its rows; the official rows need a checkout of facebookresearch/detr and are skipped here."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,3 +59,17 @@ def test_flops_and_peak_table():
     assert metrics.count_flops(lambda: layer(x).sum().backward()) == 3 * 2 * 2 * 8 * 4
     assert metrics.peak_tflops(torch.device("cpu"), "bf16", None) is None
     assert metrics.peak_tflops(torch.device("cpu"), "bf16", 100.0) == 100.0
+
+
+@pytest.mark.slow
+def test_pipeline_time_runs_the_compute_stages_on_cpu(tmp_path):
+    from benchmarks import pipeline_time
+
+    root = Path(__file__).resolve().parents[2]
+    out = pipeline_time.main(["--params", str(root / "params.yaml"), "--epochs", "1",
+                              "--num-train", "8", "--num-val", "4", "--workers", "1",
+                              "--json", str(tmp_path / "p.json")])
+    assert set(out["seconds"]) == {"prepare", "train", "evaluate"}
+    assert out["steps"] == 1 and out["train_img_s"] > 0
+    assert out["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert json.loads((tmp_path / "p.json").read_text())["steps"] == 1
