@@ -10,7 +10,8 @@ side of 480-800 px and a long side <= 1333), through a DataLoader with workers, 
 Hungarian matching, the loss with aux layers, backward, clipping, the AdamW step and a per-step
 logging callback. Ours: :class:`detr.data.coco.CocoDetection` + :func:`make_transforms` +
 :func:`collate` + :func:`detr.engine.train_one_epoch` with a callback that appends each step's
-metrics to a JSON-lines file (what MLflow's file store does). The official: its
+metrics to a JSON-lines file (the pipeline's ``MlflowLogger`` batches the same values to
+MLflow, which the GPU machine lacks). The official: its
 ``models.build_model``, ``datasets.build_dataset`` (on symlinks in its ``train2017`` layout),
 ``util.misc.collate_fn`` and ``engine.train_one_epoch`` from a checkout given by ``--official``
 (the row is skipped without it), at its defaults: fp32, 2 loader workers, no pinned memory.
@@ -185,7 +186,7 @@ def run_ours(root: Path, preset: Preset, row: Row, args, device: torch.device) -
                      device.type == "cuda")
     log = Path(args.tmp) / "metrics.jsonl"
 
-    def callback(values: dict) -> None:  # one line per step, as MLflow's file store appends
+    def callback(values: dict) -> None:  # one line per step: the logging's host-side work
         with log.open("a") as f:
             f.write(json.dumps(values) + "\n")
 
