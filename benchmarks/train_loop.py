@@ -1,6 +1,7 @@
 """Whole-training-loop throughput: our ``detr.train`` loop against the official ``main.py`` loop.
 
-    python benchmarks/train_loop.py --device cpu --preset tiny --official-workers 0   # ~1 min
+    OMP_NUM_THREADS=1 python benchmarks/train_loop.py --device cpu --preset tiny \
+        --official-workers 0             # ~10 s (on busy cores, more threads ran 20x slower)
     python benchmarks/train_loop.py --preset paper --official /work/official-detr \\
         --batch-size 2,8,16 --precision fp32,bf16 --json out.json                      # a GPU
 
