@@ -21,19 +21,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import (  # noqa: E402
+    MODEL_CONFIGS,
+    device_name,
+    import_official,
+    official_args,
+)
 from detr.config import LossConfig, ModelConfig  # noqa: E402
 from detr.device import autocast, bf16_supported  # noqa: E402
 from detr.models.backbone import fold_batchnorm  # noqa: E402
 from detr.models.criterion import build_criterion  # noqa: E402
 from detr.models.detr import build_model  # noqa: E402
 
-CONFIGS = {
-    # The official architecture (frozen BN, frozen stem) so the comparison is at equal config.
-    "tiny": (ModelConfig(num_classes=5, backbone="resnet18", hidden_dim=64, nheads=4,
-                         enc_layers=2, dec_layers=2, dim_feedforward=256, num_queries=20),
-             (256, 256), 8),
-    "r50": (ModelConfig(), (800, 1066), 2),
-}
+# (model config, image size, batch)
+CONFIGS = {"tiny": (MODEL_CONFIGS["tiny"], (256, 256), 8),
+           "r50": (MODEL_CONFIGS["r50"], (800, 1066), 2)}
 
 
 def make_batch(cfg: ModelConfig, size: tuple[int, int], batch: int, device: torch.device):
@@ -100,26 +102,11 @@ def measure(model, loss_fn, images, targets, *, bf16: bool, channels_last: bool,
 
 def official_model(repo: Path, cfg: ModelConfig, device: torch.device):
     """Build the official DETR with ``cfg`` from a checkout at ``repo`` (no downloads)."""
-    import torchvision
-
-    sys.path.insert(0, str(repo))
-    for name in ("resnet18", "resnet34", "resnet50", "resnet101"):  # ignore pretrained=True
-        original = getattr(torchvision.models, name)
-        setattr(torchvision.models, name,
-                lambda *a, _f=original, pretrained=None, **k: _f(*a, **k))
+    import_official(repo)
     from models.detr import build  # the official package, from the checkout
 
     loss = LossConfig()
-    args = argparse.Namespace(
-        dataset_file="coco", device=str(device), backbone=cfg.backbone, lr_backbone=1e-5,
-        masks=False, dilation=cfg.dilation, position_embedding=cfg.position_embedding,
-        hidden_dim=cfg.hidden_dim, dropout=cfg.dropout, nheads=cfg.nheads,
-        dim_feedforward=cfg.dim_feedforward, enc_layers=cfg.enc_layers,
-        dec_layers=cfg.dec_layers, pre_norm=cfg.pre_norm, num_queries=cfg.num_queries,
-        aux_loss=cfg.aux_loss, frozen_weights=None, set_cost_class=loss.set_cost_class,
-        set_cost_bbox=loss.set_cost_bbox, set_cost_giou=loss.set_cost_giou,
-        bbox_loss_coef=loss.bbox_loss_coef, giou_loss_coef=loss.giou_loss_coef,
-        eos_coef=loss.eos_coef, mask_loss_coef=1, dice_loss_coef=1)
+    args = official_args(cfg, device)
     model, criterion, _ = build(args)
     if cfg.num_classes != 91:  # build() fixes 91 classes for dataset_file="coco"
         from models.detr import SetCriterion
@@ -198,9 +185,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="path of a facebookresearch/detr checkout to compare against")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"CPU x{torch.get_num_threads()} threads")
-    print(f"device: {name}; torch {torch.__version__}")
+    print(device_name(device))
     print(f"{args.steps} timed steps after {args.warmup} warm-up, {args.repeats} round(s)")
     print(f"\n{'config':6} {'variant':26} {'train img/s':>12} {'infer img/s':>12} "
           f"{'train x':>8} {'infer x':>8}  x range over rounds (train; infer)")

@@ -37,6 +37,7 @@ CATEGORIES: tuple[dict[str, Any], ...] = tuple(
     {"id": i + 1, "name": name, "supercategory": "shape"}  # ids start at 1, as COCO's
     for i, name in enumerate(["circle", "square", "triangle", "star", "cross", "ring"])
 )
+DESCRIPTION = "detr-ops synthetic shapes"  # the json's info.description: marks a generated set
 AREA_RANGES = {"small": (0, 32**2), "medium": (32**2, 96**2), "large": (96**2, math.inf)}
 # Range of sqrt(box area) drawn per size class; small objects are at least ~14 px across.
 _SIDE_RANGES = {"small": (14.0, 31.0), "medium": (32.0, 95.0), "large": (96.0, 176.0)}
@@ -348,7 +349,7 @@ def generate(
         raise ValueError("generate: num_train, num_val and seed must be >= 0, max_objects >= 1")
     start, root, (height, width) = time.perf_counter(), Path(root), _image_size(image_size)
     _prepare_dirs(root, overwrite)
-    info = {"description": "detr-ops synthetic shapes", "seed": seed, "version": "1"}
+    info = {"description": DESCRIPTION, "seed": seed, "version": "1"}
     summary: dict[str, Any] = {"root": str(root), "image_size": [height, width], "seed": seed}
     jobs = {split: [_Job(str(root / "images" / split / f"{i:06d}.jpg"), seed, SPLITS.index(split),
                          i, height, width, max_objects, max_occlusion, jpeg_quality)

@@ -10,8 +10,12 @@ from pipelines.params import load
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["params.yaml", "configs/detr_r50_coco.yaml",
-                                  "configs/finetune.yaml"])
+# every preset in configs/, so that a new one cannot drift from the schema unnoticed
+PARAMS_FILES = ["params.yaml",
+                *sorted(f"configs/{p.name}" for p in (ROOT / "configs").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("name", PARAMS_FILES)
 def test_params_files_load(name):
     params = load(ROOT / name)
     assert set(params) == {"prepare", "validate", "model", "loss", "data", "train", "evaluate",
@@ -28,6 +32,16 @@ def test_the_r50_preset_is_the_paper_recipe():
     assert m.aids == AidsConfig()  # no training aids
     assert (t.lr, t.lr_backbone, t.weight_decay, t.clip_max_norm) == (1e-4, 1e-5, 1e-4, 0.1)
     assert d.scales == tuple(range(480, 801, 32)) and d.max_size == 1333
+
+
+def test_the_gpu_demo_preset_is_r50_at_the_papers_scales_on_cuda():
+    p = load(ROOT / "configs/gpu_demo.yaml")
+    m, t, d = p["model"], p["train"], p["data"]
+    assert (m.backbone, m.last_stage, m.enc_layers, m.dec_layers) == ("resnet50", "layer4", 6, 6)
+    assert m.norm != "frozen_bn"  # from scratch: frozen BN would be no normalisation at all
+    assert d.scales == tuple(range(480, 801, 32)) and d.max_size == 1333
+    assert p["prepare"].source == "demo" and p["prepare"].demo.image_size >= 480
+    assert t.device == "auto" and t.batch_size > 2
 
 
 def test_unknown_section_key_or_type_names_the_culprit(tmp_path):
