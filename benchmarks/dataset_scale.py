@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                         "and prepare.link to measure (repeat); default: the project's "
                         f"({DEFAULT_SETUPS[0]}) and the old one ({DEFAULT_SETUPS[1]})")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--work", type=Path, default=None, help="folder for the projects "
-                        "(default: a temporary one, removed)")
+    parser.add_argument("--work", type=Path, default=None, help="where the temporary folder "
+                        "of the projects goes (default: the system's); removed at the end")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
     setups = [s.split(":") for s in args.setup or DEFAULT_SETUPS]
