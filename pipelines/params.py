@@ -50,7 +50,7 @@ class PrepareConfig:
     image_dir: str | None = None
     val_fraction: float = 0.2  # when the source has no train/val split
     seed: int = 0
-    link: Literal["symlink", "hardlink", "copy"] = "symlink"
+    link: Literal["symlink", "hardlink", "copy"] = "hardlink"
     demo: DemoConfig = DemoConfig()
 
     def __post_init__(self) -> None:

@@ -263,7 +263,8 @@ def _link(source: Path, target: Path, mode: Link) -> None:
         try:
             os.link(real, target)
         except OSError as exc:
-            msg = f"cannot hard-link {real} -> {target} ({exc}); use link='symlink' or 'copy'"
+            msg = (f"cannot hard-link {real} -> {target} ({exc}): another file system? Keep the "
+                   "source on the dataset's file system, or use link='symlink' (or 'copy')")
             raise OSError(msg) from exc
     else:
         shutil.copyfile(real, target)

@@ -1,8 +1,10 @@
 """The ``prepare`` stage: the built-in demo data or the user's data -> the canonical layout.
 
-Writes ``data/dataset/annotations/{train,val}.json`` and ``data/dataset/images/{train,val}/``
-(images of an imported dataset are linked, not copied, unless ``prepare.link: copy``). A
-user's source is recognised by :func:`detr.data.detect_layout.detect_layout`
+Writes ``data/dataset/annotations/{train,val}.json`` and ``data/dataset/images/{train,val}/``.
+Images of an imported dataset are linked, not copied (``prepare.link``; default ``hardlink``:
+with the project's DVC ``cache.type: hardlink,symlink`` the source, the DVC cache and
+``data/dataset`` then share one copy of each image, README "Disk and scale"). A user's source
+is recognised by :func:`detr.data.detect_layout.detect_layout`
 (``prepare.format: auto``) or read as the format named; the layout found is printed.
 """
 
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load(args.params)["prepare"]
     try:
         stage.invoke(prepare_flow, run, cfg=cfg, out_dir=args.out)
-    except (FileNotFoundError, ValueError, formats.FormatError) as exc:
+    except (OSError, ValueError, formats.FormatError) as exc:  # OSError: a link across disks
         print(f"prepare: {exc}", file=sys.stderr)
         return 2
     return 0

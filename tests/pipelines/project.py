@@ -86,3 +86,33 @@ def make_project(root: Path, env: dict, params: dict = TINY_PARAMS) -> None:
     update_params(root / "params.yaml", params)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         sh(cmd, root, env)
+
+
+def use_own_data(root: Path, source: str = "data/raw", **prepare: object) -> None:
+    """Point the copy's ``prepare`` at ``source`` as the README's "Bring your own data" says:
+    ``prepare.source`` (and the other ``prepare`` keys given) in params.yaml, ``source`` under
+    the stage's ``deps:`` in dvc.yaml."""
+    update_params(root / "params.yaml", {"prepare": {"source": source, **prepare}})
+    dvc_yaml = root / "dvc.yaml"
+    marker = "      # Your own data: add its folder here"
+    text = dvc_yaml.read_text()
+    if marker not in text:
+        raise ValueError(f"{dvc_yaml}: no line {marker.strip()!r} to put {source} under")
+    dvc_yaml.write_text(text.replace(marker, f"      - {source}\n{marker}", 1))
+
+
+def real_disk(paths: list[Path]) -> list[int]:
+    """Bytes of disk blocks under each path (files, folders, links), like ``du -s --block-size=1
+    a b c``: a hard-linked file counts once, under the first path that holds it."""
+    seen: set[tuple[int, int]] = set()
+    sizes = []
+    for top in paths:
+        total = 0
+        for folder, dirs, files in os.walk(top):
+            for name in [".", *dirs, *files]:
+                st = os.lstat(os.path.join(folder, name))
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_blocks * 512
+        sizes.append(total)
+    return sizes
