@@ -43,7 +43,10 @@ def test_predictions_on_a_mirrored_image_are_mirrored(tiny_cfg):
         b = _confident_boxes(mirrored, i)
         b[:, [0, 2]] = 1 - b[:, [2, 0]]  # mirror back (xyxy)
         iou = box_iou(a, b)
-        assert (iou.max(1).values > 0.7).all(), iou  # every box has its mirror image
+        # every box has its mirror image, matched as COCO matches (IoU > 0.5). Measured on a
+        # Xeon with AMX: trained with flips 0.63-0.98 (0.7 failed there, 0.63 on one image);
+        # the same 250 steps without flips: 0.00-0.29 on the worst box of each image.
+        assert (iou.max(1).values > 0.5).all(), iou
 
 
 def _confident_boxes(out, i, threshold=0.5):

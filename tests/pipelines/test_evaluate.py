@@ -47,6 +47,7 @@ def tracked(checkpoint, tiny_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("evaluate")
     (out / "plots").mkdir()
     (out / "plots" / "train_loss.csv").write_text("epoch,loss,loss_ce\n0,3.5,1.2\n1,3.1,1.0\n")
+    (out / "plots" / "val_ap.csv").write_text("step,AP,AP50\n500,0.1,0.2\n1000,0.2,0.4\n")
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.setenv("DVC_ROOT", str(out))
@@ -127,7 +128,7 @@ def _stage_outs(stages: dict, name: str) -> list[str]:
 
 def test_every_dvc_plot_is_written_by_evaluate_or_train(tracked):
     """Each path under `plots:` in dvc.yaml is an output of evaluate (then this run wrote it:
-    a file, or a folder with PNGs) or of train (the fixture wrote train_loss.csv)."""
+    a file, or a folder with PNGs) or of train (the fixture wrote train_loss.csv and val_ap.csv)."""
     out = tracked[0]
     pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     plots = [next(iter(p)) if isinstance(p, dict) else p for p in pipeline["plots"]]

@@ -146,8 +146,8 @@ def test_every_version_gets_a_model_card(registry):
     import mlflow
 
     today = _dataset(registry, "card", V2)
-    (registry.root / "metrics").mkdir(exist_ok=True)
-    (registry.root / "metrics" / "dataset.json").write_text(json.dumps({
+    (registry.root / "reports" / "validation").mkdir(parents=True, exist_ok=True)
+    (registry.root / "reports" / "validation" / "dataset.json").write_text(json.dumps({
         "categories": 2, "val": {"images": 4, "boxes": 4, "area": {"small": 4, "medium": 0,
                                                                     "large": 0},
                                  "per_class": {"a": 4}}}))
