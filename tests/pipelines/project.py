@@ -10,6 +10,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -116,3 +118,25 @@ def real_disk(paths: list[Path]) -> list[int]:
                     total += st.st_blocks * 512
         sizes.append(total)
     return sizes
+
+
+@contextmanager
+def local_registry(root: Path) -> Iterator[str]:
+    """``root`` as the project of an in-process pipeline run: the working directory and
+    ``DVC_ROOT``, MLflow on its own SQLite store and artifacts (no server, no Prefect), the
+    experiment created and a run started (``reports/mlflow_run.json``). Yields the run id."""
+    import mlflow
+    import pytest
+
+    from pipelines import tracking
+
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
+            mp.delenv(var, raising=False)
+        mp.setenv("DVC_ROOT", str(root))
+        mp.chdir(root)
+        tracking.configure()
+        mlflow.create_experiment(tracking.EXPERIMENT,
+                                 artifact_location=(root / "mlartifacts").as_uri())
+        yield tracking.start_run()
+

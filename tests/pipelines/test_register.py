@@ -22,6 +22,7 @@ from pipelines import mlflow_model, tracking
 from pipelines.params import RegisterConfig
 from pipelines.stages import register
 from tests.conftest import tiny_training
+from tests.pipelines.project import local_registry
 
 pytestmark = pytest.mark.slow
 DATASET_MD5 = "0123456789abcdef0123456789abcdef.dir"
@@ -44,15 +45,7 @@ def env(tiny_dataset, tmp_path_factory):
     (root / "dvc.lock").write_text(
         f"schema: '2.0'\nstages:\n  prepare:\n    outs:\n    - path: data/dataset\n"
         f"      md5: {DATASET_MD5}\n")
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
-            mp.delenv(var, raising=False)
-        mp.setenv("DVC_ROOT", str(root))
-        mp.chdir(root)
-        tracking.configure()
-        mlflow.create_experiment(tracking.EXPERIMENT,
-                                 artifact_location=(root / "mlartifacts").as_uri())
-        run_id = tracking.start_run()  # reports/mlflow_run.json, the stage's default
+    with local_registry(root) as run_id:
         client = mlflow.MlflowClient()
         client.set_tag(run_id, "git_commit", "abc123")
         yield SimpleNamespace(root=root, checkpoint=checkpoint, data=data, run_id=run_id,

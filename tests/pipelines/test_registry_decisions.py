@@ -13,11 +13,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipelines import tracking
 from pipelines.measurement import measure, per_class_ap
 from pipelines.params import EvaluateConfig, RegisterConfig
 from pipelines.stages import register
 from tests.conftest import tiny_training
+from tests.pipelines.project import local_registry
 from tests.pipelines.registry_fixtures import fixed_predictor, make_val, untrained
 
 pytestmark = pytest.mark.slow
@@ -34,15 +34,7 @@ def registry(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("decisions")
     _, _, data, train = tiny_training()
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
-            mp.delenv(var, raising=False)
-        mp.setenv("DVC_ROOT", str(root))
-        mp.chdir(root)
-        tracking.configure()
-        mlflow.create_experiment(tracking.EXPERIMENT,
-                                 artifact_location=(root / "mlartifacts").as_uri())
-        tracking.start_run()
+    with local_registry(root):
         yield SimpleNamespace(root=root, data=data, train=train, client=mlflow.MlflowClient(),
                               P=fixed_predictor(root / "p.pth", "P", "a"),
                               Q=fixed_predictor(root / "q.pth", "Q", "a"))
