@@ -2,14 +2,19 @@
 
 :func:`generate` writes ``<root>/annotations/{train,val}.json`` (COCO) and JPEG images under
 ``<root>/images/{train,val}/``. Six classes differ by shape only (each object gets a random
-saturated colour): circle/ellipse, square, triangle, star, cross, ring. Backgrounds are muted
-gradients with low-frequency blotches, pixel noise, thin random lines and irregular blobs.
+saturated colour): circle/ellipse, square, triangle, star, cross, ring (``classes=k``: the
+first k). Backgrounds (:mod:`detr.data.synthetic_backgrounds`) are the demo's ``clutter``
+(muted gradients with low-frequency blotches, thin random lines and irregular blobs) or
+``texture`` (coloured noise, stripes and tiled motifs at several frequencies), plus pixel noise.
 
-Objects are small, medium and large in COCO's terms (box area < 32^2, < 96^2, >= 96^2 px);
-the first object of image ``i`` takes size range ``i % 3``, so every split of three or more
-images at >= 160 px has all three. Later objects are drawn over earlier ones, but one that
-would hide more than ``max_occlusion`` of an earlier object is redrawn elsewhere; boxes are the
-full (amodal) pixel extent of each shape, which always lies inside the image.
+Object sizes (``object_sizes=None``, the demo): small, medium and large in COCO's terms (box
+area < 32^2, < 96^2, >= 96^2 px); the first object of image ``i`` takes size range ``i % 3``,
+so every split of three or more images at >= 160 px has all three. With ``object_sizes=(lo,
+hi)`` every box's sqrt(area) lies in ``[lo, hi]`` px, drawn log-uniformly (as many objects
+from 8 to 16 px as from 16 to 32). Later objects are drawn over earlier ones, but one that
+would hide more than ``max_occlusion`` of an earlier object is redrawn elsewhere (up to 25
+times, then left out: the summary counts them as ``skipped``); boxes are the full (amodal)
+pixel extent of each shape, which always lies inside the image.
 
 Everything is a function of ``seed``: image ``i`` of a split draws from its own generator seeded
 by ``(seed, split, i)``, so the bytes written do not depend on ``num_workers``.
@@ -29,9 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from detr.data.layout import SPLITS
+from detr.data.synthetic_backgrounds import BACKGROUNDS
+from detr.data.synthetic_shapes import draw_mask, extent, pixel_box, shape_outline
 
 CATEGORIES: tuple[dict[str, Any], ...] = tuple(
     {"id": i + 1, "name": name, "supercategory": "shape"}  # ids start at 1, as COCO's
@@ -42,7 +49,6 @@ AREA_RANGES = {"small": (0, 32**2), "medium": (32**2, 96**2), "large": (96**2, m
 # Range of sqrt(box area) drawn per size class; small objects are at least ~14 px across.
 _SIDE_RANGES = {"small": (14.0, 31.0), "medium": (32.0, 95.0), "large": (96.0, 176.0)}
 _SIZE_WEIGHTS = {"small": 0.3, "medium": 0.45, "large": 0.25}
-_ROTATABLE = {"square", "triangle", "star", "cross"}
 _TRIES = 25  # placement attempts per object before it is skipped
 
 
@@ -56,95 +62,55 @@ class _Job:
     index: int
     height: int
     width: int
-    max_objects: int
+    objects: tuple[int, int]  # fewest, most objects in the image
     max_occlusion: float
     jpeg_quality: int
-
-
-def _unit_polygon(name: str) -> np.ndarray:
-    """Vertices [K, 2] of a shape inside [-1, 1]^2, y pointing down."""
-    if name == "square":
-        return np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=float)
-    if name == "triangle":
-        return np.array([[0, -1], [1, 1], [-1, 1]], dtype=float)
-    if name == "star":
-        angles = -math.pi / 2 + np.arange(10) * math.pi / 5
-        radii = np.where(np.arange(10) % 2 == 0, 1.0, 0.45)
-        return np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
-    if name == "cross":
-        t = 0.34
-        return np.array([[-t, -1], [t, -1], [t, -t], [1, -t], [1, t], [t, t], [t, 1],
-                         [-t, 1], [-t, t], [-1, t], [-1, -t], [-t, -t]], dtype=float)
-    raise ValueError(f"no polygon for shape {name!r}")
-
-
-def _shape_outline(rng: np.random.Generator, name: str, side: float) -> np.ndarray | tuple:
-    """Outline centred on the origin: polygon vertices [K, 2], or ``(rx, ry)`` for ellipses."""
-    aspect = math.exp(rng.uniform(math.log(0.75), math.log(1.33)))
-    rx, ry = side * math.sqrt(aspect) / 2, side / math.sqrt(aspect) / 2
-    if name in ("circle", "ring"):
-        return (rx, ry)
-    points = _unit_polygon(name) * [rx, ry]
-    angle = math.radians(rng.uniform(-30, 30)) if name in _ROTATABLE else 0.0
-    rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
-    points = points @ rotation.T
-    spans = points.max(axis=0) - points.min(axis=0)
-    return points * (side / math.sqrt(spans[0] * spans[1]))  # box area = side^2, as drawn
-
-
-def _draw_mask(
-    name: str, outline: Any, centre: tuple[float, float], size: tuple[int, int]
-) -> np.ndarray:
-    """Bool mask [H, W] of the shape drawn at ``centre`` (x, y) on an ``size`` (H, W) canvas."""
-    mask = Image.new("L", (size[1], size[0]), 0)
-    draw = ImageDraw.Draw(mask)
-    cx, cy = centre
-    if isinstance(outline, tuple):
-        rx, ry = outline
-        draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=255)
-        if name == "ring":
-            draw.ellipse([cx - 0.55 * rx, cy - 0.55 * ry, cx + 0.55 * rx, cy + 0.55 * ry], fill=0)
-    else:
-        draw.polygon([(float(x + cx), float(y + cy)) for x, y in outline], fill=255)
-    return np.asarray(mask) > 0
-
-
-def _extent(outline: Any) -> tuple[float, float, float, float]:
-    """``(min_x, min_y, max_x, max_y)`` of an outline centred on the origin."""
-    if isinstance(outline, tuple):
-        return -outline[0], -outline[1], outline[0], outline[1]
-    return (*outline.min(axis=0), *outline.max(axis=0))
-
-
-def _pixel_box(mask: np.ndarray) -> list[float]:
-    """COCO ``[x, y, w, h]`` of the pixels set in ``mask`` (pixel edges, not centres)."""
-    cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
-    return [float(cols[0]), float(rows[0]), float(cols[-1] + 1 - cols[0]),
-            float(rows[-1] + 1 - rows[0])]
+    object_sizes: tuple[float, float] | None  # sqrt(box area) range in px; None: the demo's mix
+    background: str  # a key of BACKGROUNDS
+    classes: int  # labels are the first ``classes`` of CATEGORIES
 
 
 def _size_class(area: float) -> str:
     return next(k for k, (lo, hi) in AREA_RANGES.items() if lo <= area < hi)
 
 
-def _candidate(
-    rng: np.random.Generator, size_class: str, height: int, width: int
-) -> tuple[int, np.ndarray, list[float]] | None:
-    """One random shape of ``size_class`` inside the image: ``(label, mask, box)`` or None."""
-    label = int(rng.integers(len(CATEGORIES)))
-    name = CATEGORIES[label]["name"]
+def _side(rng: np.random.Generator, size_class: str | None, job: _Job) -> float:
+    """sqrt(box area) to draw: uniform in ``size_class``'s range (the demo), else
+    log-uniform in ``job.object_sizes``."""
+    if size_class is None:
+        low, high = job.object_sizes
+        return math.exp(rng.uniform(math.log(low), math.log(high)))
     low, high = _SIDE_RANGES[size_class]
-    side = rng.uniform(low, min(high, 0.8 * min(height, width)))
-    outline = _shape_outline(rng, name, side)
-    x0, y0, x1, y1 = _extent(outline)
+    return rng.uniform(low, min(high, 0.8 * min(job.height, job.width)))
+
+
+def _size_ok(box: list[float], size_class: str | None, job: _Job) -> bool:
+    """Is the drawn (rasterised) box in ``size_class``, or in ``job.object_sizes``?"""
+    if size_class is None:
+        low, high = job.object_sizes
+        return low <= math.sqrt(box[2] * box[3]) <= high
+    return _size_class(box[2] * box[3]) == size_class
+
+
+def _candidate(
+    rng: np.random.Generator, size_class: str | None, job: _Job
+) -> tuple[int, np.ndarray, list[float]] | None:
+    """One random shape inside the image, of ``size_class`` (None: of ``job.object_sizes``):
+    ``(label, mask, box)``, or None when the drawn shape missed its size."""
+    height, width = job.height, job.width
+    label = int(rng.integers(job.classes))
+    name = CATEGORIES[label]["name"]
+    side = _side(rng, size_class, job)
+    outline = shape_outline(rng, name, side)
+    x0, y0, x1, y1 = extent(outline)
     if x1 - x0 > width - 2 or y1 - y0 > height - 2:
         return None
     centre = (rng.uniform(1 - x0, width - 1 - x1), rng.uniform(1 - y0, height - 1 - y1))
-    mask = _draw_mask(name, outline, centre, (height, width))
+    mask = draw_mask(name, outline, centre, (height, width))
     if not mask.any():
         return None
-    box = _pixel_box(mask)
-    if _size_class(box[2] * box[3]) != size_class:
+    box = pixel_box(mask)
+    if not _size_ok(box, size_class, job):
         return None
     return label, mask, box
 
@@ -152,11 +118,6 @@ def _candidate(
 def _size_classes(height: int, width: int) -> list[str]:
     """The size classes that fit: "large" needs a short side of at least ~120 px."""
     return [k for k in AREA_RANGES if _SIDE_RANGES[k][0] < 0.8 * min(height, width)]
-
-
-def _muted_colour(rng: np.random.Generator) -> np.ndarray:
-    hue, sat, val = rng.uniform(), rng.uniform(0.0, 0.3), rng.uniform(0.25, 0.85)
-    return np.array(colorsys.hsv_to_rgb(hue, sat, val)) * 255
 
 
 def _object_colour(rng: np.random.Generator, under: np.ndarray) -> tuple[int, int, int]:
@@ -167,38 +128,6 @@ def _object_colour(rng: np.random.Generator, under: np.ndarray) -> tuple[int, in
         if np.linalg.norm(rgb - under) > 80:
             break
     return tuple(int(c) for c in rgb)
-
-
-def _background(rng: np.random.Generator, height: int, width: int) -> Image.Image:
-    """Muted two-colour gradient with low-frequency blotches, random lines and blobs."""
-    c0, c1 = _muted_colour(rng), _muted_colour(rng)
-    theta = rng.uniform(0, 2 * math.pi)
-    yy, xx = np.mgrid[0:height, 0:width]
-    ramp = xx * math.cos(theta) + yy * math.sin(theta)
-    ramp = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1.0)
-    pixels = c0 + (c1 - c0) * ramp[..., None]
-    coarse = rng.normal(128, 20, (max(2, height // 32), max(2, width // 32), 3))
-    blotches = Image.fromarray(np.clip(coarse, 0, 255).astype(np.uint8))
-    pixels += np.asarray(blotches.resize((width, height), Image.BICUBIC), dtype=float) - 128
-    canvas = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-    _draw_clutter(rng, ImageDraw.Draw(canvas), height, width)
-    return canvas
-
-
-def _draw_clutter(
-    rng: np.random.Generator, draw: ImageDraw.ImageDraw, height: int, width: int
-) -> None:
-    """Distractors: thin lines of any colour and irregular muted blobs."""
-    for _ in range(int(rng.integers(0, 4))):
-        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
-        angles = np.sort(rng.uniform(0, 2 * math.pi, int(rng.integers(7, 14))))
-        radii = rng.uniform(4, 0.12 * min(height, width), angles.size)
-        points = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a, r in zip(angles, radii, strict=True)]
-        draw.polygon(points, fill=tuple(int(c) for c in _muted_colour(rng)))
-    for _ in range(int(rng.integers(2, 9))):
-        ends = rng.uniform(0, 1, 4) * [width, height, width, height]
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        draw.line(list(map(float, ends)), fill=colour, width=int(rng.integers(1, 3)))
 
 
 class _Scene:
@@ -227,34 +156,41 @@ class _Scene:
         self.visible.append(count)
 
 
-def _place_objects(rng: np.random.Generator, pixels: np.ndarray, job: _Job) -> list[tuple]:
-    """Draw 1..max_objects shapes into ``pixels`` [H, W, 3]; returns ``(label, box)`` pairs."""
+def _place_objects(
+    rng: np.random.Generator, pixels: np.ndarray, job: _Job
+) -> tuple[list[tuple], int]:
+    """Draw ``job.objects[0]..job.objects[1]`` shapes into ``pixels`` [H, W, 3]; returns the
+    ``(label, box)`` pairs placed and how many found no place (skipped)."""
     classes = _size_classes(job.height, job.width)
     weights = np.array([_SIZE_WEIGHTS[k] for k in classes])
-    scene, placed = _Scene(job.height, job.width, job.max_occlusion), []
-    for k in range(int(rng.integers(1, job.max_objects + 1))):
-        size_class = classes[job.index % len(classes)] if k == 0 else str(
-            rng.choice(classes, p=weights / weights.sum()))
+    scene, placed, skipped = _Scene(job.height, job.width, job.max_occlusion), [], 0
+    for k in range(int(rng.integers(job.objects[0], job.objects[1] + 1))):
+        size_class = None if job.object_sizes is not None else (
+            classes[job.index % len(classes)] if k == 0 else str(
+                rng.choice(classes, p=weights / weights.sum())))
         for _ in range(_TRIES):
-            found = _candidate(rng, size_class, job.height, job.width)
+            found = _candidate(rng, size_class, job)
             if found is not None and scene.fits(found[1]):
                 label, mask, box = found
                 pixels[mask] = _object_colour(rng, pixels[mask].mean(axis=0))
                 scene.add(mask)
                 placed.append((label, box))
                 break
-    return placed
+        else:
+            skipped += 1
+    return placed, skipped
 
 
-def _render(job: _Job) -> list[tuple]:
-    """Draw image ``job.index``, save it to ``job.path``; returns its ``(label, box)`` pairs."""
+def _render(job: _Job) -> tuple[list[tuple], int]:
+    """Draw image ``job.index``, save it to ``job.path``; returns its ``(label, box)`` pairs
+    and the number of objects skipped."""
     rng = np.random.default_rng([job.seed, job.split_index, job.index])
-    pixels = np.asarray(_background(rng, job.height, job.width)).copy()
-    objects = _place_objects(rng, pixels, job)
+    pixels = np.asarray(BACKGROUNDS[job.background](rng, job.height, job.width)).copy()
+    objects, skipped = _place_objects(rng, pixels, job)
     noisy = pixels + rng.normal(0, rng.uniform(3, 10), pixels.shape)
     image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
     image.save(job.path, format="JPEG", quality=job.jpeg_quality)
-    return objects
+    return objects, skipped
 
 
 def _coco_json(jobs: list[_Job], results: list[list[tuple]], info: dict) -> dict[str, Any]:
@@ -269,18 +205,27 @@ def _coco_json(jobs: list[_Job], results: list[list[tuple]], info: dict) -> dict
                 "category_id": CATEGORIES[label]["id"], "bbox": box,
                 "area": box[2] * box[3], "iscrowd": 0,
             })
+    classes = jobs[0].classes if jobs else len(CATEGORIES)
     return {"info": info, "licenses": [], "images": images, "annotations": annotations,
-            "categories": [dict(c) for c in CATEGORIES]}
+            "categories": [dict(c) for c in CATEGORIES[:classes]]}
 
 
-def _split_summary(coco: dict[str, Any]) -> dict[str, Any]:
+def _split_summary(coco: dict[str, Any], skipped: int) -> dict[str, Any]:
+    """Counts of one split; ``objects_per_image`` and ``box_side_px`` (sqrt(area)) are
+    ``[min, max]`` over what was placed (``[0, 0]`` with no images)."""
     names = {c["id"]: c["name"] for c in coco["categories"]}
     per_category = dict.fromkeys(names.values(), 0)
     area_ranges = dict.fromkeys(AREA_RANGES, 0)
+    per_image = dict.fromkeys((img["id"] for img in coco["images"]), 0)
     for ann in coco["annotations"]:
         per_category[names[ann["category_id"]]] += 1
         area_ranges[_size_class(ann["area"])] += 1
+        per_image[ann["image_id"]] += 1
+    sides = [math.sqrt(a["area"]) for a in coco["annotations"]] or [0.0]
+    counts = list(per_image.values()) or [0]
     return {"images": len(coco["images"]), "annotations": len(coco["annotations"]),
+            "skipped": skipped, "objects_per_image": [min(counts), max(counts)],
+            "box_side_px": [round(min(sides), 1), round(max(sides), 1)],
             "per_category": per_category, "area_ranges": area_ranges}
 
 
@@ -303,7 +248,7 @@ def _image_size(image_size: int | tuple[int, int]) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def _render_all(jobs: list[_Job], num_workers: int) -> list[list[tuple]]:
+def _render_all(jobs: list[_Job], num_workers: int) -> list[tuple[list[tuple], int]]:
     """Render ``jobs`` in order, in ``num_workers`` processes (fork where the OS has it)."""
     if num_workers <= 1:
         return [_render(job) for job in jobs]
@@ -314,13 +259,44 @@ def _render_all(jobs: list[_Job], num_workers: int) -> list[list[tuple]]:
         return pool.map(_render, jobs, chunksize=max(1, len(jobs) // (8 * num_workers)))
 
 
+def _knobs(
+    height: int, width: int, max_objects: int | None, objects: tuple[int, int] | None,
+    object_sizes: tuple[float, float] | None, background: str, classes: int | None,
+) -> dict[str, Any]:
+    """The checked scene knobs of :func:`generate`: ``objects``, ``object_sizes``,
+    ``background``, ``classes``, with the demo's values where not given."""
+    if objects is not None and max_objects is not None:
+        raise ValueError(f"generate: give objects {objects} or max_objects {max_objects}, "
+                         "not both")
+    low, high = objects if objects is not None else (1, 6 if max_objects is None else max_objects)
+    if not 1 <= low <= high:
+        raise ValueError(f"generate: objects per image must be 1 <= min <= max, got "
+                         f"({low}, {high}) (objects / max_objects)")
+    fits = 0.8 * min(height, width)
+    if object_sizes is not None and not 4 <= object_sizes[0] <= object_sizes[1] <= fits:
+        raise ValueError(f"generate: object_sizes {tuple(object_sizes)} must be 4 <= min <= "
+                         f"max <= {fits:g} px (0.8 x the short side of image_size)")
+    if background not in BACKGROUNDS:
+        raise ValueError(f"generate: background {background!r} is not one of "
+                         f"{', '.join(BACKGROUNDS)}")
+    if classes is not None and not 1 <= classes <= len(CATEGORIES):
+        raise ValueError(f"generate: classes must be 1..{len(CATEGORIES)}, got {classes}")
+    sizes = None if object_sizes is None else (float(object_sizes[0]), float(object_sizes[1]))
+    return {"objects": (int(low), int(high)), "object_sizes": sizes, "background": background,
+            "classes": len(CATEGORIES) if classes is None else int(classes)}
+
+
 def generate(
     root: str | Path,
     *,
     num_train: int = 2000,
     num_val: int = 500,
     image_size: int | tuple[int, int] = 256,
-    max_objects: int = 6,
+    max_objects: int | None = None,
+    objects: tuple[int, int] | None = None,
+    object_sizes: tuple[float, float] | None = None,
+    background: str = "clutter",
+    classes: int | None = None,
     seed: int = 0,
     num_workers: int = 2,
     max_occlusion: float = 0.3,
@@ -329,40 +305,71 @@ def generate(
 ) -> dict[str, Any]:
     """Write the demo dataset under ``root`` in the canonical layout; return a summary.
 
+    The defaults are the demo's; a set made with other scene knobs (``objects``,
+    ``object_sizes``, ``background``, ``classes``) records them in the json's
+    ``info.generator``.
+
     Args:
         image_size: ``(H, W)`` or one side of a square, in pixels (>= 64; >= 160 for large
             objects to exist).
-        max_objects: each image has ``1..max_objects`` objects (fewer when placement fails).
+        max_objects: each image has ``1..max_objects`` objects (default 6); the same as
+            ``objects=(1, max_objects)``.
+        objects: ``(min, max)`` objects per image, drawn uniformly (fewer when placement
+            fails: see ``skipped`` in the summary).
+        object_sizes: ``(min, max)`` sqrt(box area) in px, 4 <= min <= max <= 0.8 x the short
+            side, drawn log-uniformly; None: the demo's mix of COCO small, medium and large.
+        background: ``"clutter"`` (the demo's) or ``"texture"`` (module docstring).
+        classes: the first ``classes`` (1..6) shapes only; None: all six.
         seed: a non-negative int; same seed and arguments -> byte-identical files.
         max_occlusion: largest fraction of an object that later objects may cover.
         overwrite: replace existing ``images/{split}`` folders and json files under ``root``.
 
     Returns:
         ``{"root", "seconds", "image_size": [H, W], "seed", "splits": {split: {"images",
-        "annotations", "per_category": {name: n}, "area_ranges": {"small"|"medium"|"large": n}}}}``.
+        "annotations", "skipped" (objects that found no place), "objects_per_image": [min,
+        max], "box_side_px": [min, max] (sqrt area), "per_category": {name: n},
+        "area_ranges": {"small"|"medium"|"large": n}}}}``.
 
     Raises:
-        ValueError: negative counts or seed, ``max_objects < 1``, or images smaller than 64 px.
+        ValueError: negative counts or seed, images smaller than 64 px, or a scene knob out
+            of range (the message names it).
         FileExistsError: the dataset exists under ``root`` and ``overwrite`` is False.
     """
-    if min(num_train, num_val, seed) < 0 or max_objects < 1:
-        raise ValueError("generate: num_train, num_val and seed must be >= 0, max_objects >= 1")
+    if min(num_train, num_val, seed) < 0:
+        raise ValueError("generate: num_train, num_val and seed must be >= 0")
     start, root, (height, width) = time.perf_counter(), Path(root), _image_size(image_size)
+    knobs = _knobs(height, width, max_objects, objects, object_sizes, background, classes)
     _prepare_dirs(root, overwrite)
     info = {"description": DESCRIPTION, "seed": seed, "version": "1"}
+    scene = (knobs["objects"][0], knobs["object_sizes"], knobs["background"], knobs["classes"])
+    if scene != (1, None, "clutter", len(CATEGORIES)):  # not the demo's: say how it was made
+        info["generator"] = {k: list(v) if isinstance(v, tuple) else v
+                             for k, v in knobs.items()}
     summary: dict[str, Any] = {"root": str(root), "image_size": [height, width], "seed": seed}
     jobs = {split: [_Job(str(root / "images" / split / f"{i:06d}.jpg"), seed, SPLITS.index(split),
-                         i, height, width, max_objects, max_occlusion, jpeg_quality)
+                         i, height, width, max_occlusion=max_occlusion,
+                         jpeg_quality=jpeg_quality, **knobs)
                     for i in range(count)]
             for split, count in zip(SPLITS, (num_train, num_val), strict=True)}
     results = iter(_render_all([job for split in SPLITS for job in jobs[split]], num_workers))
     summary["splits"] = {}
     for split in SPLITS:
-        coco = _coco_json(jobs[split], [next(results) for _ in jobs[split]], info)
+        done = [next(results) for _ in jobs[split]]
+        coco = _coco_json(jobs[split], [objects for objects, _ in done], info)
         (root / "annotations" / f"{split}.json").write_text(json.dumps(coco))
-        summary["splits"][split] = _split_summary(coco)
+        summary["splits"][split] = _split_summary(coco, sum(skipped for _, skipped in done))
     summary["seconds"] = round(time.perf_counter() - start, 2)
     return summary
+
+
+def _pair(kind: type):
+    """argparse type of one ``MIN,MAX`` pair."""
+    def parse(text: str) -> tuple:
+        parts = text.split(",")
+        if len(parts) != 2:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected MIN,MAX")
+        return kind(parts[0]), kind(parts[1])
+    return parse
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -371,14 +378,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", required=True)
     parser.add_argument("--num-train", type=int, default=2000)
     parser.add_argument("--num-val", type=int, default=500)
-    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=256, help="side of the square, px")
+    parser.add_argument("--objects", type=_pair(int), default=None, metavar="MIN,MAX",
+                        help="objects per image (default: 1,6)")
+    parser.add_argument("--max-objects", type=int, default=None, help="same as --objects 1,N")
+    parser.add_argument("--object-sizes", type=_pair(float), default=None, metavar="MIN,MAX",
+                        help="sqrt(box area) in px, log-uniform (default: the demo's COCO "
+                             "small/medium/large mix)")
+    parser.add_argument("--background", choices=list(BACKGROUNDS), default="clutter")
+    parser.add_argument("--classes", type=int, default=None, help="the first N of the six "
+                        "shapes (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     summary = generate(args.root, num_train=args.num_train, num_val=args.num_val,
-                       image_size=args.image_size, seed=args.seed, num_workers=args.workers,
-                       overwrite=args.overwrite)
+                       image_size=args.image_size, max_objects=args.max_objects,
+                       objects=args.objects, object_sizes=args.object_sizes,
+                       background=args.background, classes=args.classes, seed=args.seed,
+                       num_workers=args.workers, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,9 +15,14 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from detr.data.coco import CocoDetection
-from detr.data.synthetic import generate
+from detr.data.synthetic import generate, main
 
 ARGS = {"num_train": 9, "num_val": 6, "image_size": 160, "max_objects": 5}
+# sha256 of the files of generate(seed=3, **ARGS) made by the generator before it had scene
+# knobs (objects, object_sizes, background, classes; commit ab29032): their defaults must not
+# change a byte of the demo. (Same pinned numpy and Pillow: JPEG bytes depend on libjpeg.)
+DEMO_SHA256 = "67751e8ceb08f7b32e2e4b0c216568b14290a7fa99f896e84782c8f91eff956c"
+DENSE = {"image_size": 640, "objects": (20, 40), "object_sizes": (8, 40)}  # held-out set A
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -32,6 +39,20 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _coco(root: Path, split: str) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()):
         return COCO(str(root / "annotations" / f"{split}.json"))
+
+
+def _sha256(root: Path) -> str:
+    digest = hashlib.sha256()
+    for name, data in _files(root).items():
+        digest.update(name.encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def test_default_knobs_leave_the_demo_byte_identical(root) -> None:
+    assert _sha256(root) == DEMO_SHA256
+    info = json.loads((root / "annotations" / "train.json").read_text())["info"]
+    assert "generator" not in info
 
 
 def test_same_seed_gives_identical_bytes_whatever_the_workers(root, tmp_path) -> None:
@@ -118,3 +139,60 @@ def test_rectangular_images(tmp_path) -> None:
     assert (coco["images"][0]["height"], coco["images"][0]["width"]) == (96, 128)
     with Image.open(tmp_path / "images" / "val" / coco["images"][0]["file_name"]) as pil:
         assert pil.size == (128, 96)
+
+
+def _boxes_per_image(coco: dict) -> list[int]:
+    counts = dict.fromkeys((img["id"] for img in coco["images"]), 0)
+    for ann in coco["annotations"]:
+        counts[ann["image_id"]] += 1
+    return list(counts.values())
+
+
+def test_dense_small_objects_are_all_placed(tmp_path) -> None:
+    summary = generate(tmp_path, num_train=3, num_val=1, seed=0, num_workers=1, **DENSE)
+    coco = json.loads((tmp_path / "annotations" / "train.json").read_text())
+    assert all(20 <= n <= 40 for n in _boxes_per_image(coco))
+    sides = [math.sqrt(a["area"]) for a in coco["annotations"]]
+    assert 8 <= min(sides) and max(sides) <= 40
+    train = summary["splits"]["train"]
+    assert train["skipped"] == 0 and train["annotations"] == len(sides)
+    assert 20 <= train["objects_per_image"][0] <= train["objects_per_image"][1] <= 40
+    assert coco["info"]["generator"] == {"objects": [20, 40], "object_sizes": [8.0, 40.0],
+                                         "background": "clutter", "classes": 6}
+
+
+def test_texture_background_and_fewer_classes(tmp_path) -> None:
+    knobs = {"num_train": 4, "num_val": 2, "seed": 1, "num_workers": 1, "objects": (1, 8),
+             "object_sizes": (10, 140), "classes": 5}
+    generate(tmp_path / "t", background="texture", **knobs)
+    generate(tmp_path / "c", background="clutter", **knobs)
+    textured = json.loads((tmp_path / "t" / "annotations" / "train.json").read_text())
+    assert [c["name"] for c in textured["categories"]] == [
+        "circle", "square", "triangle", "star", "cross"]
+    assert {a["category_id"] for a in textured["annotations"]} <= {1, 2, 3, 4, 5}
+    assert textured["info"]["generator"]["background"] == "texture"
+    image = (tmp_path / "t" / "images" / "train" / "000000.jpg").read_bytes()
+    assert image != (tmp_path / "c" / "images" / "train" / "000000.jpg").read_bytes()
+
+
+@pytest.mark.parametrize(("knobs", "named"), [
+    ({"objects": (0, 3)}, "objects per image"),
+    ({"objects": (2, 3), "max_objects": 3}, "not both"),
+    ({"object_sizes": (2, 30)}, "object_sizes"),
+    ({"object_sizes": (10, 200)}, "object_sizes"),  # above 0.8 x 160 px
+    ({"background": "plain"}, "background"),
+    ({"classes": 7}, "classes"),
+])
+def test_bad_knobs_are_named(tmp_path, knobs, named) -> None:
+    with pytest.raises(ValueError, match=named):
+        generate(tmp_path, num_train=1, num_val=1, image_size=160, **knobs)
+
+
+def test_cli_passes_the_knobs(tmp_path, capsys) -> None:
+    main(["--root", str(tmp_path), "--num-train", "2", "--num-val", "1", "--image-size", "96",
+          "--objects", "2,3", "--object-sizes", "10,30", "--background", "texture",
+          "--classes", "2", "--workers", "1"])
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary["splits"]["train"]["per_category"]) == {"circle", "square"}
+    coco = json.loads((tmp_path / "annotations" / "train.json").read_text())
+    assert all(2 <= n <= 3 for n in _boxes_per_image(coco))
