@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     overrides = _overrides(args.overrides)
     work = args.work or Path(tempfile.mkdtemp(prefix="heldout-"))
     work.mkdir(parents=True, exist_ok=True)
+    print(f"work folder: {work}", file=sys.stderr)
     try:
         rows = [run_set(name, work, args, overrides) for name in names]
     finally:
