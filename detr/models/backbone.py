@@ -25,6 +25,15 @@ TRAINABLE_STAGES = ("layer2", "layer3", "layer4")
 LAST_STAGES = ("layer2", "layer3", "layer4")
 
 
+def output_stride(last_stage: str = "layer4", dilation: bool = False) -> int:
+    """Pixels per feature cell of the backbone's output: 8 / 16 / 32 for layer2 / 3 / 4,
+    16 for a dilated layer4 (DC5). From the architecture alone (no model is built)."""
+    if last_stage not in LAST_STAGES:
+        raise ValueError(f"model.last_stage: unknown {last_stage!r} (one of {LAST_STAGES})")
+    stride = 8 << LAST_STAGES.index(last_stage)
+    return stride // 2 if dilation and last_stage == "layer4" else stride
+
+
 def _norm_layer(norm: str):
     if norm == "frozen_bn":
         return FrozenBatchNorm2d
