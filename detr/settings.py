@@ -30,7 +30,7 @@ The rules, in the order they depend on each other (``S`` = the backbone's output
 Why these constants: the demo (256 px images, stride 8), which trains to its reported AP, has
 its median object at 3.6 cells and its smallest tenth at 1.3 cells at its 128 px scale, and
 converges in about 3,000 steps of 8 images of 128 px; the rules keep those ratios and that
-per-step cost for any dataset (docs/settings.md has the derivation and the measurements).
+per-step cost for any dataset (README, "Settings from your data").
 """
 
 from __future__ import annotations

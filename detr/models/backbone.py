@@ -17,6 +17,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 
+from detr import downloads
+
 # Channels of the last stage of each supported ResNet.
 NUM_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 # The stages the official release trains; the stem and layer1 stay frozen.
@@ -85,11 +87,18 @@ class Backbone(nn.Module):
             raise ValueError(f"model.dilation (DC5) needs resnet50 or resnet101: torchvision's "
                              f"{name} blocks do not support dilation")
         tv_weights = _imagenet_weights(name) if weights == "imagenet" else None
-        resnet = getattr(torchvision.models, name)(
-            weights=tv_weights,
-            replace_stride_with_dilation=[False, False, dilation],
-            norm_layer=_norm_layer(norm),
-        )
+        try:
+            resnet = getattr(torchvision.models, name)(
+                weights=tv_weights,
+                replace_stride_with_dilation=[False, False, dilation],
+                norm_layer=_norm_layer(norm),
+            )
+        except OSError as exc:  # model.backbone_weights: imagenet, and no network
+            if tv_weights is None or not downloads.is_download_error(exc):
+                raise
+            raise downloads.WeightsUnavailableError(
+                "model.backbone_weights: imagenet: " + downloads.unavailable(tv_weights.url, exc)
+            ) from exc
         if isinstance(weights, dict):
             _load_resnet_state(resnet, weights)
         # layer3 has half layer4's channels. IntermediateLayerGetter keeps the children up to

@@ -26,6 +26,7 @@ from prefect import flow
 
 from detr.checkpoint import CheckpointError
 from detr.data.coco import AnnotationError, ImageLoadError
+from detr.downloads import WeightsUnavailableError
 from detr.engine import NonFiniteLossError
 from detr.evaluation import STAT_NAMES
 from detr.settings import resolve_configs
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                                   out_dir=args.out, init_weights=args.init_weights,
                                   progress=sys.stderr.isatty())
     except (CheckpointError, AnnotationError, ImageLoadError, FileNotFoundError,
-            SettingsError) as exc:
+            SettingsError, WeightsUnavailableError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2
     print(f"train: best checkpoint {checkpoint}")
