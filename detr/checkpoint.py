@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from detr import downloads
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be read, is not a state dict, or does not fit the model."""
@@ -32,8 +34,7 @@ def load_file(source: str | Path, *, map_location: str | torch.device = "cpu") -
     text = str(source)
     try:
         if text.startswith(("http://", "https://")):
-            return torch.hub.load_state_dict_from_url(
-                text, map_location=map_location, check_hash=True, weights_only=True)
+            return _download(text, map_location)
         path = Path(source)
         if not path.is_file():
             raise CheckpointError(f"{path}: checkpoint file not found")
@@ -50,6 +51,16 @@ def load_file(source: str | Path, *, map_location: str | torch.device = "cpu") -
     if not isinstance(obj, dict):
         raise CheckpointError(f"{text}: expected a dict, got {type(obj).__name__}")
     return obj
+
+
+def _download(url: str, map_location) -> dict:
+    try:
+        return torch.hub.load_state_dict_from_url(
+            url, map_location=map_location, check_hash=True, weights_only=True)
+    except OSError as exc:
+        if downloads.is_download_error(exc):
+            raise CheckpointError(downloads.unavailable(url, exc)) from exc
+        raise
 
 
 def load_state_dict_file(source: str | Path) -> dict[str, Tensor]:

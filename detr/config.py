@@ -23,6 +23,14 @@ from detr.strict import (  # noqa: F401  (ConfigError, check_ranges, load_sectio
     non_negative,
 )
 
+Auto = Literal["auto"]  # resolved from the dataset before training (detr.settings)
+
+
+def given(**values: Any) -> dict[str, Any]:
+    """The values that are not ``"auto"`` (the range checks apply to those only)."""
+    return {k: v for k, v in values.items() if v != "auto"}
+
+
 # model keys of the params before the aids had their own section (checkpoints still have them)
 _FLAT_AID_KEYS = ("dense_aux", "dense_boxes", "query_groups", "dn_groups", "dn_box_noise",
                   "dn_label_noise", "dn_labels")
@@ -114,7 +122,7 @@ class ModelConfig:
     dim_feedforward: int = 2048
     dropout: float = 0.1
     pre_norm: bool = False  # the paper is post-norm
-    num_queries: int = 100
+    num_queries: int | Auto = 100  # auto: from the most objects per image (detr.settings)
     aux_loss: bool = True
     # Training-only aids (dense head, query groups, denoising): see AidsConfig.
     aids: AidsConfig = dataclasses.field(default_factory=AidsConfig)
@@ -129,9 +137,9 @@ class ModelConfig:
     value_pos: bool = False
 
     def __post_init__(self):
-        at_least("model", num_classes=self.num_classes, nheads=self.nheads,
-                  dec_layers=self.dec_layers, dim_feedforward=self.dim_feedforward,
-                  num_queries=self.num_queries)
+        at_least("model", **given(num_classes=self.num_classes, nheads=self.nheads,
+                                  dec_layers=self.dec_layers, dim_feedforward=self.dim_feedforward,
+                                  num_queries=self.num_queries))
         at_least("model", 0, enc_layers=self.enc_layers)
         fraction("model.dropout", self.dropout)
         # the sine encoding splits the channels between y and x; the heads split them evenly;
@@ -173,8 +181,9 @@ class DataConfig:
     """Input pipeline (``data:`` in params.yaml). Paper: short side 480..800 step 32 (val 800),
     long side <= 1333, crop branch 400/500/600 then a 384..600 px crop."""
 
-    scales: tuple[int, ...] = tuple(range(480, 801, 32))
-    max_size: int = 1333
+    # auto: from the image and object sizes and the backbone stride (detr.settings)
+    scales: tuple[int, ...] | Auto = tuple(range(480, 801, 32))
+    max_size: int | Auto = 1333
     crop_scales: tuple[int, ...] | None = (400, 500, 600)
     crop_size: tuple[int, ...] = (384, 600)
     hflip: bool = True
@@ -183,13 +192,13 @@ class DataConfig:
     def __post_init__(self):
         for key in ("scales", "crop_scales", "crop_size"):
             sizes = getattr(self, key)
-            if sizes is not None and (not sizes or min(sizes) < 1):
+            if sizes is not None and sizes != "auto" and (not sizes or min(sizes) < 1):
                 raise ConfigError(f"data.{key}: {list(sizes)} must be a non-empty list of "
                                   f"positive sizes in pixels, e.g. [480, 512]")
         if len(self.crop_size) != 2 or self.crop_size[0] > self.crop_size[1]:
             raise ConfigError(f"data.crop_size: {list(self.crop_size)} must be [min, max], "
                               f"e.g. [384, 600]")
-        at_least("data", max_size=self.max_size)
+        at_least("data", **given(max_size=self.max_size))
         at_least("data", 0, num_workers=self.num_workers)
 
 
@@ -200,16 +209,20 @@ class TrainConfig:
     MOVED_KEYS: ClassVar[dict[str, str]] = {
         "eval_every": "now train.eval_every_steps, in optimiser steps: see params.yaml"}
 
-    epochs: int = 500
-    batch_size: int = 2  # per process; the global batch is batch_size x world size x grad_accum
+    # auto (these and the other Auto fields): detr.settings resolves them from the dataset.
+    # steps: the training length in optimiser steps, rounded up to whole epochs; set steps
+    # or epochs (the other is derived); None = epochs as given.
+    steps: int | Auto | None = None
+    epochs: int | Auto = 500
+    batch_size: int | Auto = 2  # per process; the global batch is batch_size x world size x grad_accum
     grad_accum: int = 1
     lr: float = 1e-4
     lr_backbone: float = 1e-5  # 0 freezes the whole backbone
     weight_decay: float = 1e-4
     clip_max_norm: float = 0.1  # 0 disables clipping
     lr_schedule: Literal["step", "cosine"] = "step"
-    lr_drop: int = 400  # step schedule: epoch of the x0.1 drop (paper: 200 of 300, 400 of 500)
-    warmup_steps: int = 0  # linear warmup from 0, in optimiser steps
+    lr_drop: int | Auto = 400  # step schedule: epoch of the x0.1 drop (paper: 200 of 300, 400 of 500)
+    warmup_steps: int | Auto = 0  # linear warmup from 0, in optimiser steps
     seed: int = 42
     device: str = "auto"  # auto, cpu, cuda, cuda:1 ...
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast where fast
@@ -217,25 +230,27 @@ class TrainConfig:
     # Val AP every eval_every_steps steps (0 = none) on the first eval_images (0 = all); stop
     # after early_stop_patience evaluations without a better AP (0 = never); ema_decay: average
     # of the weights, evaluated and kept as best.pth (0 = off). See detr/train.py.
-    eval_every_steps: int = 0
-    eval_images: int = 0
+    eval_every_steps: int | Auto = 0
+    eval_images: int | Auto = 0
     early_stop_patience: int = 0
     ema_decay: float = 0.0
-    log_every: int = 50  # optimiser steps per logged mean of the losses (callback, MLflow)
+    log_every: int | Auto = 50  # optimiser steps per logged mean of the losses (callback, MLflow)
     # Fine-tune from a checkpoint (path or URL, e.g. the official DETR R50): every tensor is
     # loaded but a class head of another size, which starts fresh. None = from scratch.
     init_weights: str | None = None
 
     def __post_init__(self):
-        at_least("train", epochs=self.epochs, batch_size=self.batch_size,
-                  grad_accum=self.grad_accum, log_every=self.log_every)
+        at_least("train", **given(epochs=self.epochs, batch_size=self.batch_size,
+                                  grad_accum=self.grad_accum, log_every=self.log_every))
+        if self.steps not in (None, "auto"):
+            at_least("train", steps=self.steps)
         if self.lr <= 0:
             raise ConfigError(f"train.lr: {self.lr} must be > 0, e.g. 1.0e-4")
-        non_negative("train", lr_backbone=self.lr_backbone, weight_decay=self.weight_decay,
-                      clip_max_norm=self.clip_max_norm, lr_drop=self.lr_drop,
-                      warmup_steps=self.warmup_steps, eval_every_steps=self.eval_every_steps,
-                      eval_images=self.eval_images,
-                      early_stop_patience=self.early_stop_patience)
+        non_negative("train", **given(
+            lr_backbone=self.lr_backbone, weight_decay=self.weight_decay,
+            clip_max_norm=self.clip_max_norm, lr_drop=self.lr_drop,
+            warmup_steps=self.warmup_steps, eval_every_steps=self.eval_every_steps,
+            eval_images=self.eval_images, early_stop_patience=self.early_stop_patience))
         fraction("train.ema_decay", self.ema_decay)
         if self.early_stop_patience and not self.eval_every_steps:
             raise ConfigError(f"train.early_stop_patience: {self.early_stop_patience} needs "

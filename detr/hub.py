@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 from detr.checkpoint import CheckpointError, load_file, load_state_dict_file, load_weights
 from detr.config import ConfigError, ModelConfig, load_section, migrate_params
@@ -107,3 +108,20 @@ def model_from_checkpoint(path: str | Path, *, map_location: str = "cpu",
     except CheckpointError as exc:  # its params describe another model than its weights
         raise CheckpointError(f"{path}: {exc}") from None
     return model.eval(), cfg, ckpt.get("label_map")
+
+
+def val_resize(ckpt: dict, path: str | Path, fallback: Any = None) -> tuple[int, int]:
+    """``(scale, max_size)``: the val resize (short side, long-side cap) a training checkpoint
+    was trained for, ``max(params.data.scales)`` and ``params.data.max_size``; for a
+    checkpoint without them (official weights), ``fallback``'s (a DataConfig).
+
+    Raises:
+        CheckpointError: neither gives concrete sizes (``auto`` is not a size).
+    """
+    for data in ((ckpt.get("params") or {}).get("data") or {}, fallback):
+        scales = data.get("scales") if isinstance(data, dict) else getattr(data, "scales", None)
+        size = data.get("max_size") if isinstance(data, dict) else getattr(data, "max_size", None)
+        if isinstance(scales, list | tuple) and scales and isinstance(size, int):
+            return int(max(scales)), int(size)
+    raise CheckpointError(f"{path}: no val resize in its params.data (scales, max_size) and "
+                          f"none given: set data.scales and data.max_size to numbers")

@@ -31,7 +31,6 @@ from torchvision.transforms.v2 import functional as F
 from detr import hub
 from detr.attention import QueryAttention, top_query_attention
 from detr.checkpoint import CheckpointError, load_file
-from detr.config import ConfigError, DataConfig, load_section
 from detr.data.coco import ImageLoadError, category_ids_from_label_map
 from detr.data.transforms import make_transforms
 from detr.device import autocast, resolve_precision, select_device
@@ -164,9 +163,9 @@ class Predictor:
         ckpt = load_file(path)
         model, _, label_map = hub.model_from_checkpoint(path, ckpt=ckpt)
         if scale is None or max_size is None:
-            data = _data_config(ckpt, path)
-            scale = max(data.scales) if scale is None else scale
-            max_size = data.max_size if max_size is None else max_size
+            trained = hub.val_resize(ckpt, path)
+            scale = trained[0] if scale is None else scale
+            max_size = trained[1] if max_size is None else max_size
         ids, names = _label_map_categories(label_map, path)
         return cls(model, category_ids=ids, category_names=names, scale=scale,
                    max_size=max_size, device=device, precision=precision,
@@ -343,16 +342,6 @@ def _label_map_categories(label_map: dict | None,
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: bad label_map: {exc}") from exc
     return ids, names
-
-
-def _data_config(ckpt: dict, path: str | Path) -> DataConfig:
-    """The ``data`` params of a training checkpoint (for the val resize)."""
-    try:
-        data = ckpt["params"]["data"]
-        return load_section(DataConfig, dict(data), "params.data")
-    except (ConfigError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: no usable data params (for the val resize; pass "
-                              f"scale and max_size): {exc}") from exc
 
 
 def _inference_precision(precision: str, device: torch.device) -> str:

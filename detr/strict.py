@@ -98,7 +98,8 @@ def _check(hint: Any, value: Any, key: str) -> Any:
                 return _check(option, value, key)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(f"{key}: {value!r} matches none of {hint}")
+        names = " or ".join(_name(o) for o in options)
+        raise ConfigError(f"{key}: expected {names}, got {type(value).__name__} {value!r}")
     if origin in (tuple, list):
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
@@ -107,6 +108,17 @@ def _check(hint: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return load_section(hint, value, key)
     return _check_scalar(hint, value, key)
+
+
+def _name(hint: Any) -> str:
+    """How an error message names a type: ``int``, ``'auto'``, ``null``, ``list``."""
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if dataclasses.is_dataclass(hint):
+        return "a mapping"
+    return getattr(typing.get_origin(hint) or hint, "__name__", str(hint))
 
 
 def _check_scalar(hint: Any, value: Any, key: str) -> Any:

@@ -55,6 +55,7 @@ from detr.models.detr import DETR
 from detr.models.postprocess import PostProcess
 from detr.monitor import ValMonitor
 from detr.optim import build_optimizer, build_scheduler
+from detr.settings import needs_resolving, resolve_configs
 
 CHECKPOINT = "checkpoint.pth"
 BEST = "best.pth"
@@ -79,7 +80,8 @@ def fit(*, model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig,
         evaluate_at_end: bool = True) -> FitResult:
     """Train (or resume) and evaluate on val.
 
-    ``model_cfg.num_classes`` is replaced by the dataset's number of categories.
+    ``model_cfg.num_classes`` is replaced by the dataset's number of categories; ``auto``
+    values are resolved from the dataset first (:mod:`detr.settings`, the table printed).
     ``init_weights``: a checkpoint to fine-tune from (class head re-initialised if it differs);
     defaults to ``train_cfg.init_weights``.
     ``stop_after_epoch``: stop (as if interrupted) after that epoch, for tests and budgets.
@@ -101,6 +103,13 @@ def fit(*, model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig,
     """
     info = distributed.init(train_cfg.device)
     precision = resolve_precision(train_cfg.precision, info.device)
+    if needs_resolving({"model": to_dict(model_cfg), "data": to_dict(data_cfg),
+                        "train": to_dict(train_cfg)}):
+        model_cfg, data_cfg, train_cfg, resolution = resolve_configs(
+            model_cfg, data_cfg, train_cfg, data_root, device=info.device.type,
+            world_size=info.world_size)
+        if info.is_main:
+            print(resolution.table(), file=sys.stderr)
     train_ds, val_ds = _datasets(Path(data_root), data_cfg)
     model_cfg = dataclasses.replace(model_cfg, num_classes=train_ds.num_classes)
     params = {"model": to_dict(model_cfg), "loss": to_dict(loss_cfg), "data": to_dict(data_cfg),
@@ -331,7 +340,7 @@ def _refuse_longer_run(path: Path, epoch: int, epochs: int) -> None:
 
 
 # Keys that change what is watched or logged, not the training: a resume may change them.
-_MONITORING = ("epochs", "eval_every", "eval_every_steps", "eval_images", "early_stop_patience",
+_MONITORING = ("epochs", "steps", "eval_every", "eval_every_steps", "eval_images", "early_stop_patience",
                "log_every")
 
 

@@ -2,8 +2,8 @@
 and the ``register`` stage repeats on the champion, so that both numbers come from one code path
 and one set of settings.
 
-Settings: ``evaluate.batch_size``; val resizing from ``data`` (``scales``, ``max_size``,
-``num_workers``); device and precision from ``train`` (``device``, ``precision``,
+Settings: ``evaluate.batch_size``; the val resize the checkpoint was trained for (its params'
+``data.scales`` and ``data.max_size``; ``data`` for checkpoints without them), ``data.num_workers``; device and precision from ``train`` (``device``, ``precision``,
 ``channels_last``).
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from detr.checkpoint import CheckpointError
+from detr.checkpoint import CheckpointError, load_file
 from detr.config import DataConfig, ModelConfig, TrainConfig
 from detr.data.batching import collate
 from detr.data.coco import CocoDetection, category_ids_from_label_map
@@ -25,7 +25,7 @@ from detr.data.transforms import make_transforms
 from detr.device import resolve_precision, select_device
 from detr.engine import evaluate
 from detr.evaluation import CocoEvaluation, evaluate_detections
-from detr.hub import model_from_checkpoint
+from detr.hub import model_from_checkpoint, val_resize
 from detr.models.postprocess import PostProcess
 from pipelines.params import EvaluateConfig
 
@@ -64,9 +64,11 @@ def measure(checkpoint: Path, dataset_dir: Path, *, cfg: EvaluateConfig, data_cf
     """
     checkpoint, dataset_dir = Path(checkpoint), Path(dataset_dir)
     _check_inputs(checkpoint, dataset_dir)
-    model, model_cfg, label_map = model_from_checkpoint(checkpoint)
+    ckpt = load_file(checkpoint)
+    model, model_cfg, label_map = model_from_checkpoint(checkpoint, ckpt=ckpt)
+    scale, max_size = val_resize(ckpt, checkpoint, data_cfg)
     val = CocoDetection.from_root(dataset_dir, "val", transforms=make_transforms(
-        "val", scales=data_cfg.scales, max_size=data_cfg.max_size))
+        "val", scales=(scale,), max_size=max_size))
     category_ids = _category_ids(label_map, val, checkpoint)
     predictions = _predict(model, val, category_ids, cfg, data_cfg, train_cfg)
     return Measurement(evaluate_detections(val.coco, predictions), model, model_cfg, val,

@@ -42,7 +42,7 @@ from torchvision.transforms.v2 import functional as F
 
 from detr.checkpoint import load_file, save_file
 from detr.config import DataConfig
-from detr.hub import model_from_checkpoint
+from detr.hub import model_from_checkpoint, val_resize
 from detr.inference import Predictor, check_options
 
 CHECKPOINT_ARTIFACT = "checkpoint"
@@ -61,12 +61,12 @@ MODEL_CODE = (
 )
 
 
-def inference_settings(data_cfg: DataConfig, *, score_threshold: float = 0.5,
+def inference_settings(resize: tuple[int, int], *, score_threshold: float = 0.5,
                        top_k: int = DEFAULT_TOP_K) -> dict[str, Any]:
-    """``inference.json``: the val preset's scale (short side ``max(scales)``, long side <=
-    ``max_size``) and the default ``score_threshold`` and ``top_k`` of predict()."""
+    """``inference.json``: the val resize ``(short side, long side cap)`` the model was
+    trained for and the default ``score_threshold`` and ``top_k`` of predict()."""
     check_options(score_threshold, top_k)
-    return {"short_side": int(max(data_cfg.scales)), "max_size": int(data_cfg.max_size),
+    return {"short_side": int(resize[0]), "max_size": int(resize[1]),
             "score_threshold": float(score_threshold), "top_k": int(top_k)}
 
 
@@ -112,7 +112,8 @@ def log_model(checkpoint: Path, data_cfg: DataConfig, *, name: str = "model",
     """
     import mlflow
 
-    settings = inference_settings(data_cfg, score_threshold=score_threshold, top_k=top_k)
+    resize = val_resize(load_file(checkpoint), checkpoint, data_cfg)
+    settings = inference_settings(resize, score_threshold=score_threshold, top_k=top_k)
     with tempfile.TemporaryDirectory(prefix="detr-pyfunc-") as tmp:
         tmp = Path(tmp)
         weights = slim_checkpoint(Path(checkpoint), tmp / CHECKPOINT_FILE)

@@ -128,7 +128,9 @@ class ValidateConfig:
     area_tolerance: float = 0.01  # `area` may exceed w * h by this fraction (rounding)
     min_boxes_per_image: int = 0  # 0: images without objects are allowed (DETR handles them)
     max_boxes_per_image: int = 100
-    num_queries: int = 100  # the model's; must be larger than the most boxes in one image
+    # the model's; must be larger than the most boxes in one image. None (model.num_queries:
+    # auto): not checked, the train stage sets it from the most boxes in one image
+    num_queries: int | None = 100
     min_train_boxes_per_class: int = 1  # every category needs training examples
     min_class_fraction: float = 0.001  # of all non-crowd train boxes, per category
     max_class_imbalance: float = 1000.0  # largest class's train boxes / smallest class's
@@ -141,7 +143,7 @@ class ValidateConfig:
             "min_box_side_px": self.min_box_side_px >= 0,
             "area_tolerance": self.area_tolerance >= 0,
             "max_boxes_per_image": self.max_boxes_per_image >= self.min_boxes_per_image >= 0,
-            "num_queries": self.num_queries >= 1,
+            "num_queries": self.num_queries is None or self.num_queries >= 1,
             "min_class_fraction": 0 <= self.min_class_fraction <= 1,
             "max_class_imbalance": self.max_class_imbalance >= 1,
             "workers": self.workers >= 1,
@@ -186,7 +188,7 @@ PIPELINE_SECTIONS: dict[str, type] = {"prepare": PrepareConfig, "validate": Vali
 def load(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     """All sections of ``path`` as their dataclasses (missing sections take defaults).
 
-    ``validate.num_queries`` defaults to ``model.num_queries``, ``register.model_name`` to
+    ``validate.num_queries`` defaults to ``model.num_queries`` (None when that is ``auto``), ``register.model_name`` to
     :func:`model_name_for` ``prepare.source``.
     """
     data = read_params(path)
@@ -196,6 +198,7 @@ def load(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
         out["register"] = dataclasses.replace(
             out["register"], model_name=model_name_for(out["prepare"].source))
     if "num_queries" not in (data.get("validate") or {}):
-        out["validate"] = dataclasses.replace(out["validate"],
-                                              num_queries=out["model"].num_queries)
+        queries = out["model"].num_queries
+        out["validate"] = dataclasses.replace(
+            out["validate"], num_queries=None if queries == "auto" else queries)
     return out

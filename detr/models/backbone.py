@@ -17,12 +17,23 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 
+from detr import downloads
+
 # Channels of the last stage of each supported ResNet.
 NUM_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 # The stages the official release trains; the stem and layer1 stay frozen.
 TRAINABLE_STAGES = ("layer2", "layer3", "layer4")
 # Where the ResNet may end: each stage earlier halves the stride and the channels.
 LAST_STAGES = ("layer2", "layer3", "layer4")
+
+
+def output_stride(last_stage: str = "layer4", dilation: bool = False) -> int:
+    """Pixels per feature cell of the backbone's output: 8 / 16 / 32 for layer2 / 3 / 4,
+    16 for a dilated layer4 (DC5). From the architecture alone (no model is built)."""
+    if last_stage not in LAST_STAGES:
+        raise ValueError(f"model.last_stage: unknown {last_stage!r} (one of {LAST_STAGES})")
+    stride = 8 << LAST_STAGES.index(last_stage)
+    return stride // 2 if dilation and last_stage == "layer4" else stride
 
 
 def _norm_layer(norm: str):
@@ -76,11 +87,18 @@ class Backbone(nn.Module):
             raise ValueError(f"model.dilation (DC5) needs resnet50 or resnet101: torchvision's "
                              f"{name} blocks do not support dilation")
         tv_weights = _imagenet_weights(name) if weights == "imagenet" else None
-        resnet = getattr(torchvision.models, name)(
-            weights=tv_weights,
-            replace_stride_with_dilation=[False, False, dilation],
-            norm_layer=_norm_layer(norm),
-        )
+        try:
+            resnet = getattr(torchvision.models, name)(
+                weights=tv_weights,
+                replace_stride_with_dilation=[False, False, dilation],
+                norm_layer=_norm_layer(norm),
+            )
+        except OSError as exc:  # model.backbone_weights: imagenet, and no network
+            if tv_weights is None or not downloads.is_download_error(exc):
+                raise
+            raise downloads.WeightsUnavailableError(
+                "model.backbone_weights: imagenet: " + downloads.unavailable(tv_weights.url, exc)
+            ) from exc
         if isinstance(weights, dict):
             _load_resnet_state(resnet, weights)
         # layer3 has half layer4's channels. IntermediateLayerGetter keeps the children up to

@@ -35,7 +35,10 @@ _UNSAFE = re.compile(r"[^\w.\-]")
 def cache_path(cache_dir: Path, name: str, version: int, dataset_md5: str, *,
                data_cfg: DataConfig, train_cfg: TrainConfig) -> Path:
     """Where the measurement of ``name`` version ``version`` on dataset ``dataset_md5`` goes."""
-    settings = json.dumps([list(data_cfg.scales), data_cfg.max_size, train_cfg.precision])
+    # The val resize is the version's own (its checkpoint's params); data_cfg's only counts
+    # for a checkpoint without one.
+    scales = data_cfg.scales if isinstance(data_cfg.scales, str) else list(data_cfg.scales)
+    settings = json.dumps([scales, data_cfg.max_size, train_cfg.precision])
     digest = hashlib.sha256(settings.encode()).hexdigest()[:8]
     return Path(cache_dir) / (_UNSAFE.sub("_", f"{name}-v{version}-{dataset_md5}-{digest}")
                               + ".json")

@@ -6,7 +6,9 @@ register), logs every param, the losses and learning rates averaged over every
 (``train.eval_every_steps``), the dataset's DVC hash and the git commit. ``checkpoints/`` is a
 persisted DVC output: an interrupted training resumes from ``checkpoint.pth``; evaluate and
 register read ``best.pth``. The epoch history goes to ``plots/train_loss.csv``, the val AP
-curve to ``plots/val_ap.csv`` (DVC plots).
+curve to ``plots/val_ap.csv`` (DVC plots). Settings left ``auto`` in params.yaml are resolved
+from the dataset (:mod:`detr.settings`) and written with their rules to
+``reports/settings.json``.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from prefect import flow
 
 from detr.checkpoint import CheckpointError
 from detr.data.coco import AnnotationError, ImageLoadError
+from detr.downloads import WeightsUnavailableError
 from detr.engine import NonFiniteLossError
 from detr.evaluation import STAT_NAMES
+from detr.settings import resolve_configs
 from detr.train import fit
 from pipelines import stage, tracking
 from pipelines.stage import DATASET
@@ -33,6 +37,7 @@ from pipelines.stage import DATASET
 CHECKPOINTS = Path("checkpoints")
 LOSS_PLOT = Path("plots/train_loss.csv")
 VAL_PLOT = Path("plots/val_ap.csv")
+SETTINGS = Path("reports/settings.json")  # the resolved settings and their rules (DVC output)
 VALIDATION = stage.VALIDATION_REPORT
 DATASET_STATS = stage.DATASET_STATS
 LIBRARY = ("model", "loss", "data", "train")
@@ -76,18 +81,22 @@ def _now_ms() -> int:
 def run(*, params: dict, dataset_dir: Path = DATASET, out_dir: Path = CHECKPOINTS,
         run_file: Path = tracking.RUN_FILE, plot_path: Path = LOSS_PLOT,
         val_plot_path: Path = VAL_PLOT, init_weights: Path | None = None, progress: bool = True,
-        dataset_stats: Path = DATASET_STATS, validation_report: Path = VALIDATION) -> Path:
+        dataset_stats: Path = DATASET_STATS, validation_report: Path = VALIDATION,
+        settings_path: Path = SETTINGS) -> Path:
     """Train (resuming from ``out_dir`` when possible); returns the best checkpoint's path
     (``best.pth``: the best val AP during training, else the last weights).
 
+    ``auto`` settings are resolved from the dataset first (:mod:`detr.settings`): the table
+    is printed, the resolved values are the run's params, and ``settings_path`` gets each
+    value with its rule and the dataset profile (``reports/settings.json``, a DVC output).
     The validate stage's statistics (``dataset_stats``) and report go into the same MLflow
     run: metrics ``dataset.<split>.<name>``, artifact ``validation/validation.json``.
     """
     import mlflow
 
+    sections = _resolve(params, dataset_dir, settings_path)
     run_id = tracking.start_run(run_file=run_file)
     client = mlflow.MlflowClient()
-    sections = {k: params[k] for k in LIBRARY}
     logged = tracking.flat_params(sections)
     items = list(logged.items())
     for i in range(0, len(items), 100):
@@ -97,10 +106,12 @@ def run(*, params: dict, dataset_dir: Path = DATASET, out_dir: Path = CHECKPOINT
     if md5:
         tracking.retry(lambda: client.set_tag(run_id, "dataset_md5", md5), what="tag run")
     _log_dataset(client, run_id, dataset_stats, validation_report)
+    tracking.retry(lambda: client.log_artifact(run_id, str(settings_path)),
+                   what="log the resolved settings")
     logger = MlflowLogger(run_id)
     try:
-        result = fit(model_cfg=params["model"], loss_cfg=params["loss"], data_cfg=params["data"],
-                     train_cfg=params["train"], data_root=dataset_dir, out_dir=out_dir,
+        result = fit(model_cfg=sections["model"], loss_cfg=sections["loss"],
+                     data_cfg=sections["data"], train_cfg=sections["train"], data_root=dataset_dir, out_dir=out_dir,
                      init_weights=init_weights, callback=logger, progress=progress,
                      evaluate_at_end=False)
     except BaseException as exc:  # the run must not stay RUNNING; the checkpoint stays
@@ -117,6 +128,26 @@ def run(*, params: dict, dataset_dir: Path = DATASET, out_dir: Path = CHECKPOINT
     _write_history(plot_path, result.history)
     _write_val_curve(val_plot_path, result.val_curve)
     return result.best
+
+
+def _resolve(params: dict, dataset_dir: Path, path: Path) -> dict:
+    """The library sections with ``auto`` resolved; the report written to ``path``."""
+    from detr.device import select_device
+
+    device = select_device(params["train"].device).type
+    try:
+        model, data, train, res = resolve_configs(params["model"], params["data"],
+                                                  params["train"], dataset_dir, device=device)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    print(res.table())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"device": device, **res.to_json()}, indent=2) + "\n")
+    return {**{k: params[k] for k in LIBRARY}, "model": model, "data": data, "train": train}
+
+
+class SettingsError(ValueError):
+    """An ``auto`` setting cannot be resolved from this dataset (the message names it)."""
 
 
 def _fail_run(client, run_id: str, logger: MlflowLogger, status: str) -> None:
@@ -197,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = stage.invoke(train_flow, run, params=params, dataset_dir=args.data,
                                   out_dir=args.out, init_weights=args.init_weights,
                                   progress=sys.stderr.isatty())
-    except (CheckpointError, AnnotationError, ImageLoadError, FileNotFoundError) as exc:
+    except (CheckpointError, AnnotationError, ImageLoadError, FileNotFoundError,
+            SettingsError, WeightsUnavailableError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2
     print(f"train: best checkpoint {checkpoint}")

@@ -76,9 +76,9 @@ def _image_checks(cfg: ValidateConfig) -> list:
         _expect("image_not_in_two_splits", "ExpectColumnValuesToBeNull", column="duplicate_in"),
         _between("boxes_per_image_in_bounds", "num_boxes",
                  min_value=cfg.min_boxes_per_image, max_value=cfg.max_boxes_per_image),
+    ] + ([] if cfg.num_queries is None else [  # None: resolved from the data at training
         _between("boxes_per_image_below_num_queries", "num_boxes",
-                 max_value=cfg.num_queries, strict_max=True),
-    ]
+                 max_value=cfg.num_queries, strict_max=True)])
 
 
 def _annotation_checks(cfg: ValidateConfig) -> list:

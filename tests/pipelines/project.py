@@ -25,7 +25,7 @@ TINY_PARAMS = {
     "validate": {"workers": 1},
     "model": {"backbone": "resnet18", "norm": "bn", "freeze_stem": False, "hidden_dim": 32,
               "nheads": 2, "enc_layers": 1, "dec_layers": 2, "dim_feedforward": 64,
-              "dropout": 0.0, "num_queries": 8, "aids": {"query_groups": {"groups": 2}}},
+              "dropout": 0.0, "aids": {"query_groups": {"groups": 2}}},  # num_queries: auto
     "data": {"scales": [64], "max_size": 64, "crop_scales": [64], "crop_size": [48, 64],
              "num_workers": 0},
     "train": {"epochs": 1, "batch_size": 4, "lr": 1.0e-3, "lr_backbone": 1.0e-3,

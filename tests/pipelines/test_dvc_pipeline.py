@@ -33,8 +33,13 @@ def test_dvc_repro_end_to_end(project):
     for path in ("data/dataset/annotations/train.json", "reports/validation/validation.json",
                  "reports/validation/dataset.json",
                  "checkpoints/checkpoint.pth", "checkpoints/best.pth", "metrics/coco.json",
-                 "plots/train_loss.csv", "plots/val_ap.csv", "reports/evaluation/coco_table.txt", "reports/register.json"):
+                 "plots/train_loss.csv", "plots/val_ap.csv", "reports/settings.json", "reports/evaluation/coco_table.txt", "reports/register.json"):
         assert (root / path).exists(), path
+    settings = {s["key"]: s for s in
+                json.loads((root / "reports/settings.json").read_text())["settings"]}
+    assert settings["model.num_queries"]["source"] == "rule"  # auto in params.yaml
+    assert settings["model.num_queries"]["value"] >= 5  # the demo has up to 3 boxes an image
+    assert settings["train.epochs"]["source"] == "explicit"  # set by the tiny params
     coco = json.loads((root / "metrics/coco.json").read_text())
     assert len(coco) == 12 and "AP" in coco
     reg = json.loads((root / "reports/register.json").read_text())
@@ -84,7 +89,7 @@ def _check_registry(root: Path, env: dict) -> None:
         "run = c.get_run(json.load(open('reports/mlflow_run.json'))['run_id'])\n"
         "print(json.dumps({'versions': len(vs), 'champion': champ.version,"
         " 'metrics': sorted(run.data.metrics), 'params': len(run.data.params),"
-        " 'tags': run.data.tags,"
+        " 'tags': run.data.tags, 'queries': run.data.params['model.num_queries'],"
         " 'artifacts': [a.path for a in c.list_artifacts(run.info.run_id)]}))\n"
     )
     out = _sh([sys.executable, "-c", script], root, {**env, "DVC_ROOT": str(root)}).stdout
@@ -92,6 +97,9 @@ def _check_registry(root: Path, env: dict) -> None:
     assert info["versions"] == 2 and str(info["champion"]) == "1"  # int from SQLite
     assert {"AP", "AP50", "AR_100", "loss", "loss_giou", "lr"} <= set(info["metrics"])
     assert info["params"] > 40
+    resolved = json.loads((root / "reports/settings.json").read_text())["settings"]
+    assert info["queries"] == str(next(s["value"] for s in resolved
+                                       if s["key"] == "model.num_queries"))  # not "auto"
     assert {"dataset.train.images", "dataset.val.boxes"} <= set(info["metrics"])
     assert info["tags"].get("dataset_md5") and info["tags"].get("git_commit")
-    assert {"validation", "evaluation"} <= set(info["artifacts"])
+    assert {"validation", "evaluation", "settings.json"} <= set(info["artifacts"])

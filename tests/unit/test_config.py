@@ -64,7 +64,7 @@ def test_aids_sections_are_optional_and_nested_errors_name_the_dotted_key():
     for data, message in [
         ({"aids": {"dense": {"loss_coeff": 1}}}, r"model\.aids\.dense\.loss_coeff: unknown key"),
         ({"aids": {"dense": {"loss_coef": "a"}}}, r"model\.aids\.dense\.loss_coef: expected"),
-        ({"aids": {"dense": 3}}, r"model\.aids\.dense: 3 matches none"),
+        ({"aids": {"dense": 3}}, r"model\.aids\.dense: expected a mapping or null, got int 3"),
         ({"aids": {"query_groups": {"groups": 1}}},
          r"model\.aids\.query_groups\.groups: 1 must be >= 2"),
         ({"aids": {"denoise": {}}}, r"model\.aids\.denoise: unknown key"),
