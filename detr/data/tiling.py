@@ -14,6 +14,7 @@ plus ``(x0, y0, x0, y0)`` is the same box in image pixels, exactly.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,6 +24,9 @@ from torch import Tensor
 from torchvision.ops import batched_nms, box_area, box_iou, clip_boxes_to_image
 
 Match = Literal["ios", "iou"]
+# [3, h, w] images -> per image every query's "boxes" (xyxy pixels of that image), "scores",
+# "labels": one forward pass (detr.inference.Predictor's).
+RawPredict = Callable[[list[Tensor]], list[dict[str, Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -167,3 +171,36 @@ def _fused(boxes: Tensor, scores: Tensor, labels: Tensor, keep: Tensor, match: M
     group &= labels[keep][:, None] == labels[None, :]
     weights = group.float() * scores.float()[None, :]
     return weights @ boxes / weights.sum(1, keepdim=True).clamp(min=1e-12)
+
+
+def predict_tiles(raw: RawPredict, pixels: Tensor, tile: TileOptions, *,
+                  score_threshold: float = 0.0, batch_size: int = 8) -> dict[str, Tensor]:
+    """One [3, H, W] image predicted tile by tile with ``raw``, ``batch_size`` tiles a call
+    (plus the whole image with ``tile.whole``): ``{"boxes", "scores", "labels"}`` on the CPU,
+    boxes in the image's pixels, scores >= ``score_threshold`` (applied before merging: a box
+    under it suppresses nothing), merged across tiles by :func:`merge`, best first. An image
+    that fits in one tile is predicted whole, unmerged."""
+    height, width = pixels.shape[-2:]
+    tiles = tile_grid(height, width, size=tile.size, overlap=tile.overlap)
+    if len(tiles) == 1:
+        return _on_cpu(raw([pixels])[0])
+    found = []
+    for start in range(0, len(tiles), batch_size):
+        chunk = tiles[start:start + batch_size]
+        crops = [pixels[:, t.y0:t.y0 + t.height, t.x0:t.x0 + t.width] for t in chunk]
+        for det, t in zip(raw(crops), chunk, strict=True):
+            det = _on_cpu(det)
+            boxes = clip_boxes_to_image(det["boxes"], (t.height, t.width))
+            found.append({**det, "boxes": to_image(boxes, t)})
+    if tile.whole:
+        found.append(_on_cpu(raw([pixels])[0]))
+    cat = {key: torch.cat([f[key] for f in found]) for key in ("boxes", "scores", "labels")}
+    keep = cat["scores"] >= score_threshold
+    boxes, scores, labels = merge(cat["boxes"][keep], cat["scores"][keep], cat["labels"][keep],
+                                  match=tile.match, threshold=tile.threshold, fuse=tile.fuse)
+    return {"boxes": boxes, "scores": scores, "labels": labels}
+
+
+def _on_cpu(det: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {"boxes": det["boxes"].float().cpu(), "scores": det["scores"].float().cpu(),
+            "labels": det["labels"].cpu().to(torch.int64)}
