@@ -37,6 +37,28 @@ class DemoConfig:
 
 
 @dataclass(frozen=True)
+class TileConfig:
+    """Tiling of large images (``prepare.tile``; null = off): every image with a side longer
+    than ``min_image_side`` px becomes ``size`` x ``size`` tiles overlapping by at least
+    ``overlap`` of a tile (:func:`detr.data.tiling.tile_grid`); a box keeps the part inside
+    a tile when at least ``min_visible`` of its area is there, else that tile drops it."""
+
+    size: int = 512
+    overlap: float = 0.2
+    min_image_side: int = 1024
+    min_visible: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_ranges("prepare.tile", self, {"size": self.size >= 16,
+                                            "overlap": 0 <= self.overlap < 1,
+                                            "min_visible": 0 < self.min_visible <= 1})
+        if self.min_image_side < self.size:
+            raise ConfigError(f"prepare.tile.min_image_side: {self.min_image_side} is below "
+                              f"prepare.tile.size ({self.size}): an image that fits in one "
+                              f"tile is not tiled; raise it to at least the tile size")
+
+
+@dataclass(frozen=True)
 class PrepareConfig:
     """Where the data comes from (``prepare:``)."""
 
@@ -52,6 +74,7 @@ class PrepareConfig:
     seed: int = 0
     link: Literal["symlink", "hardlink", "copy"] = "hardlink"
     demo: DemoConfig = DemoConfig()
+    tile: TileConfig | None = None  # null: images as they are
 
     def __post_init__(self) -> None:
         choices = {"format": ("auto", "coco", "voc", "yolo"),

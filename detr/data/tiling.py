@@ -105,8 +105,8 @@ def crop_boxes(boxes: Tensor, tile: Tile, *, min_visible: float) -> tuple[Tensor
     """Image boxes [N, 4] cut to ``tile``: ``(tile_boxes [M, 4], kept [M])``, the boxes in tile
     pixels clipped to it and the indices of the boxes kept: those whose visible fraction (area
     inside the tile / area) is >= ``min_visible`` and whose clipped box has a positive area."""
-    boxes = boxes.float().reshape(-1, 4)
-    inside = clip_boxes_to_image(boxes - tile.offset, (tile.height, tile.width))
+    boxes = (boxes if boxes.is_floating_point() else boxes.float()).reshape(-1, 4)
+    inside = clip_boxes_to_image(boxes - tile.offset.to(boxes), (tile.height, tile.width))
     area = box_area(boxes)
     visible = torch.where(area > 0, box_area(inside) / area.clamp(min=1e-12), 0.0)
     wide = (inside[:, 2] > inside[:, 0]) & (inside[:, 3] > inside[:, 1])
