@@ -88,6 +88,28 @@ class PrepareConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateTileConfig:
+    """Tiled prediction in the evaluate stage (``evaluate.tile``; null = off): val is
+    evaluated on whole images (a tiled dataset's ``annotations/val_whole.json``, else
+    ``val.json``), each predicted tile by tile like ``python -m detr.predict --tile``
+    (:class:`detr.data.tiling.TileOptions`): the AP a user gets on their large images.
+    ``size``: tile side in px, or ``auto`` (the val scale: ``min(max(data.scales),
+    data.max_size)``)."""
+
+    size: int | Literal["auto"] = "auto"
+    overlap: float = 0.2
+    whole: bool = False  # also the whole image, downscaled, merged in
+    match: Literal["ios", "iou"] = "ios"  # duplicates across tiles: by IoS or IoU (NMS)...
+    threshold: float = 0.5  # ...at this value, class-wise
+    fuse: bool = False  # weighted box fusion of each merged group
+
+    def __post_init__(self) -> None:
+        check_ranges("evaluate.tile", self, {
+            "size": self.size == "auto" or self.size >= 16,
+            "overlap": 0 <= self.overlap < 1, "threshold": 0 < self.threshold <= 1})
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     """How the val split is evaluated and shown (``evaluate:``)."""
 
@@ -96,6 +118,7 @@ class EvaluateConfig:
     score_threshold: float = 0.5  # for the drawings only; COCO AP uses every detection
     attention_images: int = 2  # val images drawn with the decoder attention of...
     attention_queries: int = 4  # ...their best-scoring queries (0 images: none drawn)
+    tile: EvaluateTileConfig | None = None  # tiled prediction on whole val images
 
     def __post_init__(self) -> None:
         checks = {"batch_size": self.batch_size >= 1, "num_examples": self.num_examples >= 0,
