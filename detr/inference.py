@@ -259,7 +259,7 @@ class Predictor:
                       batch_size: int) -> Detections:
         """One image predicted tile by tile (plus whole with ``tile.whole``), merged."""
         found = predict_tiles(self._raw, pixels, tile, score_threshold=threshold,
-                              batch_size=batch_size)
+                              batch_size=batch_size, limit=top_k)
         return self._select(found, list(pixels.shape[-2:]), threshold, top_k)
 
     def tiling(self, size: int | str = "auto", **options) -> TileOptions:

@@ -18,12 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import Tensor
 from torchvision.ops import batched_nms, box_area, box_iou, clip_boxes_to_image
 
 Match = Literal["ios", "iou"]
+_CHUNK = 1024  # candidates compared at once in merge(): 1024 x 1024 x 4 bytes per matrix
 # [3, h, w] images -> per image every query's "boxes" (xyxy pixels of that image), "scores",
 # "labels": one forward pass (detr.inference.Predictor's).
 RawPredict = Callable[[list[Tensor]], list[dict[str, Tensor]]]
@@ -120,18 +120,20 @@ def to_image(boxes: Tensor, tile: Tile) -> Tensor:
 
 
 def merge(boxes: Tensor, scores: Tensor, labels: Tensor, *, match: Match = "ios",
-          threshold: float = 0.5, fuse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+          threshold: float = 0.5, fuse: bool = False,
+          limit: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Detections from overlapping tiles -> one per object: ``(boxes, scores, labels)``, best
     score first. Class-wise: boxes of one label whose ``match`` >= ``threshold`` are a group,
     kept as its best-scoring box (:class:`TileOptions`); with ``fuse`` that box is replaced
-    by the score-weighted mean of its group's boxes."""
+    by the score-weighted mean of its group's boxes. ``limit``: keep at most that many (the
+    same first ones: greedy suppression never looks at lower scores)."""
     if len(scores) == 0:
         return boxes.reshape(0, 4).float(), scores, labels
     boxes = boxes.float()
     if match == "iou":
-        keep = batched_nms(boxes, scores.float(), labels, threshold)
+        keep = batched_nms(boxes, scores.float(), labels, threshold)[:limit]
     else:
-        keep = _greedy_ios(boxes, scores.float(), labels, threshold)
+        keep = _greedy_ios(boxes, scores.float(), labels, threshold, limit)
     kept_boxes = _fused(boxes, scores, labels, keep, match, threshold) if fuse else boxes[keep]
     return kept_boxes, scores[keep], labels[keep]
 
@@ -145,41 +147,54 @@ def intersection_over_smaller(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(smaller > 0, inter / smaller.clamp(min=1e-12), 0.0)
 
 
-def _similarity(a: Tensor, b: Tensor, match: Match) -> Tensor:
-    return box_iou(a, b) if match == "iou" else intersection_over_smaller(a, b)
-
-
-def _greedy_ios(boxes: Tensor, scores: Tensor, labels: Tensor, threshold: float) -> Tensor:
-    """Indices kept by greedy class-wise suppression on intersection over the smaller box."""
+def _greedy_ios(boxes: Tensor, scores: Tensor, labels: Tensor, threshold: float,
+                limit: int | None) -> Tensor:
+    """Indices kept by greedy class-wise suppression on intersection over the smaller box, best
+    first, at most ``limit``; :data:`_CHUNK` candidates at a time (memory: chunk x chunk)."""
     order = scores.argsort(descending=True, stable=True)
-    same = labels[order][:, None] == labels[order][None, :]
-    close = (intersection_over_smaller(boxes[order], boxes[order]) >= threshold) & same
-    close = close.cpu().numpy()
-    suppressed = np.zeros(len(order), dtype=bool)
-    keep = []
-    for i in range(len(order)):
-        if not suppressed[i]:
-            keep.append(i)
-            suppressed |= close[i]
-    return order[torch.tensor(keep, dtype=torch.int64, device=order.device)]
+    limit = len(order) if limit is None else limit
+    keep: list[int] = []
+    for start in range(0, len(order), _CHUNK):
+        chunk = order[start:start + _CHUNK]
+        kept = torch.tensor(keep, dtype=torch.int64, device=order.device)
+        alive = ~_close(boxes[chunk], labels[chunk], boxes[kept], labels[kept], threshold).any(1)
+        close = _close(boxes[chunk], labels[chunk], boxes[chunk], labels[chunk], threshold)
+        alive, close = alive.cpu().numpy(), close.cpu().numpy()
+        for i, index in enumerate(chunk.tolist()):
+            if alive[i]:
+                keep.append(index)
+                alive &= ~close[i]
+                if len(keep) == limit:
+                    return torch.tensor(keep, dtype=torch.int64, device=order.device)
+    return torch.tensor(keep, dtype=torch.int64, device=order.device)
+
+
+def _close(a: Tensor, a_labels: Tensor, b: Tensor, b_labels: Tensor, threshold: float) -> Tensor:
+    """[N, M]: same label and intersection over the smaller box >= ``threshold``."""
+    same = a_labels[:, None] == b_labels[None, :]
+    return same & (intersection_over_smaller(a, b) >= threshold)
 
 
 def _fused(boxes: Tensor, scores: Tensor, labels: Tensor, keep: Tensor, match: Match,
            threshold: float) -> Tensor:
     """Each kept box's group (same label, ``match`` >= ``threshold``), averaged by score."""
-    group = (_similarity(boxes[keep], boxes, match) >= threshold)
-    group &= labels[keep][:, None] == labels[None, :]
+    if match == "ios":
+        group = _close(boxes[keep], labels[keep], boxes, labels, threshold)
+    else:
+        group = box_iou(boxes[keep], boxes) >= threshold
+        group &= labels[keep][:, None] == labels[None, :]
     weights = group.float() * scores.float()[None, :]
     return weights @ boxes / weights.sum(1, keepdim=True).clamp(min=1e-12)
 
 
 def predict_tiles(raw: RawPredict, pixels: Tensor, tile: TileOptions, *,
-                  score_threshold: float = 0.0, batch_size: int = 8) -> dict[str, Tensor]:
+                  score_threshold: float = 0.0, batch_size: int = 8,
+                  limit: int | None = None) -> dict[str, Tensor]:
     """One [3, H, W] image predicted tile by tile with ``raw``, ``batch_size`` tiles a call
     (plus the whole image with ``tile.whole``): ``{"boxes", "scores", "labels"}`` on the CPU,
     boxes in the image's pixels, scores >= ``score_threshold`` (applied before merging: a box
-    under it suppresses nothing), merged across tiles by :func:`merge`, best first. An image
-    that fits in one tile is predicted whole, unmerged."""
+    under it suppresses nothing), merged across tiles by :func:`merge` (at most ``limit``),
+    best first. An image that fits in one tile is predicted whole, unmerged."""
     height, width = pixels.shape[-2:]
     tiles = tile_grid(height, width, size=tile.size, overlap=tile.overlap)
     if len(tiles) == 1:
@@ -197,7 +212,8 @@ def predict_tiles(raw: RawPredict, pixels: Tensor, tile: TileOptions, *,
     cat = {key: torch.cat([f[key] for f in found]) for key in ("boxes", "scores", "labels")}
     keep = cat["scores"] >= score_threshold
     boxes, scores, labels = merge(cat["boxes"][keep], cat["scores"][keep], cat["labels"][keep],
-                                  match=tile.match, threshold=tile.threshold, fuse=tile.fuse)
+                                  match=tile.match, threshold=tile.threshold, fuse=tile.fuse,
+                                  limit=limit)
     return {"boxes": boxes, "scores": scores, "labels": labels}
 
 

@@ -3,6 +3,7 @@ fragments under min_visible are dropped, merging keeps one box per object."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,3 +98,37 @@ def test_merge_of_nothing_and_bad_options():
         TileOptions(size=8)
     with pytest.raises(ValueError, match="match"):
         TileOptions(size=256, match="giou")
+
+
+def _reference_greedy(boxes, scores, labels, threshold):
+    """Plain greedy suppression by intersection over the smaller box, all pairs at once."""
+    order = scores.argsort(descending=True, stable=True)
+    b = boxes[order]
+    inter = (torch.min(b[:, None, 2:], b[None, :, 2:])
+             - torch.max(b[:, None, :2], b[None, :, :2])).clamp(min=0).prod(-1)
+    area = (b[:, 2:] - b[:, :2]).prod(-1)
+    ios = inter / torch.min(area[:, None], area[None, :])
+    close = ((ios >= threshold) & (labels[order][:, None] == labels[order][None, :])).numpy()
+    gone = np.zeros(len(order), dtype=bool)
+    keep = []
+    for i in range(len(order)):
+        if not gone[i]:
+            keep.append(int(order[i]))
+            gone |= close[i]
+    return keep
+
+
+def test_chunked_merge_equals_plain_greedy_and_limit_keeps_the_first():
+    gen = torch.Generator().manual_seed(0)
+    n = 2500  # more than one chunk
+    xy = torch.rand(n, 2, generator=gen) * 900
+    wh = 5 + torch.rand(n, 2, generator=gen) * 60
+    boxes = torch.cat([xy, xy + wh], 1)
+    scores = torch.rand(n, generator=gen)
+    labels = torch.randint(0, 3, (n,), generator=gen)
+    want = _reference_greedy(boxes, scores, labels, 0.5)
+    kept_boxes, kept_scores, _ = merge(boxes, scores, labels)
+    assert torch.equal(kept_boxes, boxes[want]) and torch.equal(kept_scores, scores[want])
+    limited = merge(boxes, scores, labels, limit=100)
+    assert torch.equal(limited[0], boxes[want[:100]])
+    assert len(merge(boxes, scores, labels, match="iou", limit=7)[1]) == 7
