@@ -6,8 +6,8 @@ Settings: ``evaluate.batch_size``; val resizing from ``data`` (``scales``, ``max
 ``num_workers``); device and precision from ``train`` (``device``, ``precision``,
 ``channels_last``). With ``evaluate.tile`` the val images are whole (``val_whole.json`` of a
 tiled dataset, else ``val.json``) and predicted tile by tile by a
-:class:`detr.inference.Predictor` (``evaluate.batch_size`` tiles a pass; ``auto`` precision is
-fp32 there), every image's best 100 merged detections kept (COCO's maxDets).
+:class:`detr.inference.Predictor` (``evaluate.batch_size`` tiles a pass, the same device and
+precision), every image's best 100 merged detections kept (COCO's maxDets).
 """
 
 from __future__ import annotations
@@ -148,10 +148,12 @@ def _predict_tiled(model, val: CocoDetection, category_ids: list | None, cfg: Ev
                    data_cfg: DataConfig, train_cfg: TrainConfig) -> dict[int, dict]:
     """Detections by image id of ``val``'s whole images, each predicted tile by tile
     (``cfg.tile``), the best :data:`COCO_MAX_DETS` kept, no score threshold."""
+    device = select_device(train_cfg.device)
     predictor = Predictor(model, category_ids=category_ids, scale=max(data_cfg.scales),
-                          max_size=data_cfg.max_size, device=train_cfg.device,
-                          precision=train_cfg.precision, score_threshold=0.0,
-                          top_k=COCO_MAX_DETS, channels_last=train_cfg.channels_last)
+                          max_size=data_cfg.max_size, device=str(device),
+                          precision=resolve_precision(train_cfg.precision, device),
+                          score_threshold=0.0, top_k=COCO_MAX_DETS,
+                          channels_last=train_cfg.channels_last)
     options = tile_options(cfg, predictor)
     predictions = {}
     for image_id in val.ids:
