@@ -115,8 +115,9 @@ def crop_boxes(boxes: Tensor, tile: Tile, *, min_visible: float) -> tuple[Tensor
 
 
 def to_image(boxes: Tensor, tile: Tile) -> Tensor:
-    """Tile boxes [N, 4] -> the same boxes in the image's pixels."""
-    return boxes.float() + tile.offset.to(boxes.device)
+    """Tile boxes [N, 4] -> the same boxes in the image's pixels (float dtypes kept)."""
+    boxes = boxes if boxes.is_floating_point() else boxes.float()
+    return boxes + tile.offset.to(boxes)
 
 
 def merge(boxes: Tensor, scores: Tensor, labels: Tensor, *, match: Match = "ios",
