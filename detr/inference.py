@@ -5,6 +5,13 @@ resized to ``scale``, long side <= ``max_size``, ImageNet normalisation) and tur
 into :class:`Detections`: absolute xyxy pixels of the *original* image, scores, category ids and
 names, best score first, after a score threshold and top-k.
 
+Large images with small objects: ``predict(..., tile=TileOptions(size, overlap))`` cuts each
+image into overlapping tiles (:func:`detr.data.tiling.tile_grid`), predicts them in batches,
+maps their boxes back to the image and merges the duplicates of the overlaps
+(:func:`detr.data.tiling.merge`); the detections keep the same contract. :meth:`Predictor.
+tiling` builds the options, ``size="auto"`` being the model's val scale (each tile is then
+seen at its own resolution).
+
 Inputs (mixed in one call): a path to an image file, a ``PIL.Image`` or a ``[3, H, W]`` tensor
 (uint8, or float in [0, 1]). Pixels are used as stored: no EXIF rotation, as in COCO and in
 :class:`detr.data.coco.CocoDetection`, so boxes refer to the pixel grid of the file.
@@ -32,6 +39,7 @@ from detr import hub
 from detr.attention import QueryAttention, top_query_attention
 from detr.checkpoint import CheckpointError, load_file
 from detr.data.coco import ImageLoadError, category_ids_from_label_map
+from detr.data.tiling import TileOptions, predict_tiles
 from detr.data.transforms import make_transforms
 from detr.device import autocast, resolve_precision, select_device
 from detr.evaluation import to_coco_results
@@ -199,13 +207,16 @@ class Predictor:
 
     def predict(self, images: ImageInput | Iterable[ImageInput], *,
                 score_threshold: float | None = None, top_k: int | None = None,
-                batch_size: int = 8) -> list[Detections]:
+                batch_size: int = 8, tile: TileOptions | None = None) -> list[Detections]:
         """Detect objects; one :class:`Detections` per image, in input order.
 
         ``images``: one image or a sequence (paths, PIL images, [3, H, W] tensors, mixed; a
         [B, 3, H, W] tensor is B images). They are read and run ``batch_size`` at a time,
         padded to a common size (the model masks the padding). ``score_threshold`` keeps
         scores >= it; ``top_k`` keeps at most that many; None = the predictor's defaults.
+        ``tile``: predict each image larger than ``tile.size`` tile by tile, ``batch_size``
+        tiles at a time, and merge (module doc); an image that fits in one tile is predicted
+        as without tiling.
 
         Raises:
             ImageLoadError: an image file is missing or unreadable (the message names it).
@@ -218,6 +229,9 @@ class Predictor:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         items = _as_list(images)
+        if tile is not None:
+            return [self._detect_tiled(load_image(item, index=i), tile, threshold, top_k,
+                                       batch_size) for i, item in enumerate(items)]
         results: list[Detections] = []
         for start in range(0, len(items), batch_size):
             pixels = [load_image(item, index=start + i)
@@ -225,16 +239,37 @@ class Predictor:
             results.extend(self._detect(pixels, threshold, top_k))
         return results
 
-    @torch.inference_mode()
     def _detect(self, pixels: list[Tensor], threshold: float, top_k: int) -> list[Detections]:
         """[3, H, W] images -> their detections (one forward pass)."""
+        return [self._select(det, list(p.shape[-2:]), threshold, top_k)
+                for det, p in zip(self._raw(pixels), pixels, strict=True)]
+
+    @torch.inference_mode()
+    def _raw(self, pixels: list[Tensor]) -> list[dict[str, Tensor]]:
+        """[3, H, W] images -> every query's ``boxes`` (xyxy pixels of each image),
+        ``scores``, ``labels`` (category ids), on the predictor's device."""
         sizes = torch.tensor([list(p.shape[-2:]) for p in pixels], device=self.device)
         batch = [self.preprocess(p).to(self.device) for p in pixels]
         with autocast(self.device, self.precision):
             outputs = self._net(batch)
-        raw = self.postprocess(outputs, sizes)
-        return [self._select(det, size, threshold, top_k)
-                for det, size in zip(raw, sizes.tolist(), strict=True)]
+        return self.postprocess(outputs, sizes)
+
+    def _detect_tiled(self, pixels: Tensor, tile: TileOptions, threshold: float, top_k: int,
+                      batch_size: int) -> Detections:
+        """One image predicted tile by tile (plus whole with ``tile.whole``), merged."""
+        found = predict_tiles(self._raw, pixels, tile, score_threshold=threshold,
+                              batch_size=batch_size, limit=top_k)
+        return self._select(found, list(pixels.shape[-2:]), threshold, top_k)
+
+    def tiling(self, size: int | str = "auto", **options) -> TileOptions:
+        """:class:`TileOptions` for :meth:`predict`; ``size="auto"``: the val scale (short
+        side ``scale``, at most ``max_size``), so that a tile is not resized. ``options``:
+        ``overlap``, ``whole``, ``match``, ``threshold``, ``fuse``."""
+        if size == "auto":
+            size = min(self.scale, self.max_size)
+        elif isinstance(size, str):
+            size = int(size) if size.isdigit() else size
+        return TileOptions(size=size, **options)
 
     def attention(self, image: ImageInput, *, top_k: int = 6) -> list[QueryAttention]:
         """The ``top_k`` best-scoring detections of one image (no score threshold) and where

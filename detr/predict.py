@@ -4,11 +4,19 @@
 
     python -m detr.predict IMAGES... --model CHECKPOINT --out DIR
     python -m detr.predict photos/ --model official:r101-dc5 --out preds --score-threshold 0.7
+    python -m detr.predict aerial/ --model best.pth --out preds --tile auto --overlap 0.2
 
 ``IMAGES``: image files and folders (a folder stands for its .jpg/.jpeg/.png/.bmp/.webp files,
 sorted, not recursive). ``--model``: a training checkpoint of this project, or
 ``official[:VARIANT][:PATH]`` with VARIANT one of r50 (default), r50-dc5, r101, r101-dc5: the
 official COCO weights of the release (downloaded), or those in the official-format file PATH.
+
+Large images with small objects: ``--tile SIZE`` (pixels of the image, or ``auto``: the
+model's val scale, so a tile is seen at its own resolution) predicts each image larger than
+SIZE tile by tile, tiles overlapping by ``--overlap``, and merges the duplicates of the overlaps
+(``--merge ios|iou`` at ``--merge-threshold``, ``--fuse`` for weighted box fusion;
+``--tile-whole`` adds the whole image, downscaled, for objects larger than a tile); see
+:mod:`detr.data.tiling`. Boxes are in the original image's pixels either way.
 
 Writes ``DIR/detections.json``::
 
@@ -32,6 +40,7 @@ from typing import NamedTuple
 
 from detr.checkpoint import CheckpointError
 from detr.data.coco import IMAGE_SUFFIXES, ImageLoadError
+from detr.data.tiling import TileOptions
 from detr.inference import Detections, Predictor, load_image
 from detr.visualize import draw_detections
 
@@ -115,9 +124,10 @@ def output_names(paths: Sequence[Path]) -> list[str]:
 
 
 def run(paths: Sequence[Path], predictor: Predictor, out_dir: Path, *,
-        batch_size: int = 8) -> dict:
-    """Predict on ``paths``, draw each image to ``out_dir`` and write ``detections.json``;
-    returns its content (see the module docstring).
+        batch_size: int = 8, tile: TileOptions | None = None) -> dict:
+    """Predict on ``paths`` (tile by tile with ``tile``: ``batch_size`` tiles a pass), draw
+    each image to ``out_dir`` and write ``detections.json``; returns its content (see the
+    module docstring).
 
     Raises:
         UsageError: an image that cannot be read (the message names it).
@@ -131,8 +141,8 @@ def run(paths: Sequence[Path], predictor: Predictor, out_dir: Path, *,
             pixels = [load_image(p) for p in chunk]
         except ImageLoadError as exc:
             raise UsageError(str(exc)) from exc
-        for offset, (image, det) in enumerate(zip(pixels, predictor.predict(pixels),
-                                                  strict=True)):
+        found = predictor.predict(pixels, batch_size=batch_size, tile=tile)
+        for offset, (image, det) in enumerate(zip(pixels, found, strict=True)):
             index = start + offset
             _draw(image, det, predictor, out_dir / drawings[index])
             images.append({"id": index, "path": str(paths[index]), "height": det.image_size[0],
@@ -166,7 +176,32 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    tiles = parser.add_argument_group("tiled prediction (large images, small objects)")
+    tiles.add_argument("--tile", metavar="SIZE|auto",
+                       help="predict images larger than SIZE px tile by tile; auto: the "
+                            "model's val scale")
+    tiles.add_argument("--overlap", type=float, default=0.2,
+                       help="least fraction of a tile shared with its neighbour")
+    tiles.add_argument("--tile-whole", action="store_true",
+                       help="also predict the whole image, downscaled, and merge it in")
+    tiles.add_argument("--merge", default="ios", choices=("ios", "iou"),
+                       help="duplicates across tiles: intersection over the smaller box "
+                            "(default), or IoU (class-wise NMS)")
+    tiles.add_argument("--merge-threshold", type=float, default=0.5)
+    tiles.add_argument("--fuse", action="store_true",
+                       help="weighted box fusion: a merged box is its group's score-weighted "
+                            "mean")
     return parser
+
+
+def tile_options(args: argparse.Namespace, predictor: Predictor) -> TileOptions | None:
+    """The :class:`TileOptions` of ``--tile`` and its companions; None without ``--tile``."""
+    if args.tile is None:
+        return None
+    if args.tile != "auto" and not args.tile.isdigit():
+        raise UsageError(f"--tile: {args.tile!r} is neither a number of pixels nor 'auto'")
+    return predictor.tiling(args.tile, overlap=args.overlap, whole=args.tile_whole,
+                            match=args.merge, threshold=args.merge_threshold, fuse=args.fuse)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -177,7 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         predictor = load_predictor(
             parse_model(args.model), device=args.device, precision=args.precision,
             score_threshold=args.score_threshold, top_k=args.top_k)
-        content = run(paths, predictor, args.out, batch_size=args.batch_size)
+        content = run(paths, predictor, args.out, batch_size=args.batch_size,
+                      tile=tile_options(args, predictor))
     except (UsageError, ValueError) as exc:
         print(f"detr.predict: error: {exc}", file=sys.stderr)
         return 2

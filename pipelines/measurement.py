@@ -3,8 +3,12 @@ and the ``register`` stage repeats on the champion, so that both numbers come fr
 and one set of settings.
 
 Settings: ``evaluate.batch_size``; the val resize the checkpoint was trained for (its params'
-``data.scales`` and ``data.max_size``; ``data`` for checkpoints without them), ``data.num_workers``; device and precision from ``train`` (``device``, ``precision``,
-``channels_last``).
+``data.scales`` and ``data.max_size``; ``data``'s for checkpoints without them),
+``data.num_workers``; device and precision from ``train`` (``device``, ``precision``,
+``channels_last``). With ``evaluate.tile`` the val images are whole (``val_whole.json`` of a
+tiled dataset, else ``val.json``) and predicted tile by tile by a
+:class:`detr.inference.Predictor` (``evaluate.batch_size`` tiles a pass, the same device and
+precision), every image's best 100 merged detections kept (COCO's maxDets).
 """
 
 from __future__ import annotations
@@ -21,13 +25,18 @@ from detr.checkpoint import CheckpointError, load_file
 from detr.config import DataConfig, ModelConfig, TrainConfig
 from detr.data.batching import collate
 from detr.data.coco import CocoDetection, category_ids_from_label_map
+from detr.data.layout import whole_annotation_name
+from detr.data.tiling import TileOptions
 from detr.data.transforms import make_transforms
 from detr.device import resolve_precision, select_device
 from detr.engine import evaluate
 from detr.evaluation import CocoEvaluation, evaluate_detections
 from detr.hub import model_from_checkpoint, val_resize
+from detr.inference import Predictor
 from detr.models.postprocess import PostProcess
 from pipelines.params import EvaluateConfig
+
+COCO_MAX_DETS = 100  # COCOeval's largest maxDets: what a tiled prediction keeps per image
 
 ALL = "all"  # reserved: the name of the mean over the classes (PR curves, tables)
 
@@ -41,7 +50,8 @@ class Measurement:
     """What :func:`measure` found: the COCO evaluation and what produced it.
 
     ``predictions``: detections by image id (``detr.engine.evaluate``'s contract, every query
-    kept); ``category_ids``: the category id of each model label (None: labels are the ids).
+    kept; with ``tiled`` the best :data:`COCO_MAX_DETS` merged detections of each whole
+    image); ``category_ids``: the category id of each model label (None: labels are the ids).
     """
 
     evaluation: CocoEvaluation
@@ -50,6 +60,7 @@ class Measurement:
     val: CocoDetection
     category_ids: list | None
     predictions: dict[int, dict]
+    tiled: bool = False
 
 
 def measure(checkpoint: Path, dataset_dir: Path, *, cfg: EvaluateConfig, data_cfg: DataConfig,
@@ -66,13 +77,20 @@ def measure(checkpoint: Path, dataset_dir: Path, *, cfg: EvaluateConfig, data_cf
     _check_inputs(checkpoint, dataset_dir)
     ckpt = load_file(checkpoint)
     model, model_cfg, label_map = model_from_checkpoint(checkpoint, ckpt=ckpt)
-    scale, max_size = val_resize(ckpt, checkpoint, data_cfg)
-    val = CocoDetection.from_root(dataset_dir, "val", transforms=make_transforms(
-        "val", scales=(scale,), max_size=max_size))
+    resize = val_resize(ckpt, checkpoint, data_cfg)
+    transforms = make_transforms("val", scales=resize[:1], max_size=resize[1])
+    whole = dataset_dir / "annotations" / whole_annotation_name("val")
+    if cfg.tile is not None and whole.is_file():
+        val = CocoDetection(dataset_dir / "images" / "val", whole, transforms)
+    else:
+        val = CocoDetection.from_root(dataset_dir, "val", transforms=transforms)
     category_ids = _category_ids(label_map, val, checkpoint)
-    predictions = _predict(model, val, category_ids, cfg, data_cfg, train_cfg)
+    if cfg.tile is None:
+        predictions = _predict(model, val, category_ids, cfg, data_cfg, train_cfg)
+    else:
+        predictions = _predict_tiled(model, val, category_ids, cfg, resize, train_cfg)
     return Measurement(evaluate_detections(val.coco, predictions), model, model_cfg, val,
-                       category_ids, predictions)
+                       category_ids, predictions, tiled=cfg.tile is not None)
 
 
 def class_labels(evaluation: CocoEvaluation) -> dict[int, str]:
@@ -127,3 +145,30 @@ def _predict(model, val: CocoDetection, category_ids: list | None, cfg: Evaluate
     return evaluate(model, PostProcess(category_ids).to(device), loader, device=device,
                     precision=precision, channels_last=train_cfg.channels_last,
                     progress=sys.stderr.isatty())
+
+
+def _predict_tiled(model, val: CocoDetection, category_ids: list | None, cfg: EvaluateConfig,
+                   resize: tuple[int, int], train_cfg: TrainConfig) -> dict[int, dict]:
+    """Detections by image id of ``val``'s whole images, each predicted tile by tile
+    (``cfg.tile``), the best :data:`COCO_MAX_DETS` kept, no score threshold."""
+    device = select_device(train_cfg.device)
+    predictor = Predictor(model, category_ids=category_ids, scale=resize[0],
+                          max_size=resize[1], device=str(device),
+                          precision=resolve_precision(train_cfg.precision, device),
+                          score_threshold=0.0, top_k=COCO_MAX_DETS,
+                          channels_last=train_cfg.channels_last)
+    options = tile_options(cfg, predictor)
+    predictions = {}
+    for image_id in val.ids:
+        path = val.image_dir / val.coco.imgs[image_id]["file_name"]
+        det = predictor.predict(path, tile=options, batch_size=cfg.batch_size)[0]
+        predictions[image_id] = {"boxes": det.boxes, "scores": det.scores,
+                                 "labels": det.labels}
+    return predictions
+
+
+def tile_options(cfg: EvaluateConfig, predictor: Predictor) -> TileOptions:
+    """``evaluate.tile`` as the predictor's :class:`TileOptions` (``auto``: its val scale)."""
+    tile = cfg.tile
+    return predictor.tiling(tile.size, overlap=tile.overlap, whole=tile.whole, match=tile.match,
+                            threshold=tile.threshold, fuse=tile.fuse)

@@ -5,7 +5,11 @@ Contract of :class:`DetrPyfunc` (also the model signature, see :func:`model_sign
 - input: a pandas DataFrame with a string column ``image``: one base64-encoded image file
   (JPEG, PNG, anything Pillow reads; a ``data:image/...;base64,`` prefix is accepted) per row.
 - params (optional): ``score_threshold`` (float in [0, 1], default from ``inference.json``) and
-  ``top_k`` (int >= 1, the most detections kept per image).
+  ``top_k`` (int >= 1, the most detections kept per image); tiled prediction for large images
+  with small objects (``python -m detr.predict --tile``'s options, :mod:`detr.data.tiling`):
+  ``tile`` (string: ``""`` = off, the default; ``"auto"`` = the val scale; or pixels such as
+  ``"512"``), ``overlap`` (0.2), ``tile_whole`` (false), ``merge`` (``"ios"`` or ``"iou"``),
+  ``merge_threshold`` (0.5), ``fuse`` (false).
 - output: a DataFrame with one row per input row and a string column ``detections``: a JSON
   list, best score first, of ``{"box": [x1, y1, x2, y2], "score": float, "category_id": int,
   "category": str}``; boxes in absolute pixels of the original image, clipped to it.
@@ -42,6 +46,7 @@ from torchvision.transforms.v2 import functional as F
 
 from detr.checkpoint import load_file, save_file
 from detr.config import DataConfig
+from detr.data.tiling import TileOptions
 from detr.hub import model_from_checkpoint, val_resize
 from detr.inference import Predictor, check_options
 
@@ -49,7 +54,10 @@ CHECKPOINT_ARTIFACT = "checkpoint"
 INFERENCE_ARTIFACT = "inference"
 CHECKPOINT_FILE = "checkpoint.pth"  # the checkpoint artifact's file name in the model
 DEFAULT_TOP_K = 100
-BATCH_SIZE = 8  # images per forward pass in predict()
+BATCH_SIZE = 8  # images (or tiles of one image) per forward pass in predict()
+# The tiling params of predict() and their defaults (tile "": off); types as in the signature.
+TILE_PARAMS: dict[str, Any] = {"tile": "", "overlap": 0.2, "tile_whole": False, "merge": "ios",
+                               "merge_threshold": 0.5, "fuse": False}
 # What the model imports at load time; pinned to the installed versions (local labels such as
 # "+cu130" dropped). The project itself (detr-ops) is not on PyPI: serve with --env-manager local.
 REQUIREMENTS = ("mlflow", "torch", "torchvision", "numpy", "pandas", "pillow", "scipy")
@@ -72,15 +80,17 @@ def inference_settings(resize: tuple[int, int], *, score_threshold: float = 0.5,
 
 def model_signature(*, score_threshold: float = 0.5, top_k: int = DEFAULT_TOP_K):
     """``image`` (string) -> ``detections`` (string), params ``score_threshold`` (double) and
-    ``top_k`` (long) with the given defaults."""
+    ``top_k`` (long) with the given defaults, and :data:`TILE_PARAMS`."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
+    kinds = {str: DataType.string, float: DataType.double, bool: DataType.boolean}
+    tiling = [ParamSpec(name, kinds[type(value)], value) for name, value in TILE_PARAMS.items()]
     return ModelSignature(
         inputs=Schema([ColSpec(DataType.string, "image")]),
         outputs=Schema([ColSpec(DataType.string, "detections")]),
         params=ParamSchema([ParamSpec("score_threshold", DataType.double, float(score_threshold)),
-                            ParamSpec("top_k", DataType.long, int(top_k))]),
+                            ParamSpec("top_k", DataType.long, int(top_k)), *tiling]),
     )
 
 
@@ -153,13 +163,15 @@ class DetrPyfunc(PythonModel):
                 position), or params out of range.
         """
         threshold, top_k = self._options(params)
+        tile = self._tile(params)
         texts = _image_column(model_input)
         rows: list[str] = []
         for start in range(0, len(texts), BATCH_SIZE):
             images = [decode_image(text, row=start + i)
                       for i, text in enumerate(texts[start:start + BATCH_SIZE])]
             rows += [det.to_json() for det in self.predictor.predict(
-                images, score_threshold=threshold, top_k=top_k, batch_size=BATCH_SIZE)]
+                images, score_threshold=threshold, top_k=top_k, batch_size=BATCH_SIZE,
+                tile=tile)]
         return pd.DataFrame({"detections": pd.Series(rows, dtype=object)})
 
     def _options(self, params: dict[str, Any] | None) -> tuple[float, int]:
@@ -167,6 +179,24 @@ class DetrPyfunc(PythonModel):
         threshold, top_k = float(params["score_threshold"]), int(params["top_k"])
         check_options(threshold, top_k)
         return threshold, top_k
+
+    def _tile(self, params: dict[str, Any] | None) -> TileOptions | None:
+        """The tiling params (:data:`TILE_PARAMS`) as options; None when ``tile`` is off."""
+        given = {k: v for k, v in (params or {}).items() if k in TILE_PARAMS and v is not None}
+        values = {**TILE_PARAMS, **given}
+        size = str(values["tile"]).strip()
+        if size in ("", "0", "off", "none"):
+            return None
+        if size != "auto" and not size.isdigit():
+            raise ValueError(f"params: tile {size!r} is not a number of pixels, 'auto' or ''")
+        try:
+            return self.predictor.tiling(size, overlap=float(values["overlap"]),
+                                         whole=bool(values["tile_whole"]), match=values["merge"],
+                                         threshold=float(values["merge_threshold"]),
+                                         fuse=bool(values["fuse"]))
+        except ValueError as exc:  # TileOptions names its fields: say which params they are
+            raise ValueError(f"params: {exc} (params tile, overlap, merge = match, "
+                             f"merge_threshold = threshold)") from exc
 
 
 def decode_image(text: str, *, row: int = 0) -> Tensor:

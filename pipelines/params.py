@@ -37,6 +37,28 @@ class DemoConfig:
 
 
 @dataclass(frozen=True)
+class TileConfig:
+    """Tiling of large images (``prepare.tile``; null = off): every image with a side longer
+    than ``min_image_side`` px becomes ``size`` x ``size`` tiles overlapping by at least
+    ``overlap`` of a tile (:func:`detr.data.tiling.tile_grid`); a box keeps the part inside
+    a tile when at least ``min_visible`` of its area is there, else that tile drops it."""
+
+    size: int = 512
+    overlap: float = 0.2
+    min_image_side: int = 1024
+    min_visible: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_ranges("prepare.tile", self, {"size": self.size >= 16,
+                                            "overlap": 0 <= self.overlap < 1,
+                                            "min_visible": 0 < self.min_visible <= 1})
+        if self.min_image_side < self.size:
+            raise ConfigError(f"prepare.tile.min_image_side: {self.min_image_side} is below "
+                              f"prepare.tile.size ({self.size}): an image that fits in one "
+                              f"tile is not tiled; raise it to at least the tile size")
+
+
+@dataclass(frozen=True)
 class PrepareConfig:
     """Where the data comes from (``prepare:``)."""
 
@@ -52,6 +74,7 @@ class PrepareConfig:
     seed: int = 0
     link: Literal["symlink", "hardlink", "copy"] = "hardlink"
     demo: DemoConfig = DemoConfig()
+    tile: TileConfig | None = None  # null: images as they are
 
     def __post_init__(self) -> None:
         choices = {"format": ("auto", "coco", "voc", "yolo"),
@@ -65,6 +88,28 @@ class PrepareConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateTileConfig:
+    """Tiled prediction in the evaluate stage (``evaluate.tile``; null = off): val is
+    evaluated on whole images (a tiled dataset's ``annotations/val_whole.json``, else
+    ``val.json``), each predicted tile by tile like ``python -m detr.predict --tile``
+    (:class:`detr.data.tiling.TileOptions`): the AP a user gets on their large images.
+    ``size``: tile side in px, or ``auto`` (the val scale: ``min(max(data.scales),
+    data.max_size)``)."""
+
+    size: int | Literal["auto"] = "auto"
+    overlap: float = 0.2
+    whole: bool = False  # also the whole image, downscaled, merged in
+    match: Literal["ios", "iou"] = "ios"  # duplicates across tiles: by IoS or IoU (NMS)...
+    threshold: float = 0.5  # ...at this value, class-wise
+    fuse: bool = False  # weighted box fusion of each merged group
+
+    def __post_init__(self) -> None:
+        check_ranges("evaluate.tile", self, {
+            "size": self.size == "auto" or self.size >= 16,
+            "overlap": 0 <= self.overlap < 1, "threshold": 0 < self.threshold <= 1})
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     """How the val split is evaluated and shown (``evaluate:``)."""
 
@@ -73,6 +118,7 @@ class EvaluateConfig:
     score_threshold: float = 0.5  # for the drawings only; COCO AP uses every detection
     attention_images: int = 2  # val images drawn with the decoder attention of...
     attention_queries: int = 4  # ...their best-scoring queries (0 images: none drawn)
+    tile: EvaluateTileConfig | None = None  # tiled prediction on whole val images
 
     def __post_init__(self) -> None:
         checks = {"batch_size": self.batch_size >= 1, "num_examples": self.num_examples >= 0,

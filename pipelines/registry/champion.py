@@ -4,8 +4,8 @@
 checkpoint :mod:`pipelines.mlflow_model` logs) and evaluates it with
 :func:`pipelines.measurement.measure`, the evaluate stage's code and settings. The result is
 cached in ``cache_dir/<model>-v<version>-<dataset md5>-<settings>.json`` (the dataset's DVC
-hash from dvc.lock; ``settings``: a digest of the val resizing and the precision, which change
-the numbers), so registering again on the same data costs nothing; without a known dataset hash
+hash from dvc.lock; ``settings``: a digest of the val resizing, the precision and
+``evaluate.tile``, which change the numbers), so registering again on the same data costs nothing; without a known dataset hash
 nothing is cached.
 
 Cache file / result: ``{"model_name", "version", "dataset_md5", "stats": {name: float},
@@ -14,6 +14,7 @@ Cache file / result: ``{"model_name", "version", "dataset_md5", "stats": {name: 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -33,12 +34,16 @@ _UNSAFE = re.compile(r"[^\w.\-]")
 
 
 def cache_path(cache_dir: Path, name: str, version: int, dataset_md5: str, *,
-               data_cfg: DataConfig, train_cfg: TrainConfig) -> Path:
+               data_cfg: DataConfig, train_cfg: TrainConfig,
+               cfg: EvaluateConfig | None = None) -> Path:
     """Where the measurement of ``name`` version ``version`` on dataset ``dataset_md5`` goes."""
     # The val resize is the version's own (its checkpoint's params); data_cfg's only counts
     # for a checkpoint without one.
     scales = data_cfg.scales if isinstance(data_cfg.scales, str) else list(data_cfg.scales)
-    settings = json.dumps([scales, data_cfg.max_size, train_cfg.precision])
+    values = [scales, data_cfg.max_size, train_cfg.precision]
+    if cfg is not None and cfg.tile is not None:  # untiled: the digest it always had
+        values.append(dataclasses.asdict(cfg.tile))
+    settings = json.dumps(values)
     digest = hashlib.sha256(settings.encode()).hexdigest()[:8]
     return Path(cache_dir) / (_UNSAFE.sub("_", f"{name}-v{version}-{dataset_md5}-{digest}")
                               + ".json")
@@ -56,7 +61,7 @@ def measure_champion(name: str, version: int, *, dataset_dir: Path, dataset_md5:
         mlflow.exceptions.MlflowException: the artifact could not be downloaded.
     """
     path = cache_path(cache_dir, name, version, dataset_md5, data_cfg=data_cfg,
-                      train_cfg=train_cfg) if dataset_md5 else None
+                      train_cfg=train_cfg, cfg=cfg) if dataset_md5 else None
     if path is not None and path.is_file():
         return {**json.loads(path.read_text()), "cached": True}
     with tempfile.TemporaryDirectory(prefix="detr-champion-") as tmp:

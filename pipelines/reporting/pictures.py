@@ -81,14 +81,16 @@ def write_attention(model, val: CocoDetection, category_ids: list | None, out_di
 
 
 def write_figures(evaluation: CocoEvaluation, labels: dict[int, str], plots_dir: Path,
-                  out_dir: Path, queries: QueryBoxes,
+                  out_dir: Path, queries: QueryBoxes | None,
                   examples: list[Path]) -> dict[str, Path]:
-    """The PNGs of the module doc in ``out_dir`` (earlier ones removed); by file name."""
+    """The PNGs of the module doc in ``out_dir`` (earlier ones removed); by file name.
+    ``queries`` None (tiled prediction: no one query per box): no query_specialisation.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("*.png"):
         old.unlink()
-    figures = {**evaluation_figures(evaluation, labels, plots_dir),
-               "query_specialisation.png": query_figure(queries)}
+    figures = evaluation_figures(evaluation, labels, plots_dir)
+    if queries is not None:
+        figures["query_specialisation.png"] = query_figure(queries)
     paths = {}
     for name, figure in figures.items():
         paths[name] = out_dir / name

@@ -25,6 +25,12 @@ canonical dataset's ``annotations/val.json`` + ``images/val/``. Writes
 
 The PNGs are DVC plots (``plots:`` in dvc.yaml), next to the CSVs.
 
+With ``evaluate.tile`` the val split is evaluated on whole images (a tiled dataset's
+``annotations/val_whole.json``, see ``prepare.tile``), each predicted tile by tile
+(:mod:`pipelines.measurement`): the AP a user gets with ``python -m detr.predict --tile`` on
+their large images. ``query_specialisation.png`` is then left out (merged detections are not
+one per query).
+
 Classes are named by category name (``<name>_<id>`` where names repeat or one is ``all``).
 With ``run_file`` present (the MLflow run the train stage started) the run also gets the
 statistics as metrics (undefined ones left out), ``AP_class_<class>`` metrics and, under
@@ -96,11 +102,12 @@ def run(*, checkpoint: Path, dataset_dir: Path, cfg: EvaluateConfig, data_cfg: D
     _write_reports(evaluation, labels, Path(metrics_path), plots_dir, report_dir)
     examples = write_examples(val, predictions, report_dir / "examples", cfg)
     attention = write_attention(model, val, category_ids, report_dir / "attention", cfg)
-    figures = write_figures(evaluation, labels, plots_dir, report_dir / "figures",
-                            query_boxes(predictions, image_sizes(val)), examples)
+    queries = None if measured.tiled else query_boxes(predictions, image_sizes(val))
+    figures = write_figures(evaluation, labels, plots_dir, report_dir / "figures", queries,
+                            examples)
     report = write_report(
         report_dir / "report.html", evaluation=evaluation, labels=labels,
-        facts=_facts(checkpoint, dataset_dir, model_cfg, evaluation, train_cfg),
+        facts=_facts(checkpoint, dataset_dir, model_cfg, evaluation, train_cfg, cfg),
         figures=[Picture(figures[n], FIGURE_CAPTIONS[n]) for n in FIGURE_CAPTIONS
                  if n in figures],
         attention=[Picture(p, f"val image {p.stem}", photo=True) for p in attention],
@@ -124,10 +131,15 @@ def stat_rows(evaluation: CocoEvaluation) -> list[dict]:
 
 
 def _facts(checkpoint: Path, dataset_dir: Path, model_cfg: ModelConfig,
-           evaluation: CocoEvaluation, train_cfg: TrainConfig) -> dict[str, object]:
+           evaluation: CocoEvaluation, train_cfg: TrainConfig,
+           cfg: EvaluateConfig) -> dict[str, object]:
     """The report's header lines."""
+    tile = cfg.tile
+    split = ("val split" if tile is None else
+             f"val split, whole images, tiled prediction: tile {tile.size}, overlap "
+             f"{tile.overlap}, merge {tile.match} {tile.threshold}")
     return {
-        "checkpoint": checkpoint, "dataset": f"{dataset_dir} (val split)",
+        "checkpoint": checkpoint, "dataset": f"{dataset_dir} ({split})",
         "model": f"DETR {model_cfg.backbone}{' DC5' if model_cfg.dilation else ''}, "
                  f"{model_cfg.enc_layers}+{model_cfg.dec_layers} layers, d={model_cfg.hidden_dim}, "
                  f"{model_cfg.num_queries} queries, {model_cfg.num_classes} classes",

@@ -6,28 +6,48 @@ with the project's DVC ``cache.type: hardlink,symlink`` the source, the DVC cach
 ``data/dataset`` then share one copy of each image, README "Disk and scale"). A user's source
 is recognised by :func:`detr.data.detect_layout.detect_layout`
 (``prepare.format: auto``) or read as the format named; the layout found is printed.
+
+With ``prepare.tile`` set, each image with a side longer than ``tile.min_image_side`` is then
+cut into overlapping tiles (:func:`tile_dataset`), after the train/val split, so that the
+tiles of one image stay in its split: ``annotations/<split>.json`` lists the tiles (each image
+record with ``tile_of``: ``{"image_id", "file_name", "x0", "y0"}`` of its source) and the
+images left whole, ``annotations/<split>_whole.json`` the source images as they were (their
+files stay in ``images/<split>/``; the evaluate stage's tiled prediction reads them). Tiles
+are written to ``images/<split>/tiles/<source stem>_<x0>_<y0><suffix>``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
-from pathlib import Path
+from collections import defaultdict
+from pathlib import Path, PurePosixPath
 
+import torch
+from PIL import Image
 from prefect import flow
 
 from detr.data import formats, synthetic
 from detr.data.detect_layout import detect_layout, import_layout
+from detr.data.layout import SPLITS, TILE_OF, TILES_FOLDER, whole_annotation_name
+from detr.data.tiling import Tile, crop_boxes, tile_grid
 from pipelines import stage
-from pipelines.params import PrepareConfig
+from pipelines.params import PrepareConfig, TileConfig
 from pipelines.stage import DATASET
+
+TILE_SUFFIXES = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}  # others become .png
 
 
 def run(*, cfg: PrepareConfig, out_dir: Path = DATASET) -> dict:
     """Create ``out_dir`` from ``cfg.source``; returns ``{"images": {split: n},
     "annotations": {split: n}}``."""
     summary = _prepare(cfg, out_dir)
+    if cfg.tile is not None:
+        summary = tile_dataset(out_dir, cfg.tile)
+        print(f"prepare: tiled {sum(summary['tiled'].values())} images into "
+              f"{sum(summary['tiles'].values())} tiles of {cfg.tile.size} px (prepare.tile)")
     counts = ", ".join(f"{split} {n} images / {summary['annotations'][split]} boxes"
                        for split, n in summary["images"].items())
     print(f"prepare: {cfg.source} -> {out_dir}: {counts}")
@@ -53,6 +73,105 @@ def _prepare(cfg: PrepareConfig, out_dir: Path) -> dict:
     imported = import_layout(layout, out_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
                              link=cfg.link)
     return {"images": dict(imported.images), "annotations": dict(imported.annotations)}
+
+
+def tile_dataset(root: Path, cfg: TileConfig) -> dict:
+    """Cut the large images of the canonical dataset at ``root`` into tiles, in place (module
+    doc). Returns ``{"images": {split: n}, "annotations": {split: n}, "tiled": {split: n
+    source images}, "tiles": {split: n tiles}}``. New image and annotation ids follow the
+    largest of either split. Raises ValueError naming an image whose file is not the size its
+    record says."""
+    cocos = {s: json.loads((root / "annotations" / f"{s}.json").read_text()) for s in SPLITS}
+    ids = _Ids(cocos)
+    summary: dict = {"images": {}, "annotations": {}, "tiled": {}, "tiles": {}}
+    for split, coco in cocos.items():
+        large = {im["id"] for im in coco["images"]
+                 if max(im["width"], im["height"]) > cfg.min_image_side}
+        if large:
+            (root / "annotations" / whole_annotation_name(split)).write_text(json.dumps(coco))
+            coco = _tiled_split(root / "images" / split, coco, large, cfg, ids)
+            (root / "annotations" / f"{split}.json").write_text(json.dumps(coco))
+        summary["images"][split] = len(coco["images"])
+        summary["annotations"][split] = len(coco["annotations"])
+        summary["tiled"][split] = len(large)
+        summary["tiles"][split] = sum(TILE_OF in im for im in coco["images"])
+    return summary
+
+
+class _Ids:
+    """The next free image and annotation id over all splits."""
+
+    def __init__(self, cocos: dict[str, dict]) -> None:
+        self.image = 1 + max((im["id"] for c in cocos.values() for im in c["images"]), default=0)
+        self.ann = 1 + max((a["id"] for c in cocos.values() for a in c["annotations"]),
+                           default=0)
+
+    def take(self, kind: str) -> int:
+        value = getattr(self, kind)
+        setattr(self, kind, value + 1)
+        return value
+
+
+def _tiled_split(image_dir: Path, coco: dict, large: set[int], cfg: TileConfig,
+                 ids: _Ids) -> dict:
+    """``coco`` with the images of ``large`` replaced by their tiles (files written)."""
+    objects = defaultdict(list)
+    for ann in coco["annotations"]:
+        objects[ann["image_id"]].append(ann)
+    images = [im for im in coco["images"] if im["id"] not in large]
+    annotations = [a for a in coco["annotations"] if a["image_id"] not in large]
+    for image in coco["images"]:
+        if image["id"] in large:
+            for record, anns in _cut(image_dir, image, objects[image["id"]], cfg, ids):
+                images.append(record)
+                annotations.extend(anns)
+    return {**coco, "images": images, "annotations": annotations}
+
+
+def _cut(image_dir: Path, image: dict, anns: list[dict], cfg: TileConfig,
+         ids: _Ids) -> list[tuple[dict, list[dict]]]:
+    """Write ``image``'s tiles; per tile its image record and its annotations."""
+    path = image_dir / image["file_name"]
+    with Image.open(path) as pil:
+        if pil.size != (image["width"], image["height"]):
+            raise ValueError(f"prepare.tile: {path} is {pil.size[0]}x{pil.size[1]} px but its "
+                             f"record says {image['width']}x{image['height']}")
+        rgb = pil.convert("RGB")
+    boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)],
+                         dtype=torch.float64).reshape(-1, 4)
+    out = []
+    for tile in tile_grid(image["height"], image["width"], size=cfg.size, overlap=cfg.overlap):
+        name = _tile_name(image["file_name"], tile)
+        target = image_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        crop = rgb.crop((tile.x0, tile.y0, tile.x0 + tile.width, tile.y0 + tile.height))
+        crop.save(target, TILE_SUFFIXES[target.suffix], **({"quality": 95}
+                                                            if target.suffix != ".png" else {}))
+        record = {"id": ids.take("image"), "file_name": name, "width": tile.width,
+                  "height": tile.height, TILE_OF: {"image_id": image["id"],
+                                                   "file_name": image["file_name"],
+                                                   "x0": tile.x0, "y0": tile.y0}}
+        inside, kept = crop_boxes(boxes, tile, min_visible=cfg.min_visible)
+        out.append((record, [_tile_annotation(anns[i], box, record["id"], ids)
+                             for i, box in zip(kept.tolist(), inside.tolist(), strict=True)]))
+    return out
+
+
+def _tile_name(file_name: str, tile: Tile) -> str:
+    """``tiles/<file_name without suffix>_<x0>_<y0><suffix>`` (a suffix other than .jpg,
+    .jpeg, .png becomes .png)."""
+    source = PurePosixPath(file_name)
+    suffix = source.suffix.lower() if source.suffix.lower() in TILE_SUFFIXES else ".png"
+    return f"{TILES_FOLDER}/{source.with_suffix('')}_{tile.x0}_{tile.y0}{suffix}"
+
+
+def _tile_annotation(ann: dict, box: list[float], image_id: int, ids: _Ids) -> dict:
+    """``ann`` with its box cut to the tile (``box``: xyxy tile pixels); area at most w x h."""
+    x1, y1, x2, y2 = box
+    w, h = x2 - x1, y2 - y1
+    area = min(float(ann.get("area", w * h)), w * h)
+    return {"id": ids.take("ann"), "image_id": image_id, "category_id": ann["category_id"],
+            "bbox": [x1, y1, w, h], "area": area, "iscrowd": ann.get("iscrowd", 0)}
 
 
 @flow(name="prepare", log_prints=True)

@@ -96,3 +96,28 @@ def test_module_entry_point_exits_2_on_a_missing_image(tmp_path):
                            "--model", "official", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "nope.jpg" in proc.stderr
+
+
+def test_tiled_prediction_keeps_the_output_contract(checkpoint, image_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    status = main([str(tmp_path / "wide.png"), "--model", str(checkpoint), "--out", str(out),
+                   "--score-threshold", "0", "--top-k", "5", "--device", "cpu",
+                   "--tile", "32", "--overlap", "0.25", "--tile-whole", "--merge", "iou"])
+    assert status == 0, capsys.readouterr().err
+    content = json.loads((out / "detections.json").read_text())
+    assert (content["images"][0]["width"], content["images"][0]["height"]) == (96, 48)
+    assert 0 < len(content["detections"]) <= 5
+    for det in content["detections"]:
+        x, y, w, h = det["bbox"]
+        assert 0 <= x and x + w <= 96 + 1e-3 and 0 <= y and y + h <= 48 + 1e-3
+
+
+@pytest.mark.parametrize(("option", "culprit"), [(["--tile", "big"], "--tile"),
+                                                 (["--tile", "auto", "--overlap", "1.5"],
+                                                  "overlap")])
+def test_bad_tile_options_exit_2_and_name_them(checkpoint, image_dir, tmp_path, capsys,
+                                               option, culprit):
+    status = main([str(image_dir), "--model", str(checkpoint), "--out", str(tmp_path / "o"),
+                   "--device", "cpu", *option])
+    assert status == 2
+    assert culprit in capsys.readouterr().err
