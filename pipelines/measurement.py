@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from detr.checkpoint import CheckpointError
+from detr.checkpoint import CheckpointError, load_file
 from detr.config import DataConfig, ModelConfig, TrainConfig
 from detr.data.batching import collate
 from detr.data.coco import CocoDetection, category_ids_from_label_map
 from detr.data.transforms import make_transforms
 from detr.device import resolve_precision, select_device
-from detr.engine import evaluate
+from detr.engine import evaluate_layers
 from detr.evaluation import CocoEvaluation, evaluate_detections
 from detr.hub import model_from_checkpoint
 from detr.models.postprocess import PostProcess
@@ -42,6 +42,9 @@ class Measurement:
 
     ``predictions``: detections by image id (``detr.engine.evaluate``'s contract, every query
     kept); ``category_ids``: the category id of each model label (None: labels are the ids).
+    ``layer_predictions``: with ``measure(layers=True)``, the same for every decoder layer,
+    the first first and ``predictions`` last (None otherwise). ``params``: the checkpoint's
+    ``params`` (``model``, ``data``, ``train``... sections as trained).
     """
 
     evaluation: CocoEvaluation
@@ -50,12 +53,15 @@ class Measurement:
     val: CocoDetection
     category_ids: list | None
     predictions: dict[int, dict]
+    layer_predictions: list[dict[int, dict]] | None = None
+    params: dict | None = None
 
 
 def measure(checkpoint: Path, dataset_dir: Path, *, cfg: EvaluateConfig, data_cfg: DataConfig,
-            train_cfg: TrainConfig) -> Measurement:
+            train_cfg: TrainConfig, layers: bool = False) -> Measurement:
     """COCOeval of ``checkpoint`` on ``dataset_dir``'s val split (``annotations/val.json`` +
-    ``images/val/``).
+    ``images/val/``). ``layers``: also keep every decoder layer's detections (same forward
+    pass).
 
     Raises:
         FileNotFoundError: no checkpoint file, or no ``annotations/val.json`` under the dataset.
@@ -64,13 +70,15 @@ def measure(checkpoint: Path, dataset_dir: Path, *, cfg: EvaluateConfig, data_cf
     """
     checkpoint, dataset_dir = Path(checkpoint), Path(dataset_dir)
     _check_inputs(checkpoint, dataset_dir)
-    model, model_cfg, label_map = model_from_checkpoint(checkpoint)
+    ckpt = load_file(checkpoint)
+    model, model_cfg, label_map = model_from_checkpoint(checkpoint, ckpt=ckpt)
     val = CocoDetection.from_root(dataset_dir, "val", transforms=make_transforms(
         "val", scales=data_cfg.scales, max_size=data_cfg.max_size))
     category_ids = _category_ids(label_map, val, checkpoint)
-    predictions = _predict(model, val, category_ids, cfg, data_cfg, train_cfg)
-    return Measurement(evaluate_detections(val.coco, predictions), model, model_cfg, val,
-                       category_ids, predictions)
+    found = _predict(model, val, category_ids, cfg, data_cfg, train_cfg, layers)
+    return Measurement(evaluate_detections(val.coco, found[-1]), model, model_cfg, val,
+                       category_ids, found[-1], found if layers else None,
+                       dict(ckpt.get("params") or {}))
 
 
 def class_labels(evaluation: CocoEvaluation) -> dict[int, str]:
@@ -113,8 +121,10 @@ def _category_ids(label_map: dict | None, val: CocoDetection, checkpoint: Path) 
 
 
 def _predict(model, val: CocoDetection, category_ids: list | None, cfg: EvaluateConfig,
-             data_cfg: DataConfig, train_cfg: TrainConfig) -> dict[int, dict]:
-    """Detections by image id (``detr.engine.evaluate``'s contract), every query kept."""
+             data_cfg: DataConfig, train_cfg: TrainConfig,
+             layers: bool) -> list[dict[int, dict]]:
+    """Detections by image id (``detr.engine.evaluate``'s contract), every query kept: of
+    every decoder layer with ``layers``, else of the last only (a list of one)."""
     device = select_device(train_cfg.device)
     precision = resolve_precision(train_cfg.precision, device)
     model = model.to(device)
@@ -122,6 +132,7 @@ def _predict(model, val: CocoDetection, category_ids: list | None, cfg: Evaluate
         model = model.to(memory_format=torch.channels_last)
     loader = DataLoader(val, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate,
                         num_workers=data_cfg.num_workers, pin_memory=device.type == "cuda")
-    return evaluate(model, PostProcess(category_ids).to(device), loader, device=device,
-                    precision=precision, channels_last=train_cfg.channels_last,
-                    progress=sys.stderr.isatty())
+    found = evaluate_layers(model, PostProcess(category_ids).to(device), loader, device=device,
+                            precision=precision, channels_last=train_cfg.channels_last,
+                            progress=sys.stderr.isatty())
+    return found if layers else found[-1:]

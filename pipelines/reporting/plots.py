@@ -33,7 +33,7 @@ def evaluation_figures(evaluation: CocoEvaluation, labels: dict[int, str],
     """The figures by MLflow artifact name (the module doc)."""
     figures = {"pr_curves.png": _pr_figure(evaluation, labels),
                "ap_by_size.png": _size_figure(evaluation.stats)}
-    loss = _read_loss(plots_dir / "train_loss.csv")
+    loss = read_loss(plots_dir / "train_loss.csv")
     if loss:
         figures["train_loss.png"] = _loss_figure(*loss)
     return figures
@@ -105,7 +105,7 @@ def query_figure(queries: QueryBoxes, *, max_panels: int = 100) -> Figure:
     return figure
 
 
-def _read_loss(path: Path) -> tuple[list[float], dict[str, list[float]]] | None:
+def read_loss(path: Path) -> tuple[list[float], dict[str, list[float]]] | None:
     """``(epochs, {"loss": ..., "loss_ce": ...})`` from the train stage's CSV (the total and
     the last decoder layer's ``loss_*`` terms; ``loss_ce_0``... of the auxiliary layers
     are left out), or None when absent or unusable."""
