@@ -134,11 +134,12 @@ def _earlier_stage(last_stage: str | None, stride: int, factor: float) -> str | 
 
 
 def mean_ap(evaluator) -> float:
-    """AP of an accumulated COCOeval: precision averaged over its IoUs, recalls and classes
-    (area ``all``, 100 detections), -1 entries (no ground truth) left out; 0.0 if none."""
+    """AP of an accumulated COCOeval: precision averaged over its IoUs from 0.5 up, recalls
+    and classes (area ``all``, 100 detections), -1 entries (no ground truth) left out; 0.0 if
+    none."""
     p = evaluator.params
-    precision = evaluator.eval["precision"][:, :, :, p.areaRngLbl.index("all"),
-                                            p.maxDets.index(100)]
+    precision = evaluator.eval["precision"][np.asarray(p.iouThrs) >= 0.5 - 1e-9, :, :,
+                                            p.areaRngLbl.index("all"), p.maxDets.index(100)]
     valid = precision[precision > -1]
     return float(valid.mean()) if valid.size else 0.0
 
@@ -153,24 +154,32 @@ def recall_at(evaluator, iou: float) -> float:
     return float(valid.mean()) if valid.size else 0.0
 
 
-_COCO_IOUS = tuple(np.linspace(0.5, 0.95, 10))
+_IOUS = (0.1, *np.linspace(0.5, 0.95, 10))  # COCO's, and 0.1 for "found at all"
+
+
+def class_agnostic(gt: COCO, predictions: Mapping[int, Mapping]) -> tuple[float, float]:
+    """``(AP@[.50:.95], recall at IoU 0.1)`` with every category merged into one (only the
+    boxes count, not their classes), from one COCOeval pass."""
+    evaluator = run_cocoeval(gt, predictions, use_cats=False, iou_thresholds=_IOUS,
+                             area_all_only=True)
+    return mean_ap(evaluator), recall_at(evaluator, 0.1)
 
 
 def class_agnostic_ap(gt: COCO, predictions: Mapping[int, Mapping]) -> float:
     """AP@[.50:.95] with every category merged into one (only localisation counts)."""
-    return mean_ap(run_cocoeval(gt, predictions, use_cats=False, iou_thresholds=_COCO_IOUS))
+    return class_agnostic(gt, predictions)[0]
 
 
 def recall_iou10(gt: COCO, predictions: Mapping[int, Mapping], *, use_cats: bool = True) -> float:
     """Recall at IoU 0.1: the share of objects with a detection (of their class, unless
     ``use_cats`` is False) overlapping them at all."""
-    return recall_at(run_cocoeval(gt, predictions, use_cats=use_cats, iou_thresholds=(0.1,)),
-                     0.1)
+    return recall_at(run_cocoeval(gt, predictions, use_cats=use_cats, iou_thresholds=(0.1,),
+                                  area_all_only=True), 0.1)
 
 
 def layer_aps(gt: COCO, layer_predictions: Sequence[Mapping[int, Mapping]]) -> list[float]:
     """AP@[.50:.95] of each decoder layer's detections, first layer first."""
-    return [mean_ap(run_cocoeval(gt, found)) for found in layer_predictions]
+    return [mean_ap(run_cocoeval(gt, found, area_all_only=True)) for found in layer_predictions]
 
 
 def classification_finding(ap: float, agnostic_ap: float, *, num_classes: int,
@@ -272,7 +281,7 @@ def duplicate_finding(gt: COCO, predictions: Mapping[int, Mapping], *, score_thr
     counts = [count_duplicates(predictions, score_threshold=t)
               for t in dict.fromkeys((score_threshold, LOW_SCORE))]
     nms_ap = mean_ap(run_cocoeval(gt, {i: class_wise_nms(d, DUPLICATE_IOU)
-                                       for i, d in predictions.items()}))
+                                       for i, d in predictions.items()}, area_all_only=True))
     values = {"AP_class_wise_nms": nms_ap}
     for c in counts:
         values.update({f"duplicates_{c.score_threshold:g}": c.fraction,
@@ -322,13 +331,12 @@ def diagnose(gt: COCO, predictions: Mapping[int, Mapping], *, params: Mapping[st
                          scales=data["scales"], max_size=data["max_size"], stride=stride,
                          last_stage=model.get("last_stage"))
     length = training_length(params.get("train", {}))
+    agnostic_ap, agnostic_recall = class_agnostic(gt, predictions)
     findings = [
         sizes,
-        classification_finding(ap, class_agnostic_ap(gt, predictions),
-                               num_classes=len(gt.getCatIds()),
+        classification_finding(ap, agnostic_ap, num_classes=len(gt.getCatIds()),
                                ce_loss_coef=params.get("loss", {}).get("ce_loss_coef")),
-        recall_finding(recall_iou10(gt, predictions), recall_iou10(gt, predictions,
-                                                                   use_cats=False),
+        recall_finding(recall_iou10(gt, predictions), agnostic_recall,
                        fallback=sizes.turns if sizes.weak else (length,)),
         layer_finding(layer_aps(gt, layer_predictions[:-1]) + [ap] if layer_predictions
                       else [ap], int(model.get("dec_layers", 1))),

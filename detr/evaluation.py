@@ -167,12 +167,15 @@ def run_cocoeval(
     image_ids: Iterable[int] | None = None,
     use_cats: bool = True,
     iou_thresholds: Iterable[float] | None = None,
+    area_all_only: bool = False,
 ) -> COCOeval:
     """A bbox ``COCOeval`` over ``predictions`` (the module's input contract), evaluated and
     accumulated (``eval["precision"]`` [T, R, K, A, M], ``eval["recall"]`` [T, K, A, M]),
     quietly. ``use_cats=False`` merges every category into one (class-agnostic matching:
     K = 1); ``iou_thresholds`` replaces COCO's .50:.05:.95 (the statistic names and the
-    summary then no longer apply). ``image_ids``: as :func:`evaluate_detections`.
+    summary then no longer apply). ``area_all_only``: evaluate the area range ``all`` only
+    (A = 1, a quarter of the work; the summary no longer applies). ``image_ids``: as
+    :func:`evaluate_detections`.
     """
     gt = load_ground_truth(coco_gt)
     _check_ground_truth(gt)
@@ -186,6 +189,10 @@ def run_cocoeval(
     evaluator.params.useCats = int(use_cats)
     if iou_thresholds is not None:
         evaluator.params.iouThrs = np.array(sorted(float(t) for t in iou_thresholds))
+    if area_all_only:
+        index = evaluator.params.areaRngLbl.index("all")
+        evaluator.params.areaRng = [evaluator.params.areaRng[index]]
+        evaluator.params.areaRngLbl = ["all"]
     with _quiet():
         evaluator.evaluate()
         evaluator.accumulate()
