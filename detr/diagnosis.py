@@ -35,7 +35,7 @@ from pycocotools.coco import COCO
 
 from detr.duplicates import DUPLICATE_IOU, class_wise_nms, count_duplicates
 from detr.evaluation import run_cocoeval
-from detr.models.backbone import LAST_STAGES
+from detr.models.backbone import LAST_STAGES, output_stride
 
 MAX_UNDER_ONE_CELL = 0.05  # share of val objects under one feature cell that makes a finding
 MIN_RECALL_IOU10 = 0.5  # below it most objects have no box near them at all
@@ -109,9 +109,8 @@ def size_finding(sqrt_area: np.ndarray, short_side: np.ndarray, *, scales: Seque
     if under <= MAX_UNDER_ONE_CELL:
         return Finding("object_size", summary, values)
     factor = 1 / max(float(np.quantile(sqrt_area, MAX_UNDER_ONE_CELL)), 1e-3)
-    turns = (("data.scales", f"{[_round_up(s * factor) for s in scales]} with data.max_size "
-                             f"{_round_up(max_size * factor)}"),)
-    stage = _earlier_stage(last_stage, stride, factor)
+    turns = (("data.scales", _scaled(scales, max_size, factor)),)
+    stage = _earlier_stage(last_stage, stride, factor, scales, max_size)
     if stage:
         turns += (("model.last_stage", stage),)
     return Finding("object_size", summary, values,
@@ -119,18 +118,29 @@ def size_finding(sqrt_area: np.ndarray, short_side: np.ndarray, *, scales: Seque
                    f"at the val scale: the model cannot see them", turns)
 
 
-def _round_up(size: float) -> int:
-    return int(math.ceil(size / _SCALE_STEP) * _SCALE_STEP)
+def _scaled(scales: Sequence[int], max_size: int, factor: float) -> str:
+    """``"[s1, s2] and data.max_size to m"``: the scales and max size times ``factor``, rounded
+    up to multiples of ``_SCALE_STEP``."""
+    def up(size: float) -> int:
+        return int(math.ceil(size / _SCALE_STEP) * _SCALE_STEP)
+    return f"{[up(s * factor) for s in scales]} and data.max_size to {up(max_size * factor)}"
 
 
-def _earlier_stage(last_stage: str | None, stride: int, factor: float) -> str | None:
-    """The latest ResNet stage whose stride is at most ``stride / factor`` (None: none)."""
+def _earlier_stage(last_stage: str | None, stride: int, factor: float, scales: Sequence[int],
+                   max_size: int) -> str | None:
+    """The latest earlier ResNet stage whose stride alone shows the objects ``factor`` times
+    larger, else the earliest with the scales for the rest; None when there is none."""
     if last_stage not in LAST_STAGES:
         return None
-    for index in range(LAST_STAGES.index(last_stage) - 1, -1, -1):
-        if stride >> (LAST_STAGES.index(last_stage) - index) <= stride / factor:
-            return LAST_STAGES[index]
-    return None
+    earlier = [(s, output_stride(s)) for s in LAST_STAGES[:LAST_STAGES.index(last_stage)]]
+    earlier = [(s, finer) for s, finer in earlier if finer < stride]
+    for stage, finer in reversed(earlier):
+        if finer <= stride / factor:
+            return stage
+    if not earlier:
+        return None
+    stage, finer = earlier[0]
+    return f"{stage} and data.scales to {_scaled(scales, max_size, factor * finer / stride)}"
 
 
 def mean_ap(evaluator) -> float:

@@ -25,6 +25,15 @@ TRAINABLE_STAGES = ("layer2", "layer3", "layer4")
 LAST_STAGES = ("layer2", "layer3", "layer4")
 
 
+def output_stride(last_stage: str, dilation: bool = False) -> int:
+    """Input pixels per feature cell of a ResNet ending at ``last_stage`` (8, 16, 32); DC5
+    (``dilation``) keeps layer4 at 16. A built :class:`Backbone` measures its own
+    (:attr:`Backbone.stride`)."""
+    if last_stage not in LAST_STAGES:
+        raise ValueError(f"model.last_stage: unknown {last_stage!r} (one of {LAST_STAGES})")
+    return 32 >> (len(LAST_STAGES) - 1 - LAST_STAGES.index(last_stage) + int(dilation))
+
+
 def _norm_layer(norm: str):
     if norm == "frozen_bn":
         return FrozenBatchNorm2d

@@ -128,9 +128,35 @@ def test_objects_under_one_cell_name_data_scales_and_an_earlier_stage():
     assert finding.weak and finding.values["under_one_cell"] == 1.0
     assert "turn: data.scales to [" in finding.verdict
     assert "or model.last_stage to layer2" in finding.verdict
-    suggested = eval(finding.turns[0][1].split(" with")[0])  # noqa: S307 (our own list text)
+    suggested = eval(finding.turns[0][1].split(" and")[0])  # noqa: S307 (our own list text)
     smallest = dg.object_cells(gt, scales=suggested, max_size=10_000, stride=32)[0]
     assert (smallest >= 1).mean() >= 0.95  # the suggestion makes them visible
+
+
+def test_objects_far_too_small_get_the_earliest_stage_with_larger_scales():
+    # 7-16 px boxes on 320 px tiles at 128 px: 0.09-0.2 cells of 32 px; layer2 alone (x4)
+    # does not reach one cell.
+    gt = make_gt([(i, 1, [0, 0, 6 + i, 6 + i]) for i in range(1, 11)], size=320)
+    cells = dg.object_cells(gt, scales=(112, 128), max_size=200, stride=32)
+    finding = dg.size_finding(*cells, scales=(112, 128), max_size=200, stride=32,
+                              last_stage="layer4")
+    assert finding.weak and finding.turns[1][0] == "model.last_stage"
+    assert finding.turns[1][1].startswith("layer2 and data.scales to [")
+    dc5 = dg.size_finding(*cells, scales=(112, 128), max_size=200, stride=16,
+                          last_stage="layer4")
+    assert dc5.turns[1][1].startswith("layer2 and")  # layer3 is no finer than DC5's layer4
+    assert len(dg.size_finding(*cells, scales=(112, 128), max_size=200, stride=8,
+                               last_stage="layer2").turns) == 1  # no earlier stage
+
+
+@pytest.mark.parametrize("last_stage", ["layer2", "layer3", "layer4"])
+def test_output_stride_is_what_the_backbone_measures(last_stage):
+    from detr.models.backbone import Backbone, output_stride
+
+    built = Backbone("resnet18", norm="bn", last_stage=last_stage).stride
+    assert output_stride(last_stage) == built == {"layer2": 8, "layer3": 16, "layer4": 32}[
+        last_stage]
+    assert output_stride("layer4", dilation=True) == 16
 
 
 def test_objects_several_cells_wide_are_no_finding():
