@@ -9,16 +9,14 @@ Reads ``plots_dir/train_loss.csv`` (``epoch,loss,...``) and ``plots_dir/val_ap.c
 
 from __future__ import annotations
 
-import csv
 import json
-import sys
 from pathlib import Path
 
 from detr.config import DataConfig
 from detr.diagnosis import Diagnosis, diagnose
 from detr.evaluation import CocoEvaluation
 from pipelines.measurement import Measurement
-from pipelines.reporting.plots import read_loss
+from pipelines.reporting.plots import read_loss, read_val_curve
 
 FILE = "diagnosis.json"
 
@@ -50,16 +48,3 @@ def format_diagnosis(diagnosis: Diagnosis) -> str:
     lines = ["Diagnosis:"] + ([f"  {v}" for v in verdicts] or ["  no weakness found"])
     lines += ["Measured:"] + [f"  {f.name}: {f.summary}" for f in diagnosis.findings]
     return "\n".join(lines)
-
-
-def read_val_curve(path: Path) -> list[tuple[int, float]]:
-    """``[(step, AP)]`` of the train stage's ``val_ap.csv``; [] when absent or unusable."""
-    if not path.is_file():
-        return []
-    try:
-        with path.open(newline="") as f:
-            return [(int(float(row["step"])), float(row["AP"])) for row in csv.DictReader(f)]
-    except (KeyError, TypeError, ValueError) as exc:
-        print(f"evaluate: {path}: no step,AP columns ({exc}); val curve left out",
-              file=sys.stderr)
-        return []

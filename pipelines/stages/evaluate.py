@@ -15,6 +15,7 @@ canonical dataset's ``annotations/val.json`` + ``images/val/``. Writes
 - ``plots_dir/ap_by_size.csv``: ``size,AP,AR`` for small, medium, large (-1: no such objects);
 - ``report_dir/figures/``: ``pr_curves.png``, ``ap_by_size.png``, ``train_loss.png`` (from
   ``plots_dir/train_loss.csv``, columns ``epoch,loss,...``, when the train stage wrote it),
+  ``val_ap.png`` (from ``plots_dir/val_ap.csv``, ``step,AP,...``, when it has rows),
   ``query_specialisation.png`` (the box centres every query predicts over val, from the raw
   per-query predictions) and ``examples_grid.png`` (the examples in one picture);
 - ``report_dir/attention/<image_id>.png``: for the first ``evaluate.attention_images`` val
@@ -70,6 +71,7 @@ FIGURE_CAPTIONS = {
     "pr_curves.png": "Precision-recall per class and overall (all areas, 100 detections)",
     "ap_by_size.png": "AP and AR by COCO object size",
     "train_loss.png": "Training loss by epoch (train stage)",
+    "val_ap.png": "Val AP during training (train stage); the best is best.pth, evaluated here",
     "query_specialisation.png": "What each object query specialises in: the centre of the "
                                 "box it predicts on every val image",
 }

@@ -108,7 +108,8 @@ def test_mlflow_run_has_metrics_and_artifacts(tracked):
     assert any(k.startswith("AP_class_") for k in run.data.metrics)
     paths = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     for name in ("coco_table.txt", "coco_stats.json", "per_class_ap.json", "pr_curves.png",
-                 "ap_by_size.png", "train_loss.png", "examples_grid.png", "examples",
+                 "ap_by_size.png", "train_loss.png", "val_ap.png", "examples_grid.png",
+                 "examples", "diagnosis.json",
                  "query_specialisation.png", "attention", "report.html"):
         assert f"evaluation/{name}" in paths
     attention = client.list_artifacts(run.info.run_id, "evaluation/attention")
@@ -162,7 +163,7 @@ def test_attention_maps_and_html_report(tracked, tiny_dataset):
         assert image.width > 3 * image.height
     html = (reports / "report.html").read_text(encoding="utf-8")
     assert result.table in html
-    figures = 4  # PR curves, AP by size, losses, query specialisation (examples: one each)
+    figures = 5  # PR curves, AP by size, losses, val AP, query specialisation (examples: one each)
     assert html.count('src="data:image/') == (figures + EVAL_CFG.attention_images
                                                + EVAL_CFG.num_examples)
     assert "http://" not in html and "https://" not in html
