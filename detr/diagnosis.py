@@ -118,6 +118,11 @@ def size_finding(sqrt_area: np.ndarray, short_side: np.ndarray, *, scales: Seque
                    f"at the val scale: the model cannot see them", turns)
 
 
+def _ap(value: float) -> str:
+    """An AP as text: 3 decimals, or 2 significant digits below 0.01 (0.00037, not 0.000)."""
+    return f"{value:.3f}" if value == 0 or abs(value) >= 0.01 else f"{value:.2g}"
+
+
 def _scaled(scales: Sequence[int], max_size: int, factor: float) -> str:
     """``"[s1, s2] and data.max_size to m"``: the scales and max size times ``factor``, rounded
     up to multiples of ``_SCALE_STEP``."""
@@ -196,13 +201,13 @@ def classification_finding(ap: float, agnostic_ap: float, *, num_classes: int,
                            ce_loss_coef: float | None) -> Finding:
     """Weak when the boxes are right but the classes wrong (``CLASS_GAP``)."""
     values = {"class_agnostic_AP": agnostic_ap}
-    summary = f"class-agnostic AP {agnostic_ap:.3f} against AP {ap:.3f} ({num_classes} classes)"
+    summary = f"class-agnostic AP {_ap(agnostic_ap)} against AP {_ap(ap)} ({num_classes} classes)"
     if num_classes < 2 or agnostic_ap < CLASS_GAP * ap or agnostic_ap - ap < 0.05:
         return Finding("classification", summary, values)
     value = f"{2 * ce_loss_coef:g}" if ce_loss_coef else "a larger value"
     return Finding("classification", summary, values,
-                   f"boxes are placed (class-agnostic AP {agnostic_ap:.3f}) but their classes "
-                   f"are wrong (AP {ap:.3f})", (("loss.ce_loss_coef", value),))
+                   f"boxes are placed (class-agnostic AP {_ap(agnostic_ap)}) but their classes "
+                   f"are wrong (AP {_ap(ap)})", (("loss.ce_loss_coef", value),))
 
 
 def recall_finding(recall: float, recall_any_class: float, *,
@@ -222,7 +227,7 @@ def recall_finding(recall: float, recall_any_class: float, *,
 def layer_finding(aps: Sequence[float], dec_layers: int) -> Finding:
     """Weak when an earlier decoder layer beats the last, or AP still climbs at the last."""
     values = {f"AP_layer_{i}": ap for i, ap in enumerate(aps)}
-    summary = "AP by decoder layer: " + ", ".join(f"{ap:.3f}" for ap in aps)
+    summary = "AP by decoder layer: " + ", ".join(f"{_ap(ap)}" for ap in aps)
     if len(aps) < 2:
         return Finding("decoder_layers", "one decoder output (model.aux_loss off, or one "
                                          "layer): no AP per layer", values)
@@ -230,12 +235,12 @@ def layer_finding(aps: Sequence[float], dec_layers: int) -> Finding:
     last, before = aps[-1], aps[-2]
     if aps[best] - last > max(0.01, 0.05 * last):
         return Finding("decoder_layers", summary, values,
-                       f"decoder layer {best + 1} scores AP {aps[best]:.3f}, the last "
-                       f"{last:.3f}: the layers after it do not help",
+                       f"decoder layer {best + 1} scores AP {_ap(aps[best])}, the last "
+                       f"{_ap(last)}: the layers after it do not help",
                        (("model.dec_layers", str(best + 1)),))
     if last - before > max(0.01, 0.1 * last):
         return Finding("decoder_layers", summary, values,
-                       f"AP still climbs at the last decoder layer ({before:.3f} -> {last:.3f})",
+                       f"AP still climbs at the last decoder layer ({_ap(before)} -> {_ap(last)})",
                        (("model.dec_layers", str(dec_layers + 2)),))
     return Finding("decoder_layers", summary, values)
 
@@ -275,12 +280,12 @@ def val_curve_finding(curve: Sequence[tuple[int, float]], *,
     last_step, last = curve[-1]
     values = {"val_AP_best": best, "val_AP_best_step": best_step, "val_AP_last": last,
               "val_AP_last_step": last_step}
-    summary = (f"val AP during training: best {best:.3f} at step {best_step}, last {last:.3f} "
+    summary = (f"val AP during training: best {_ap(best)} at step {best_step}, last {_ap(last)} "
                f"at step {last_step} ({len(curve)} evaluations)")
     if len(curve) > 1 and best_step == last_step and last > (1 + STILL_FALLING) * curve[-2][1]:
         return Finding("val_curve", summary, values,
-                       f"val AP still rose at the last evaluation ({curve[-2][1]:.3f} -> "
-                       f"{last:.3f}): train longer", (length,))
+                       f"val AP still rose at the last evaluation ({_ap(curve[-2][1])} -> "
+                       f"{_ap(last)}): train longer", (length,))
     return Finding("val_curve", summary, values)
 
 
@@ -299,14 +304,14 @@ def duplicate_finding(gt: COCO, predictions: Mapping[int, Mapping], *, score_thr
                        f"boxes_{c.score_threshold:g}": c.boxes})
     summary = "; ".join(f"{c.duplicates} of {c.boxes} boxes ({c.fraction:.1%}) at score >= "
                         f"{c.score_threshold:g} are a second box on an object"
-                        for c in counts) + f"; AP {ap:.3f}, with class-wise NMS {nms_ap:.3f}"
+                        for c in counts) + f"; AP {_ap(ap)}, with class-wise NMS {_ap(nms_ap)}"
     main = counts[0]
     if main.fraction <= MAX_DUPLICATES:
         return Finding("duplicates", summary, values)
     return Finding("duplicates", summary, values,
                    f"{main.fraction:.0%} of the boxes at score >= {score_threshold:g} are a "
                    f"second box on an object already boxed (same class, IoU > "
-                   f"{DUPLICATE_IOU:g}); class-wise NMS gives AP {nms_ap:.3f} (now {ap:.3f})")
+                   f"{DUPLICATE_IOU:g}); class-wise NMS gives AP {_ap(nms_ap)} (now {_ap(ap)})")
 
 
 @dataclass(frozen=True)
