@@ -154,6 +154,8 @@ _TEMPLATE = """<!DOCTYPE html>
   .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr));
           gap: 14px; }
   .note { color: #5b6470; font-size: 13px; }
+  ul.verdicts { background: #fff4e5; border-left: 4px solid #d9822b; padding: 10px 14px 10px 32px; }
+  ul.verdicts li { margin: 3px 0; }
 </style>
 </head>
 <body>
