@@ -27,8 +27,7 @@ def run_diagnosis(measured: Measurement, evaluation: CocoEvaluation, *, data_cfg
     and print every finding, verdicts first. Sizes follow the checkpoint's ``data`` params
     (the scale it was trained and validated at), ``data_cfg`` where it has none."""
     params = dict(measured.params or {})
-    params["data"] = {"scales": list(data_cfg.scales), "max_size": data_cfg.max_size,
-                      **(params.get("data") or {})}
+    params["data"] = _val_resize(params.get("data") or {}, data_cfg)
     loss = read_loss(plots_dir / "train_loss.csv")
     diagnosis = diagnose(
         measured.val.coco, measured.predictions, params=params,
@@ -40,6 +39,16 @@ def run_diagnosis(measured: Measurement, evaluation: CocoEvaluation, *, data_cfg
     path.write_text(json.dumps(diagnosis.to_dict(), indent=2) + "\n")
     print(format_diagnosis(diagnosis))
     return diagnosis
+
+
+def _val_resize(trained: dict, data_cfg: DataConfig) -> dict:
+    """The checkpoint's ``data`` section where its ``scales`` and ``max_size`` are numbers,
+    else (none, or a rule not resolved to numbers) with those of ``data_cfg``."""
+    scales, max_size = trained.get("scales"), trained.get("max_size")
+    if (isinstance(scales, list | tuple) and scales and isinstance(max_size, int | float)
+            and all(isinstance(s, int | float) for s in scales)):
+        return dict(trained)
+    return {**trained, "scales": list(data_cfg.scales), "max_size": data_cfg.max_size}
 
 
 def format_diagnosis(diagnosis: Diagnosis) -> str:
