@@ -227,3 +227,22 @@ def test_a_model_that_cannot_see_its_objects(tiny_checkpoint, tiny_dataset):
         assert name in metrics
     assert metrics["diag_AP_layer_1"] == pytest.approx(measured.evaluation.stats["AP"])
     assert result.to_dict()["verdicts"] == result.verdicts() and result.verdicts()
+
+
+def test_stage_reads_the_val_curve_and_prints_verdicts_first(tmp_path):
+    from pipelines.reporting.diagnosis import format_diagnosis
+    from pipelines.reporting.plots import read_val_curve
+
+    (tmp_path / "val_ap.csv").write_text("step,epoch,AP,AP50\n500,1,0.1,0.2\n1000,3,0.25,0.4\n")
+    assert read_val_curve(tmp_path / "val_ap.csv") == [(500, 0.1), (1000, 0.25)]
+    assert read_val_curve(tmp_path / "absent.csv") == []
+    (tmp_path / "bad.csv").write_text("epoch,loss\n1,2.0\n")
+    assert read_val_curve(tmp_path / "bad.csv") == []
+    text = format_diagnosis(dg.Diagnosis((
+        dg.val_curve_finding(read_val_curve(tmp_path / "val_ap.csv"),
+                             length=("train.epochs", "24")),
+        dg.loss_finding([1.0, 1.0, 1.0], length=("train.epochs", "24")))))
+    lines = text.splitlines()
+    assert lines[:2] == ["Diagnosis:", "  found: val AP still rose at the last evaluation "
+                                       "(0.100 -> 0.250): train longer; turn: train.epochs to 24"]
+    assert lines[2] == "Measured:" and len(lines) == 5
