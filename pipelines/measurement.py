@@ -23,7 +23,7 @@ from detr.data.batching import collate
 from detr.data.coco import CocoDetection, category_ids_from_label_map
 from detr.data.transforms import make_transforms
 from detr.device import resolve_precision, select_device
-from detr.engine import evaluate_layers
+from detr.engine import evaluate, evaluate_layers
 from detr.evaluation import CocoEvaluation, evaluate_detections
 from detr.hub import model_from_checkpoint
 from detr.models.postprocess import PostProcess
@@ -132,7 +132,7 @@ def _predict(model, val: CocoDetection, category_ids: list | None, cfg: Evaluate
         model = model.to(memory_format=torch.channels_last)
     loader = DataLoader(val, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate,
                         num_workers=data_cfg.num_workers, pin_memory=device.type == "cuda")
-    found = evaluate_layers(model, PostProcess(category_ids).to(device), loader, device=device,
-                            precision=precision, channels_last=train_cfg.channels_last,
-                            progress=sys.stderr.isatty())
-    return found if layers else found[-1:]
+    run = evaluate_layers if layers else lambda *a, **kw: [evaluate(*a, **kw)]
+    return run(model, PostProcess(category_ids).to(device), loader, device=device,
+               precision=precision, channels_last=train_cfg.channels_last,
+               progress=sys.stderr.isatty())

@@ -206,12 +206,15 @@ def test_a_model_that_cannot_see_its_objects(tiny_checkpoint, tiny_dataset):
     from pipelines.measurement import measure
     from pipelines.params import EvaluateConfig
 
-    measured = measure(tiny_checkpoint, tiny_dataset, cfg=EvaluateConfig(batch_size=4),
-                       data_cfg=DataConfig(scales=(64,), max_size=64, num_workers=0),
-                       train_cfg=TrainConfig(device="cpu", precision="fp32",
-                                             channels_last=False), layers=True)
+    settings = {"cfg": EvaluateConfig(batch_size=4),
+                "data_cfg": DataConfig(scales=(64,), max_size=64, num_workers=0),
+                "train_cfg": TrainConfig(device="cpu", precision="fp32", channels_last=False)}
+    measured = measure(tiny_checkpoint, tiny_dataset, layers=True, **settings)
     assert len(measured.layer_predictions) == measured.model_cfg.dec_layers
     assert measured.layer_predictions[-1] is measured.predictions
+    plain = measure(tiny_checkpoint, tiny_dataset, **settings)  # the register stage's call
+    assert plain.layer_predictions is None
+    assert plain.evaluation.stats == measured.evaluation.stats
     stride = measured.model.backbone[0].stride
     assert stride == 32
     result = dg.diagnose(measured.val.coco, measured.predictions, params=measured.params,
