@@ -249,3 +249,13 @@ def test_stage_reads_the_val_curve_and_prints_verdicts_first(tmp_path):
     assert lines[:2] == ["Diagnosis:", "  found: val AP still rose at the last evaluation "
                                        "(0.100 -> 0.250): train longer; turn: train.epochs to 24"]
     assert lines[2] == "Measured:" and len(lines) == 5
+
+
+@pytest.mark.parametrize("height, width", [(320, 480), (100, 400), (256, 256)])
+def test_val_scale_is_the_val_transforms(height, width):
+    from detr.data.transforms import make_transforms
+    from tests.unit.test_transforms import _sample
+
+    image = make_transforms("val", scales=(112, 128), max_size=200)(*_sample(height, width, []))[0]
+    factor = dg.val_scale(height, width, (112, 128), 200)
+    assert tuple(image.shape[-2:]) == (int(height * factor), int(width * factor))
