@@ -140,20 +140,40 @@ def _learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
             for g in optimizer.param_groups}
 
 
-@torch.inference_mode()
 def evaluate(model: nn.Module, postprocess: PostProcess, loader: Iterable, *,
              device: torch.device, precision: str = "fp32", channels_last: bool = False,
              progress: bool = True) -> dict[int, dict[str, Tensor]]:
     """Detections for every image of ``loader``, keyed by ``image_id``: ``boxes`` absolute
     xyxy in the original image's pixels (``orig_size``), ``scores``, ``labels`` (category ids
     if ``postprocess`` has a mapping); on the CPU."""
+    return _detect(model, postprocess, loader, device, precision, channels_last, progress,
+                   layers=False)[-1]
+
+
+def evaluate_layers(model: nn.Module, postprocess: PostProcess, loader: Iterable, *,
+                    device: torch.device, precision: str = "fp32", channels_last: bool = False,
+                    progress: bool = True) -> list[dict[int, dict[str, Tensor]]]:
+    """:func:`evaluate` for every decoder layer from one forward pass per batch: one dict of
+    detections by image id per layer, the first decoder layer first; the last is the model's
+    output (what :func:`evaluate` returns). A model without ``aux_outputs`` gives one."""
+    return _detect(model, postprocess, loader, device, precision, channels_last, progress,
+                   layers=True)
+
+
+@torch.inference_mode()
+def _detect(model: nn.Module, postprocess: PostProcess, loader: Iterable, device: torch.device,
+            precision: str, channels_last: bool, progress: bool,
+            layers: bool) -> list[dict[int, dict[str, Tensor]]]:
     model.eval()
-    predictions = {}
+    predictions: list[dict[int, dict[str, Tensor]]] = []
     for batch in tqdm(loader, desc="evaluate", disable=not progress, dynamic_ncols=True):
         images, mask, targets = to_device(batch, device, channels_last)
         with autocast(device, precision):
             outputs = model(images, mask)
         sizes = torch.stack([t["orig_size"] for t in targets])
-        for target, det in zip(targets, postprocess(outputs, sizes), strict=True):
-            predictions[int(target["image_id"])] = {k: v.cpu() for k, v in det.items()}
-    return predictions
+        heads = [*outputs.get("aux_outputs", []), outputs] if layers else [outputs]
+        predictions = predictions or [{} for _ in heads]
+        for found, head in zip(predictions, heads, strict=True):
+            for target, det in zip(targets, postprocess(head, sizes), strict=True):
+                found[int(target["image_id"])] = {k: v.cpu() for k, v in det.items()}
+    return predictions or [{}]

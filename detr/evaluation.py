@@ -141,18 +141,7 @@ def evaluate_detections(
     except the summary, which is captured into ``table``.
     """
     gt = load_ground_truth(coco_gt)
-    _check_ground_truth(gt)
-    known = set(gt.getImgIds())
-    _check_image_ids((int(i) for i in predictions), known, "predictions")
-    results = to_coco_results(predictions)
-    evaluator = COCOeval(gt, _load_results(gt, results), iouType="bbox")
-    if image_ids is not None:
-        chosen = sorted({int(i) for i in image_ids})
-        _check_image_ids(chosen, known, "image_ids")
-        evaluator.params.imgIds = chosen
-    with _quiet():
-        evaluator.evaluate()
-        evaluator.accumulate()
+    evaluator = run_cocoeval(gt, predictions, image_ids=image_ids)
     table = _capture_summary(evaluator)
     cat_ids = [int(c) for c in evaluator.params.catIds]
     precision = _class_precision(evaluator)
@@ -167,8 +156,47 @@ def evaluate_detections(
         pr_curves=curves,
         pr_curve=_curve(precision[:, :, present].mean(axis=2), recall) if curves else None,
         num_images=len(evaluator.params.imgIds),
-        num_detections=len(results),
+        num_detections=len(evaluator.cocoDt.getAnnIds()),
     )
+
+
+def run_cocoeval(
+    coco_gt: COCO | str | Path,
+    predictions: Mapping[int, Mapping[str, object]],
+    *,
+    image_ids: Iterable[int] | None = None,
+    use_cats: bool = True,
+    iou_thresholds: Iterable[float] | None = None,
+    area_all_only: bool = False,
+) -> COCOeval:
+    """A bbox ``COCOeval`` over ``predictions`` (the module's input contract), evaluated and
+    accumulated (``eval["precision"]`` [T, R, K, A, M], ``eval["recall"]`` [T, K, A, M]),
+    quietly. ``use_cats=False`` merges every category into one (class-agnostic matching:
+    K = 1); ``iou_thresholds`` replaces COCO's .50:.05:.95 (the statistic names and the
+    summary then no longer apply). ``area_all_only``: evaluate the area range ``all`` only
+    (A = 1, a quarter of the work; the summary no longer applies). ``image_ids``: as
+    :func:`evaluate_detections`.
+    """
+    gt = load_ground_truth(coco_gt)
+    _check_ground_truth(gt)
+    known = set(gt.getImgIds())
+    _check_image_ids((int(i) for i in predictions), known, "predictions")
+    evaluator = COCOeval(gt, _load_results(gt, to_coco_results(predictions)), iouType="bbox")
+    if image_ids is not None:
+        chosen = sorted({int(i) for i in image_ids})
+        _check_image_ids(chosen, known, "image_ids")
+        evaluator.params.imgIds = chosen
+    evaluator.params.useCats = int(use_cats)
+    if iou_thresholds is not None:
+        evaluator.params.iouThrs = np.array(sorted(float(t) for t in iou_thresholds))
+    if area_all_only:
+        index = evaluator.params.areaRngLbl.index("all")
+        evaluator.params.areaRng = [evaluator.params.areaRng[index]]
+        evaluator.params.areaRngLbl = ["all"]
+    with _quiet():
+        evaluator.evaluate()
+        evaluator.accumulate()
+    return evaluator
 
 
 def format_summary(stats: Mapping[str, float]) -> str:

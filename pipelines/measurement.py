@@ -29,7 +29,7 @@ from detr.data.layout import whole_annotation_name
 from detr.data.tiling import TileOptions
 from detr.data.transforms import make_transforms
 from detr.device import resolve_precision, select_device
-from detr.engine import evaluate
+from detr.engine import evaluate, evaluate_layers
 from detr.evaluation import CocoEvaluation, evaluate_detections
 from detr.hub import model_from_checkpoint, val_resize
 from detr.inference import Predictor
@@ -52,6 +52,9 @@ class Measurement:
     ``predictions``: detections by image id (``detr.engine.evaluate``'s contract, every query
     kept; with ``tiled`` the best :data:`COCO_MAX_DETS` merged detections of each whole
     image); ``category_ids``: the category id of each model label (None: labels are the ids).
+    ``layer_predictions``: with ``measure(layers=True)`` (and no tiling), the same for every
+    decoder layer, the first first and ``predictions`` last (None otherwise). ``params``: the
+    checkpoint's ``params`` (``model``, ``data``, ``train``... sections as trained).
     """
 
     evaluation: CocoEvaluation
@@ -61,12 +64,15 @@ class Measurement:
     category_ids: list | None
     predictions: dict[int, dict]
     tiled: bool = False
+    layer_predictions: list[dict[int, dict]] | None = None
+    params: dict | None = None
 
 
 def measure(checkpoint: Path, dataset_dir: Path, *, cfg: EvaluateConfig, data_cfg: DataConfig,
-            train_cfg: TrainConfig) -> Measurement:
+            train_cfg: TrainConfig, layers: bool = False) -> Measurement:
     """COCOeval of ``checkpoint`` on ``dataset_dir``'s val split (``annotations/val.json`` +
-    ``images/val/``).
+    ``images/val/``). ``layers``: also keep every decoder layer's detections (same forward
+    pass).
 
     Raises:
         FileNotFoundError: no checkpoint file, or no ``annotations/val.json`` under the dataset.
@@ -86,11 +92,13 @@ def measure(checkpoint: Path, dataset_dir: Path, *, cfg: EvaluateConfig, data_cf
         val = CocoDetection.from_root(dataset_dir, "val", transforms=transforms)
     category_ids = _category_ids(label_map, val, checkpoint)
     if cfg.tile is None:
-        predictions = _predict(model, val, category_ids, cfg, data_cfg, train_cfg)
-    else:
-        predictions = _predict_tiled(model, val, category_ids, cfg, resize, train_cfg)
-    return Measurement(evaluate_detections(val.coco, predictions), model, model_cfg, val,
-                       category_ids, predictions, tiled=cfg.tile is not None)
+        found = _predict(model, val, category_ids, cfg, data_cfg, train_cfg, layers)
+    else:  # merged tiles: no per-layer detections
+        found = [_predict_tiled(model, val, category_ids, cfg, resize, train_cfg)]
+    return Measurement(evaluate_detections(val.coco, found[-1]), model, model_cfg, val,
+                       category_ids, found[-1], cfg.tile is not None,
+                       found if layers and cfg.tile is None else None,
+                       dict(ckpt.get("params") or {}))
 
 
 def class_labels(evaluation: CocoEvaluation) -> dict[int, str]:
@@ -133,8 +141,10 @@ def _category_ids(label_map: dict | None, val: CocoDetection, checkpoint: Path) 
 
 
 def _predict(model, val: CocoDetection, category_ids: list | None, cfg: EvaluateConfig,
-             data_cfg: DataConfig, train_cfg: TrainConfig) -> dict[int, dict]:
-    """Detections by image id (``detr.engine.evaluate``'s contract), every query kept."""
+             data_cfg: DataConfig, train_cfg: TrainConfig,
+             layers: bool) -> list[dict[int, dict]]:
+    """Detections by image id (``detr.engine.evaluate``'s contract), every query kept: of
+    every decoder layer with ``layers``, else of the last only (a list of one)."""
     device = select_device(train_cfg.device)
     precision = resolve_precision(train_cfg.precision, device)
     model = model.to(device)
@@ -142,9 +152,10 @@ def _predict(model, val: CocoDetection, category_ids: list | None, cfg: Evaluate
         model = model.to(memory_format=torch.channels_last)
     loader = DataLoader(val, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate,
                         num_workers=data_cfg.num_workers, pin_memory=device.type == "cuda")
-    return evaluate(model, PostProcess(category_ids).to(device), loader, device=device,
-                    precision=precision, channels_last=train_cfg.channels_last,
-                    progress=sys.stderr.isatty())
+    run = evaluate_layers if layers else lambda *a, **kw: [evaluate(*a, **kw)]
+    return run(model, PostProcess(category_ids).to(device), loader, device=device,
+               precision=precision, channels_last=train_cfg.channels_last,
+               progress=sys.stderr.isatty())
 
 
 def _predict_tiled(model, val: CocoDetection, category_ids: list | None, cfg: EvaluateConfig,

@@ -115,7 +115,7 @@ class EvaluateConfig:
 
     batch_size: int = 4
     num_examples: int = 8  # val images drawn with predictions vs ground truth
-    score_threshold: float = 0.5  # for the drawings only; COCO AP uses every detection
+    score_threshold: float = 0.5  # drawings, duplicate count; COCO AP uses every detection
     attention_images: int = 2  # val images drawn with the decoder attention of...
     attention_queries: int = 4  # ...their best-scoring queries (0 images: none drawn)
     tile: EvaluateTileConfig | None = None  # tiled prediction on whole val images

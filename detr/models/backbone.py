@@ -138,6 +138,12 @@ class Backbone(nn.Module):
         mask = F.interpolate(mask[None].float(), size=features.shape[-2:])[0].to(torch.bool)
         return features, mask
 
+    @property
+    def stride(self) -> int:
+        """Input pixels per output feature cell: 32 (``layer4``), 16 (``layer3``, or DC5), 8
+        (``layer2``)."""
+        return self._strides().output
+
     def _mask_input(self, module: nn.Module, args: tuple) -> tuple | None:
         if self._padding is None:
             return None

@@ -4,7 +4,8 @@
 :func:`evaluation_figures` gives ``pr_curves.png`` (precision-recall per class and overall),
 ``ap_by_size.png`` (AP and AR by COCO object size) and, when the train stage wrote
 ``plots_dir/train_loss.csv`` (columns ``epoch,loss,...``), ``train_loss.png`` (the total loss
-and each ``loss_*`` term). :func:`query_figure` is the paper's "what each query specialises
+and each ``loss_*`` term); when it wrote ``plots_dir/val_ap.csv`` with rows (``step,AP,...``),
+``val_ap.png`` (val AP during training, the best marked). :func:`query_figure` is the paper's "what each query specialises
 in" picture.
 """
 
@@ -33,9 +34,12 @@ def evaluation_figures(evaluation: CocoEvaluation, labels: dict[int, str],
     """The figures by MLflow artifact name (the module doc)."""
     figures = {"pr_curves.png": _pr_figure(evaluation, labels),
                "ap_by_size.png": _size_figure(evaluation.stats)}
-    loss = _read_loss(plots_dir / "train_loss.csv")
+    loss = read_loss(plots_dir / "train_loss.csv")
     if loss:
         figures["train_loss.png"] = _loss_figure(*loss)
+    curve = read_val_curve(plots_dir / "val_ap.csv")
+    if curve:
+        figures["val_ap.png"] = _val_figure(curve)
     return figures
 
 
@@ -105,7 +109,7 @@ def query_figure(queries: QueryBoxes, *, max_panels: int = 100) -> Figure:
     return figure
 
 
-def _read_loss(path: Path) -> tuple[list[float], dict[str, list[float]]] | None:
+def read_loss(path: Path) -> tuple[list[float], dict[str, list[float]]] | None:
     """``(epochs, {"loss": ..., "loss_ce": ...})`` from the train stage's CSV (the total and
     the last decoder layer's ``loss_*`` terms; ``loss_ce_0``... of the auxiliary layers
     are left out), or None when absent or unusable."""
@@ -143,4 +147,34 @@ def _loss_figure(epochs: list[float], curves: dict[str, list[float]]) -> Figure:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return figure
+
+
+def read_val_curve(path: Path) -> list[tuple[int, float]]:
+    """``[(step, AP)]`` of the train stage's ``val_ap.csv``; [] when absent or unusable."""
+    if not path.is_file():
+        return []
+    try:
+        with path.open(newline="") as f:
+            return [(int(float(row["step"])), float(row["AP"])) for row in csv.DictReader(f)]
+    except (KeyError, TypeError, ValueError) as exc:
+        print(f"evaluate: {path}: no step,AP columns ({exc}); val curve left out",
+              file=sys.stderr)
+        return []
+
+
+def _val_figure(curve: list[tuple[int, float]]) -> Figure:
+    """Val AP by optimiser step; the best evaluation (the weights in best.pth) marked."""
+    steps, aps = zip(*curve, strict=True)
+    best = max(range(len(aps)), key=aps.__getitem__)
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    ax = figure.subplots()
+    ax.plot(steps, aps, marker="o", color="black", linewidth=1.5)
+    ax.scatter([steps[best]], [aps[best]], s=120, facecolors="none", edgecolors="tab:red",
+               linewidths=2, label=f"best: {aps[best]:.3f} at step {steps[best]} (best.pth)",
+               zorder=3)
+    ax.set(title="Val AP during training", xlabel="optimiser step", ylabel="AP (IoU .50:.95)",
+           ylim=(0, max(max(aps) * 1.15, 0.05)))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="lower right")
     return figure

@@ -2,8 +2,9 @@
 
 Everything is inside the file (pictures as base64 ``data:`` URIs, inline CSS, no script, no
 link to fetch), so it can be mailed, attached to an MLflow run or opened offline. Sections:
-run facts, the COCO AP/AR table (pycocotools' 12 lines, as a table and verbatim), per-class
-AP, the figures (PR curves, AP by size, losses, query specialisation), the decoder attention
+run facts, the diagnosis (verdicts "found: ...; turn: <params key> to <value>" and what was
+measured, :mod:`detr.diagnosis`), the COCO AP/AR table (pycocotools' 12 lines, as a table and
+verbatim), per-class AP, the figures (PR curves, AP by size, losses, query specialisation), the decoder attention
 maps and the val examples (ground truth beside predictions).
 
 Plots are embedded as PNG; photographs (examples, attention maps) as JPEG (quality
@@ -22,6 +23,7 @@ from pathlib import Path
 from jinja2 import Environment
 from PIL import Image
 
+from detr.diagnosis import Diagnosis
 from detr.evaluation import STAT_NAMES, CocoEvaluation
 
 PHOTO_QUALITY = 90
@@ -43,9 +45,11 @@ class Picture:
 
 def render_report(*, evaluation: CocoEvaluation, labels: Mapping[int, str],
                   facts: Mapping[str, object], figures: Sequence[Picture],
-                  attention: Sequence[Picture], examples: Sequence[Picture]) -> str:
+                  attention: Sequence[Picture], examples: Sequence[Picture],
+                  diagnosis: Diagnosis | None = None) -> str:
     """The report as one HTML string (module doc). ``labels``: display name by category id;
-    ``facts``: (name, value) lines of the header (checkpoint, dataset, ...).
+    ``facts``: (name, value) lines of the header (checkpoint, dataset, ...); ``diagnosis``:
+    its section (left out when None).
 
     Raises:
         FileNotFoundError: a picture file is missing (the message names it).
@@ -57,7 +61,7 @@ def render_report(*, evaluation: CocoEvaluation, labels: Mapping[int, str],
         stats=stat_table(evaluation), table=evaluation.table,
         classes=_class_rows(evaluation, labels),
         figures=[_embedded(p) for p in figures], attention=[_embedded(p) for p in attention],
-        examples=[_embedded(p) for p in examples])
+        examples=[_embedded(p) for p in examples], diagnosis=diagnosis)
 
 
 def write_report(path: Path, **content) -> Path:
@@ -150,12 +154,14 @@ _TEMPLATE = """<!DOCTYPE html>
   .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr));
           gap: 14px; }
   .note { color: #5b6470; font-size: 13px; }
+  ul.verdicts { background: #fff4e5; border-left: 4px solid #d9822b; padding: 10px 14px 10px 32px; }
+  ul.verdicts li { margin: 3px 0; }
 </style>
 </head>
 <body>
 <main>
 <h1>DETR evaluation report</h1>
-<nav><a href="#ap">AP / AR</a><a href="#classes">Per class</a><a href="#plots">Plots</a>
+<nav>{% if diagnosis %}<a href="#diagnosis">Diagnosis</a>{% endif %}<a href="#ap">AP / AR</a><a href="#classes">Per class</a><a href="#plots">Plots</a>
 {% if attention %}<a href="#attention">Attention</a>{% endif %}
 {% if examples %}<a href="#examples">Examples</a>{% endif %}</nav>
 <table class="facts">
@@ -163,6 +169,27 @@ _TEMPLATE = """<!DOCTYPE html>
   <tr><th>{{ name }}</th><td>{{ value }}</td></tr>
 {% endfor %}
 </table>
+
+{% if diagnosis %}
+<h2 id="diagnosis">Diagnosis</h2>
+{% if diagnosis.verdicts() %}
+<ul class="verdicts">
+{% for verdict in diagnosis.verdicts() %}
+  <li>{{ verdict }}</li>
+{% endfor %}
+</ul>
+{% else %}
+<p>No weakness found by the checks below.</p>
+{% endif %}
+<table class="diagnosis">
+  <tr><th>check</th><th>measured</th></tr>
+{% for finding in diagnosis.findings %}
+  <tr{% if finding.weak %} class="headline"{% endif %}><td>{{ finding.name }}</td>
+    <td>{{ finding.summary }}</td></tr>
+{% endfor %}
+</table>
+<p class="note">Weak findings in bold; README "Reading the diagnosis" explains each check.</p>
+{% endif %}
 
 <h2 id="ap">COCO AP / AR (val)</h2>
 <table class="stats">

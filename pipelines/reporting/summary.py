@@ -9,6 +9,7 @@ from pipelines import server_state, tracking
 from pipelines.params import project_root
 
 TABLE = Path("reports/evaluation/coco_table.txt")
+DIAGNOSIS = Path("reports/evaluation/diagnosis.json")  # pipelines.reporting.diagnosis
 REGISTER = Path("reports/register.json")
 
 
@@ -16,6 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     if TABLE.is_file():
         print("\nCOCO evaluation on the val split (pycocotools):")
         print(TABLE.read_text().rstrip())
+    if DIAGNOSIS.is_file():
+        verdicts = json.loads(DIAGNOSIS.read_text()).get("verdicts", [])
+        print("\nDiagnosis (reports/evaluation/report.html explains it):")
+        print("\n".join(f"  {v}" for v in verdicts) or "  no weakness found")
     if REGISTER.is_file():
         reg = json.loads(REGISTER.read_text())
         print(f"\nRegistered {reg['model_uri']} ({reg['metric']} {reg['value']:.3f}) as "

@@ -15,11 +15,16 @@ canonical dataset's ``annotations/val.json`` + ``images/val/``. Writes
 - ``plots_dir/ap_by_size.csv``: ``size,AP,AR`` for small, medium, large (-1: no such objects);
 - ``report_dir/figures/``: ``pr_curves.png``, ``ap_by_size.png``, ``train_loss.png`` (from
   ``plots_dir/train_loss.csv``, columns ``epoch,loss,...``, when the train stage wrote it),
+  ``val_ap.png`` (from ``plots_dir/val_ap.csv``, ``step,AP,...``, when it has rows),
   ``query_specialisation.png`` (the box centres every query predicts over val, from the raw
   per-query predictions) and ``examples_grid.png`` (the examples in one picture);
 - ``report_dir/attention/<image_id>.png``: for the first ``evaluate.attention_images`` val
   images, the last decoder layer's cross-attention of their ``evaluate.attention_queries``
   best-scoring queries (:mod:`detr.attention`);
+- ``report_dir/diagnosis.json``: why the model is weak and the setting to turn
+  (:mod:`pipelines.reporting.diagnosis`, :mod:`detr.diagnosis`): object sizes against the
+  feature stride, class-agnostic AP, recall at IoU 0.1, AP per decoder layer, the loss and val
+  AP curves, duplicate boxes; also printed;
 - ``report_dir/report.html``: all of the above in one self-contained HTML file
   (:mod:`pipelines.reporting.report`).
 
@@ -33,9 +38,9 @@ one per query).
 
 Classes are named by category name (``<name>_<id>`` where names repeat or one is ``all``).
 With ``run_file`` present (the MLflow run the train stage started) the run also gets the
-statistics as metrics (undefined ones left out), ``AP_class_<class>`` metrics and, under
-``evaluation/``: ``coco_table.txt``, the tables ``coco_stats.json`` and ``per_class_ap.json``,
-the figures (``pr_curves.png`` ...), ``examples/``, ``attention/`` and ``report.html``.
+statistics as metrics (undefined ones left out), ``AP_class_<class>`` metrics, the
+diagnosis's ``diag_*`` metrics and, under ``evaluation/``: ``coco_table.txt``,
+``diagnosis.json``, the tables ``coco_stats.json`` and ``per_class_ap.json``, the figures (``pr_curves.png`` ...), ``examples/``, ``attention/`` and ``report.html``.
 Inside a Prefect flow run, the table is also the ``coco-ap-ar`` artifact.
 """
 
@@ -60,6 +65,8 @@ from pipelines import params as pipeline_params
 from pipelines import stage, tracking
 from pipelines.measurement import ALL, EvaluationInputError, class_labels, measure, per_class_ap
 from pipelines.params import EvaluateConfig
+from pipelines.reporting.diagnosis import FILE as DIAGNOSIS_FILE
+from pipelines.reporting.diagnosis import run_diagnosis
 from pipelines.reporting.pictures import image_sizes, write_attention, write_examples, write_figures
 from pipelines.reporting.plots import SIZES
 from pipelines.reporting.report import Picture, write_report
@@ -70,6 +77,7 @@ FIGURE_CAPTIONS = {
     "pr_curves.png": "Precision-recall per class and overall (all areas, 100 detections)",
     "ap_by_size.png": "AP and AR by COCO object size",
     "train_loss.png": "Training loss by epoch (train stage)",
+    "val_ap.png": "Val AP during training (train stage); the best is best.pth, evaluated here",
     "query_specialisation.png": "What each object query specialises in: the centre of the "
                                 "box it predicts on every val image",
 }
@@ -93,13 +101,17 @@ def run(*, checkpoint: Path, dataset_dir: Path, cfg: EvaluateConfig, data_cfg: D
     """
     checkpoint, dataset_dir = Path(checkpoint), Path(dataset_dir)
     report_dir, plots_dir = Path(report_dir), Path(plots_dir)
-    measured = measure(checkpoint, dataset_dir, cfg=cfg, data_cfg=data_cfg, train_cfg=train_cfg)
+    measured = measure(checkpoint, dataset_dir, cfg=cfg, data_cfg=data_cfg, train_cfg=train_cfg,
+                       layers=True)
     evaluation, val, predictions = measured.evaluation, measured.val, measured.predictions
     model, model_cfg, category_ids = measured.model, measured.model_cfg, measured.category_ids
     labels = class_labels(evaluation)
     print(evaluation.table)
     print(format_per_class(evaluation))
     _write_reports(evaluation, labels, Path(metrics_path), plots_dir, report_dir)
+    diagnosis = run_diagnosis(measured, evaluation, data_cfg=data_cfg,
+                              score_threshold=cfg.score_threshold, plots_dir=plots_dir,
+                              report_dir=report_dir)
     examples = write_examples(val, predictions, report_dir / "examples", cfg)
     attention = write_attention(model, val, category_ids, report_dir / "attention", cfg)
     queries = None if measured.tiled else query_boxes(predictions, image_sizes(val))
@@ -111,12 +123,14 @@ def run(*, checkpoint: Path, dataset_dir: Path, cfg: EvaluateConfig, data_cfg: D
         figures=[Picture(figures[n], FIGURE_CAPTIONS[n]) for n in FIGURE_CAPTIONS
                  if n in figures],
         attention=[Picture(p, f"val image {p.stem}", photo=True) for p in attention],
-        examples=[Picture(p, f"val image {p.stem}", photo=True) for p in examples])
+        examples=[Picture(p, f"val image {p.stem}", photo=True) for p in examples],
+        diagnosis=diagnosis)
     print(f"evaluate: report written to {report}")
     stage.publish_table(key="coco-ap-ar", rows=stat_rows(evaluation),
                         description=f"COCO AP/AR of {checkpoint} on {dataset_dir} (val)")
     if run_file is not None and Path(run_file).is_file():
-        _log_to_mlflow(Path(run_file), evaluation, labels, report_dir, figures)
+        _log_to_mlflow(Path(run_file), evaluation, labels, report_dir, figures,
+                       diagnosis.metrics())
     elif run_file is not None:
         print(f"evaluate: no MLflow run file at {run_file}; results not logged to MLflow",
               file=sys.stderr)
@@ -190,12 +204,14 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 
 
 def _log_to_mlflow(run_file: Path, evaluation: CocoEvaluation, labels: dict[int, str],
-                   report_dir: Path, figures: dict[str, Path]) -> None:
+                   report_dir: Path, figures: dict[str, Path],
+                   diagnosis: dict[str, float]) -> None:
     """Everything of the module doc into the run of ``run_file``; server calls retried."""
     import mlflow
 
     with tracking.resume_run(run_file):
-        metrics = {**_defined(evaluation.stats), **_class_metrics(evaluation, labels)}
+        metrics = {**_defined(evaluation.stats), **_class_metrics(evaluation, labels),
+                   **diagnosis}
         _retry("log the COCO metrics", mlflow.log_metrics, metrics)
         _retry("log the COCO table", mlflow.log_text, evaluation.table + "\n",
                f"{ARTIFACT_DIR}/coco_table.txt")
@@ -208,8 +224,8 @@ def _log_to_mlflow(run_file: Path, evaluation: CocoEvaluation, labels: dict[int,
             if any((report_dir / folder).glob("*.png")):
                 _retry(f"log the {folder}", mlflow.log_artifacts, str(report_dir / folder),
                        f"{ARTIFACT_DIR}/{folder}")
-        _retry("log the report", mlflow.log_artifact, str(report_dir / "report.html"),
-               ARTIFACT_DIR)
+        for name in (DIAGNOSIS_FILE, "report.html"):
+            _retry(f"log {name}", mlflow.log_artifact, str(report_dir / name), ARTIFACT_DIR)
 
 
 def _retry(what: str, fn, *args, **kwargs) -> None:

@@ -108,7 +108,8 @@ def test_mlflow_run_has_metrics_and_artifacts(tracked):
     assert any(k.startswith("AP_class_") for k in run.data.metrics)
     paths = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     for name in ("coco_table.txt", "coco_stats.json", "per_class_ap.json", "pr_curves.png",
-                 "ap_by_size.png", "train_loss.png", "examples_grid.png", "examples",
+                 "ap_by_size.png", "train_loss.png", "val_ap.png", "examples_grid.png",
+                 "examples", "diagnosis.json",
                  "query_specialisation.png", "attention", "report.html"):
         assert f"evaluation/{name}" in paths
     attention = client.list_artifacts(run.info.run_id, "evaluation/attention")
@@ -162,10 +163,31 @@ def test_attention_maps_and_html_report(tracked, tiny_dataset):
         assert image.width > 3 * image.height
     html = (reports / "report.html").read_text(encoding="utf-8")
     assert result.table in html
-    figures = 4  # PR curves, AP by size, losses, query specialisation (examples: one each)
+    figures = 5  # PR curves, AP by size, losses, val AP, query specialisation (examples: one each)
     assert html.count('src="data:image/') == (figures + EVAL_CFG.attention_images
                                                + EVAL_CFG.num_examples)
     assert "http://" not in html and "https://" not in html
+
+
+def test_diagnosis_in_json_stdout_html_and_mlflow(tracked):
+    """The tiny model (stride 32, 64 px images) cannot see its objects: the diagnosis says so
+    everywhere, with the curves the fixture wrote (val AP still rising: train longer)."""
+    out, run, client, result = tracked
+    diagnosis = json.loads((out / "reports" / "evaluation" / "diagnosis.json").read_text())
+    names = [f["name"] for f in diagnosis["findings"]]
+    assert names == ["object_size", "classification", "recall", "decoder_layers", "loss_trend",
+                     "val_curve", "duplicates"]
+    assert any("turn: data.scales to [" in v for v in diagnosis["verdicts"])
+    assert any("turn: train.epochs to 2" in v for v in diagnosis["verdicts"])  # val AP rising
+    metrics = diagnosis["metrics"]
+    assert metrics["diag_AP_layer_1"] == pytest.approx(result.stats["AP"])
+    for name in ("diag_class_agnostic_AP", "diag_recall_iou10", "diag_AP_layer_0",
+                 f"diag_duplicates_{EVAL_CFG.score_threshold:g}", "diag_duplicates_0.3"):
+        assert run.data.metrics[name] == pytest.approx(metrics[name]), name
+    html = (out / "reports" / "evaluation" / "report.html").read_text(encoding="utf-8")
+    assert 'id="diagnosis"' in html and "turn: data.scales to [" in html
+    paths = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert "evaluation/diagnosis.json" in paths
 
 
 def test_without_run_file_the_files_are_still_written(checkpoint, tiny_dataset, tmp_path,
@@ -176,6 +198,7 @@ def test_without_run_file_the_files_are_still_written(checkpoint, tiny_dataset, 
     assert list((tmp_path / "reports" / "evaluation" / "examples").glob("*.png"))
     captured = capsys.readouterr()
     assert "Average Precision" in captured.out and "absent.json" in captured.err
+    assert "Diagnosis:" in captured.out and "found: " in captured.out
     assert not (tmp_path / "mlflow.db").exists()
 
 

@@ -19,7 +19,7 @@ def pyfunc(tiny_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("pyfunc")
     _, _, data, _ = tiny_training()
     settings = folder / "inference.json"
-    settings.write_text(json.dumps(mlflow_model.inference_settings(data)))
+    settings.write_text(json.dumps(mlflow_model.inference_settings((max(data.scales), data.max_size))))
     model = DetrPyfunc()
     model.load_context(SimpleNamespace(artifacts={
         mlflow_model.CHECKPOINT_ARTIFACT: str(tiny_checkpoint),

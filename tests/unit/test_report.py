@@ -117,3 +117,25 @@ def test_stat_table_and_missing_pictures(evaluation, tmp_path):
         render_report(evaluation=evaluation, labels={1: "cat", 2: "dog"}, facts={},
                       figures=[Picture(tmp_path / "nowhere.png", "x")], attention=[],
                       examples=[])
+
+
+def test_diagnosis_section_shows_verdicts_first_and_every_check(evaluation):
+    from detr.diagnosis import Diagnosis, Finding
+
+    diagnosis = Diagnosis((
+        Finding("object_size", "objects 0.4 cells wide", {"under_one_cell": 1.0},
+                "objects under one cell <small>", (("data.scales", "[256]"),)),
+        Finding("recall", "recall at IoU 0.1: 0.9", {"recall_iou10": 0.9})))
+    html = render_report(evaluation=evaluation, labels={1: "cat", 2: "dog"}, facts={},
+                         figures=[], attention=[], examples=[], diagnosis=diagnosis)
+    page = _Page()
+    page.feed(html)
+    assert html.index('id="diagnosis"') < html.index('id="ap"')
+    assert ("found: objects under one cell &lt;small&gt;; turn: data.scales to [256]"
+            in html)  # escaped
+    assert page.tables["diagnosis"] == [["check", "measured"],
+                                        ["object_size", "objects 0.4 cells wide"],
+                                        ["recall", "recall at IoU 0.1: 0.9"]]
+    plain = render_report(evaluation=evaluation, labels={1: "cat", 2: "dog"}, facts={},
+                          figures=[], attention=[], examples=[])
+    assert 'id="diagnosis"' not in plain
