@@ -20,6 +20,14 @@ def select_device(spec: str = "auto") -> torch.device:
     return device
 
 
+def device_type(spec: str = "auto") -> str:
+    """``cpu`` or ``cuda`` (...) for a device spec, without claiming the device: what
+    settings chosen by device kind (detr.settings) go by."""
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(spec).type
+
+
 def bf16_supported(device: torch.device) -> bool:
     """True where bf16 matmuls/convolutions are fast: CUDA with bf16, or a CPU with
     AVX512-BF16 / AMX (elsewhere bf16 on the CPU is emulated and slower than fp32)."""

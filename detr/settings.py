@@ -349,3 +349,35 @@ def _count_images(path: Path) -> int:
         return len(json.loads(path.read_text()).get("images") or [])
     except (OSError, ValueError):
         return 0
+
+
+TILE_OVERLAP, TILE_MIN_VISIBLE = 0.2, 0.5
+
+
+def tile_rule(profile: DatasetProfile, *, last_stage: str = "layer4", dilation: bool = False,
+              device: str = "cpu") -> tuple[int | None, str]:
+    """``prepare.tile: auto``: the tile side (source px) when the images are too large for
+    the scale their objects need within the device's budget (see the module doc: the same
+    rule as ``data.scales``), else None. Tiles of that side, at that scale, fit the budget, so
+    the objects keep the cells they need instead of being shrunk with the whole image.
+    Returns ``(size or None, why)``."""
+    from detr.models.backbone import output_stride
+
+    if profile.object_size_median is None:
+        return None, "no boxes in the training split: no tiles"
+    stride = output_stride(last_stage, dilation)
+    factor = min(max(MEDIAN_CELLS * stride / profile.object_size_median,
+                     SMALL_CELLS * stride / max(profile.object_size_p10, 1.0)), MAX_UPSCALE)
+    device = "cuda" if device.startswith("cuda") else "cpu"
+    aspect = profile.long_side / profile.short_side
+    cap = min(MAX_SHORT_SIDE[device],
+              int(math.sqrt(PIXELS_PER_STEP[device] / (MIN_BATCH * aspect)) // 32 * 32))
+    need = factor * profile.short_side
+    why = (f"the objects need a short side of {need:.0f} px (median {profile.object_size_median:.0f}"
+           f" px -> {MEDIAN_CELLS:g} cells at stride {stride}), the {device} budget allows {cap}")
+    if need <= cap:
+        return None, why + ": whole images, no tiles"
+    size = max(MIN_SIDE, int(cap / factor) // 32 * 32)
+    if size >= profile.short_side:
+        return None, why + ": a tile would be the whole image, no tiles"
+    return size, why + f": tiles of {size} px (x {factor:.2f} = {size * factor:.0f} px)"

@@ -13,6 +13,8 @@ precision), every image's best 100 merged detections kept (COCO's maxDets).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ from detr.evaluation import CocoEvaluation, evaluate_detections
 from detr.hub import model_from_checkpoint, val_resize
 from detr.inference import Predictor
 from detr.models.postprocess import PostProcess
-from pipelines.params import EvaluateConfig
+from pipelines.params import EvaluateConfig, EvaluateTileConfig
 
 COCO_MAX_DETS = 100  # COCOeval's largest maxDets: what a tiled prediction keeps per image
 
@@ -81,6 +83,7 @@ def measure(checkpoint: Path, dataset_dir: Path, *, cfg: EvaluateConfig, data_cf
     """
     checkpoint, dataset_dir = Path(checkpoint), Path(dataset_dir)
     _check_inputs(checkpoint, dataset_dir)
+    cfg = with_tile(cfg, dataset_dir)
     ckpt = load_file(checkpoint)
     model, model_cfg, label_map = model_from_checkpoint(checkpoint, ckpt=ckpt)
     resize = val_resize(ckpt, checkpoint, data_cfg)
@@ -99,6 +102,19 @@ def measure(checkpoint: Path, dataset_dir: Path, *, cfg: EvaluateConfig, data_cf
                        category_ids, found[-1], cfg.tile is not None,
                        found if layers and cfg.tile is None else None,
                        dict(ckpt.get("params") or {}))
+
+
+def with_tile(cfg: EvaluateConfig, dataset_dir: Path) -> EvaluateConfig:
+    """``cfg`` with ``tile: auto`` made concrete for ``dataset_dir``: the tiles ``prepare``
+    cut it into (``annotations/tiling.json``, written by ``prepare.tile: auto``), predicted
+    on whole images; no tiling when it has none."""
+    if cfg.tile != "auto":
+        return cfg
+    record = Path(dataset_dir) / "annotations" / "tiling.json"
+    decided = json.loads(record.read_text()) if record.is_file() else {}
+    tile = (EvaluateTileConfig(size=int(decided["size"]), overlap=decided.get("overlap", 0.2))
+            if decided.get("size") else None)
+    return dataclasses.replace(cfg, tile=tile)
 
 
 def class_labels(evaluation: CocoEvaluation) -> dict[int, str]:

@@ -74,7 +74,9 @@ class PrepareConfig:
     seed: int = 0
     link: Literal["symlink", "hardlink", "copy"] = "hardlink"
     demo: DemoConfig = DemoConfig()
-    tile: TileConfig | None = None  # null: images as they are
+    # null: images as they are; auto: tiles when the objects need a larger scale than the
+    # device's budget allows for whole images (detr.settings.tile_rule)
+    tile: TileConfig | Literal["auto"] | None = None
 
     def __post_init__(self) -> None:
         choices = {"format": ("auto", "coco", "voc", "yolo"),
@@ -118,7 +120,9 @@ class EvaluateConfig:
     score_threshold: float = 0.5  # drawings, duplicate count; COCO AP uses every detection
     attention_images: int = 2  # val images drawn with the decoder attention of...
     attention_queries: int = 4  # ...their best-scoring queries (0 images: none drawn)
-    tile: EvaluateTileConfig | None = None  # tiled prediction on whole val images
+    # tiled prediction on whole val images; auto: as prepare tiled the dataset (its
+    # annotations/tiling.json: the same tile size), else off (pipelines.measurement.with_tile)
+    tile: EvaluateTileConfig | Literal["auto"] | None = None
 
     def __post_init__(self) -> None:
         checks = {"batch_size": self.batch_size >= 1, "num_examples": self.num_examples >= 0,

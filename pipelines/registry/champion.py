@@ -25,7 +25,7 @@ from typing import Any
 
 from detr.config import DataConfig, TrainConfig
 from pipelines import tracking
-from pipelines.measurement import measure, per_class_ap
+from pipelines.measurement import measure, per_class_ap, with_tile
 from pipelines.mlflow_model import CHECKPOINT_FILE
 from pipelines.params import EvaluateConfig
 
@@ -60,6 +60,7 @@ def measure_champion(name: str, version: int, *, dataset_dir: Path, dataset_md5:
             trained on other categories than the val split's.
         mlflow.exceptions.MlflowException: the artifact could not be downloaded.
     """
+    cfg = with_tile(cfg, dataset_dir)
     path = cache_path(cache_dir, name, version, dataset_md5, data_cfg=data_cfg,
                       train_cfg=train_cfg, cfg=cfg) if dataset_md5 else None
     if path is not None and path.is_file():

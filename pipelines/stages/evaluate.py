@@ -63,7 +63,14 @@ from detr.evaluation import STAT_NAMES, CocoEvaluation, format_per_class
 from detr.queries import query_boxes
 from pipelines import params as pipeline_params
 from pipelines import stage, tracking
-from pipelines.measurement import ALL, EvaluationInputError, class_labels, measure, per_class_ap
+from pipelines.measurement import (
+    ALL,
+    EvaluationInputError,
+    class_labels,
+    measure,
+    per_class_ap,
+    with_tile,
+)
 from pipelines.params import EvaluateConfig
 from pipelines.reporting.diagnosis import FILE as DIAGNOSIS_FILE
 from pipelines.reporting.diagnosis import run_diagnosis
@@ -101,6 +108,7 @@ def run(*, checkpoint: Path, dataset_dir: Path, cfg: EvaluateConfig, data_cfg: D
     """
     checkpoint, dataset_dir = Path(checkpoint), Path(dataset_dir)
     report_dir, plots_dir = Path(report_dir), Path(plots_dir)
+    cfg = with_tile(cfg, dataset_dir)
     measured = measure(checkpoint, dataset_dir, cfg=cfg, data_cfg=data_cfg, train_cfg=train_cfg,
                        layers=True)
     evaluation, val, predictions = measured.evaluation, measured.val, measured.predictions

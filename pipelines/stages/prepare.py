@@ -33,21 +33,30 @@ from detr.data import formats, synthetic
 from detr.data.detect_layout import detect_layout, import_layout
 from detr.data.layout import SPLITS, TILE_OF, TILES_FOLDER, whole_annotation_name
 from detr.data.tiling import Tile, crop_boxes, tile_grid
+from detr.device import device_type
+from detr.settings import TILE_MIN_VISIBLE, TILE_OVERLAP, DatasetProfile, tile_rule
 from pipelines import stage
 from pipelines.params import PrepareConfig, TileConfig
 from pipelines.stage import DATASET
 
+TILING = "tiling.json"  # prepare.tile: auto's decision, in the dataset's annotations/
 TILE_SUFFIXES = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}  # others become .png
 
 
-def run(*, cfg: PrepareConfig, out_dir: Path = DATASET) -> dict:
+def run(*, cfg: PrepareConfig, out_dir: Path = DATASET, last_stage: str = "layer4",
+        dilation: bool = False, device: str = "cpu") -> dict:
     """Create ``out_dir`` from ``cfg.source``; returns ``{"images": {split: n},
-    "annotations": {split: n}}``."""
+    "annotations": {split: n}}``. ``last_stage``, ``dilation`` (the model's) and ``device``
+    (``cpu`` / ``cuda``): what ``prepare.tile: auto`` decides by; the decision is written to
+    ``annotations/tiling.json`` (``size``: the tile side or null, ``why``)."""
     summary = _prepare(cfg, out_dir)
-    if cfg.tile is not None:
-        summary = tile_dataset(out_dir, cfg.tile)
+    tile = cfg.tile
+    if tile == "auto":
+        tile = _auto_tile(out_dir, last_stage=last_stage, dilation=dilation, device=device)
+    if tile is not None:
+        summary = tile_dataset(out_dir, tile)
         print(f"prepare: tiled {sum(summary['tiled'].values())} images into "
-              f"{sum(summary['tiles'].values())} tiles of {cfg.tile.size} px (prepare.tile)")
+              f"{sum(summary['tiles'].values())} tiles of {tile.size} px (prepare.tile)")
     counts = ", ".join(f"{split} {n} images / {summary['annotations'][split]} boxes"
                        for split, n in summary["images"].items())
     print(f"prepare: {cfg.source} -> {out_dir}: {counts}")
@@ -73,6 +82,21 @@ def _prepare(cfg: PrepareConfig, out_dir: Path) -> dict:
     imported = import_layout(layout, out_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
                              link=cfg.link)
     return {"images": dict(imported.images), "annotations": dict(imported.annotations)}
+
+
+def _auto_tile(root: Path, **rule) -> TileConfig | None:
+    """``prepare.tile: auto`` for the dataset at ``root`` (its train split), recorded in
+    ``annotations/tiling.json`` and printed."""
+    profile = DatasetProfile.from_file(root / "annotations" / "train.json")
+    size, why = tile_rule(profile, **rule)
+    (root / "annotations" / TILING).write_text(json.dumps(
+        {"size": size, "overlap": TILE_OVERLAP, "min_visible": TILE_MIN_VISIBLE, "why": why},
+        indent=2) + "\n")
+    print(f"prepare: tile auto: {why}")
+    if size is None:
+        return None
+    return TileConfig(size=size, overlap=TILE_OVERLAP, min_image_side=size,
+                      min_visible=TILE_MIN_VISIBLE)
 
 
 def tile_dataset(root: Path, cfg: TileConfig) -> dict:
@@ -186,9 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from pipelines.params import load
 
-    cfg = load(args.params)["prepare"]
+    params = load(args.params)
+    model = params["model"]
     try:
-        stage.invoke(prepare_flow, run, cfg=cfg, out_dir=args.out)
+        device = device_type(params["train"].device)
+        stage.invoke(prepare_flow, run, cfg=params["prepare"], out_dir=args.out,
+                     last_stage=model.last_stage, dilation=model.dilation, device=device)
     except (OSError, ValueError, formats.FormatError) as exc:  # OSError: a link across disks
         print(f"prepare: {exc}", file=sys.stderr)
         return 2

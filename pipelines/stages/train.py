@@ -132,9 +132,9 @@ def run(*, params: dict, dataset_dir: Path = DATASET, out_dir: Path = CHECKPOINT
 
 def _resolve(params: dict, dataset_dir: Path, path: Path) -> dict:
     """The library sections with ``auto`` resolved; the report written to ``path``."""
-    from detr.device import select_device
+    from detr.device import device_type
 
-    device = select_device(params["train"].device).type
+    device = device_type(params["train"].device)
     try:
         model, data, train, res = resolve_configs(params["model"], params["data"],
                                                   params["train"], dataset_dir, device=device)
