@@ -1,8 +1,8 @@
 """Data drift: today's dataset against the one the champion was registered with.
 
 Each registered version carries the profile of its dataset (:mod:`pipelines.registry.profile`)
-as an artifact of its run (``data_profile/profile.json``, named by the version tag
-``data_profile``). :func:`assess` profiles today's dataset, logs that profile, and compares it
+as an artifact of its run (``data_profile/profile-<dataset md5>.json``: two registrations from
+one run keep both, named by the version tag ``data_profile``). :func:`assess` profiles today's dataset, logs that profile, and compares it
 with the champion's, one row per statistic (:data:`STATISTICS`):
 
 - class balance, boxes per image, box size, image size: the Jensen-Shannon distance between the
@@ -29,8 +29,8 @@ from pipelines import tracking
 from pipelines.params import DriftConfig
 from pipelines.registry.profile import dataset_profile
 
-PROFILE_ARTIFACT = "data_profile/profile.json"
-TABLE_ARTIFACT = "data_profile/drift.md"
+PROFILE_DIR = "data_profile"
+TABLE_ARTIFACT = f"{PROFILE_DIR}/drift.md"
 PROFILE_TAG = "data_profile"
 STATISTICS = ("class_balance", "boxes_per_image", "box_size", "image_size", "colour")
 LABELS = {"class_balance": "class balance", "boxes_per_image": "boxes per image",
@@ -38,28 +38,28 @@ LABELS = {"class_balance": "class balance", "boxes_per_image": "boxes per image"
 JS = "Jensen-Shannon distance"
 
 
-def assess(client, cfg: DriftConfig, *, champion, dataset_dir: Path, run_id: str
-           ) -> dict[str, Any]:
+def assess(client, cfg: DriftConfig, *, champion, dataset_dir: Path, dataset_md5: str | None,
+           run_id: str) -> dict[str, Any]:
     """Profile ``dataset_dir``, log the profile to ``run_id``, compare it with ``champion``'s
     (a ModelVersion or None). Returns the report's ``drift`` entry: ``champion_version``
     (None without one), ``note`` (None, or why nothing was compared), ``rows`` (see
-    :func:`compare`), ``drifted`` (the statistics past their threshold), ``gate``. A dataset
-    that cannot be profiled (no annotations) is a note, not an error: drift is advisory."""
+    :func:`compare`), ``drifted`` (the statistics past their threshold), ``gate``,
+    ``profile`` (the run artifact; None when not profiled). A dataset that cannot be profiled
+    (no annotations) is a note, not an error: drift is advisory."""
     out = {"champion_version": None if champion is None else int(champion.version),
-           "note": None, "rows": [], "drifted": [], "gate": cfg.gate, "profiled": False}
+           "note": None, "rows": [], "drifted": [], "gate": cfg.gate, "profile": None}
     try:
         profile = dataset_profile(dataset_dir, sample_images=cfg.sample_images)
     except (OSError, ValueError) as exc:
         print(f"register: data drift not measured: {exc}", file=sys.stderr)
         out["note"] = f"today's dataset could not be profiled: {exc}"
         return out
-    tracking.retry(lambda: client.log_dict(run_id, profile, PROFILE_ARTIFACT),
+    old, out["note"] = (None, "no champion to compare with") if champion is None \
+        else champion_profile(champion)  # read before logging: it may be in the same run
+    artifact = f"{PROFILE_DIR}/profile-{(dataset_md5 or 'unknown').removesuffix('.dir')}.json"
+    tracking.retry(lambda: client.log_dict(run_id, profile, artifact),
                    what="log the dataset profile")
-    out["profiled"] = True
-    if champion is None:
-        out["note"] = "no champion to compare with"
-        return out
-    old, out["note"] = champion_profile(champion)
+    out["profile"] = artifact
     if old is None:
         return out
     out["rows"] = compare(profile, old, cfg)
@@ -95,7 +95,7 @@ def _log_table(client, run_id: str, metrics: dict[str, float], drift: dict[str, 
 def version_tags(drift: dict[str, Any]) -> dict[str, str]:
     """The version tags: where its profile is, and what drifted ("none", "not measured")."""
     drifted = ",".join(drift["drifted"]) or ("none" if drift["rows"] else "not measured")
-    return {**({PROFILE_TAG: PROFILE_ARTIFACT} if drift["profiled"] else {}), "drift": drifted}
+    return {**({PROFILE_TAG: drift["profile"]} if drift["profile"] else {}), "drift": drifted}
 
 
 def compare(new: dict[str, Any], old: dict[str, Any], cfg: DriftConfig) -> list[dict[str, Any]]:

@@ -120,6 +120,7 @@ def run(*, checkpoint: Path, metrics_path: Path = Path("metrics/coco.json"),
         info = tracking.retry(lambda: mlflow_model.log_model(Path(checkpoint), data_cfg),
                               what="log the model")
         drift = assess_drift(client, cfg.drift, dataset_dir=Path(dataset_dir), run_id=run_id,
+                             dataset_md5=dataset_md5,
                              champion=alias_version(client, cfg.model_name, CHAMPION))
         before = compare(client, cfg, value, dataset_md5=dataset_md5, dataset_dir=dataset_dir,
                          per_class_path=Path(per_class_path), eval_cfg=eval_cfg or EvaluateConfig(),

@@ -29,7 +29,7 @@ CHALLENGER = {"decision": "challenger", "champion_version_before": 1,
               "reason": "AP 0.2500 does not beat the champion's 0.3000 (same val split) by "
                         "more than register.min_improvement 0.0"}
 DRIFT = {"drift": {"champion_version": 1, "gate": False, "drifted": ["class_balance"],
-                   "note": None, "profiled": True, "rows": [
+                   "note": None, "profile": "p.json", "rows": [
                        {"statistic": "class_balance", "measure": "Jensen-Shannon distance",
                         "champion": "a 100%", "new": "a 25%, b 75%", "distance": 0.6541,
                         "threshold": 0.2, "drifted": True},
