@@ -258,6 +258,7 @@ def report_decision(root: Path, registered: bool) -> dict[str, Any]:
 
 
 def _publish(root: Path, report: dict | None, registered: bool, text: str) -> None:
+    from pipelines.registry.drift import publish as publish_drift
     from pipelines.registry.report import report_markdown
 
     coco = _read_json(root / COCO_METRICS)
@@ -269,11 +270,8 @@ def _publish(root: Path, report: dict | None, registered: bool, text: str) -> No
         stage.publish_table(key="coco-ap-ar", rows=rows,
                             description="COCO AP/AR of the current model on the val split"
                                         + ("" if registered else " (unchanged in this run)"))
-    drift = (report or {}).get("drift") or {}
-    if registered and drift.get("rows"):
-        stage.publish_table(key="data-drift", rows=drift["rows"],
-                            description=f"today's data against champion "
-                                        f"v{drift['champion_version']}'s (register.drift)")
+    if registered:
+        publish_drift((report or {}).get("drift"))
     body = report_markdown(report) if report else "# No model registered yet"
     stage.publish_markdown(key="registration", markdown=f"**{text}**\n\n{body}",
                            description=text)

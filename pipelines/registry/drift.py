@@ -92,6 +92,17 @@ def _log_table(client, run_id: str, metrics: dict[str, float], drift: dict[str, 
     client.log_text(run_id, drift_markdown(drift), TABLE_ARTIFACT)
 
 
+def publish(drift: dict[str, Any] | None) -> None:
+    """The drift table as the Prefect table artifact ``data-drift`` (inside a flow run, when
+    there is one)."""
+    from pipelines import stage
+
+    if drift and drift["rows"]:
+        stage.publish_table(key="data-drift", rows=drift["rows"],
+                            description=f"today's data against champion "
+                                        f"v{drift['champion_version']}'s (register.drift)")
+
+
 def version_tags(drift: dict[str, Any]) -> dict[str, str]:
     """The version tags: where its profile is, and what drifted ("none", "not measured")."""
     drifted = ",".join(drift["drifted"]) or ("none" if drift["rows"] else "not measured")

@@ -52,6 +52,7 @@ from detr.evaluation import STAT_NAMES
 from pipelines import mlflow_model, stage, tracking
 from pipelines.measurement import EvaluationInputError
 from pipelines.params import PARAMS_FILE, EvaluateConfig, RegisterConfig, load
+from pipelines.registry import drift as data_drift
 from pipelines.registry.aliases import (  # noqa: F401  (the stage's public names)
     CHALLENGER,
     CHAMPION,
@@ -68,8 +69,6 @@ from pipelines.registry.aliases import (  # noqa: F401  (the stage's public name
 from pipelines.registry.card import publish_card
 from pipelines.registry.champion import CACHE_DIR, measure_champion
 from pipelines.registry.decision import Decision, class_drops, decide
-from pipelines.registry.drift import assess as assess_drift
-from pipelines.registry.drift import version_tags as drift_tags
 from pipelines.registry.report import report_markdown, summary
 
 DATASET = "data/dataset"  # the dataset's DVC output path (its md5 in dvc.lock)
@@ -119,16 +118,16 @@ def run(*, checkpoint: Path, metrics_path: Path = Path("metrics/coco.json"),
         client = mlflow.MlflowClient()
         info = tracking.retry(lambda: mlflow_model.log_model(Path(checkpoint), data_cfg),
                               what="log the model")
-        drift = assess_drift(client, cfg.drift, dataset_dir=Path(dataset_dir), run_id=run_id,
-                             dataset_md5=dataset_md5,
-                             champion=alias_version(client, cfg.model_name, CHAMPION))
+        drift = data_drift.assess(client, cfg.drift, dataset_dir=Path(dataset_dir),
+                                  run_id=run_id, dataset_md5=dataset_md5,
+                                  champion=alias_version(client, cfg.model_name, CHAMPION))
         before = compare(client, cfg, value, dataset_md5=dataset_md5, dataset_dir=dataset_dir,
                          per_class_path=Path(per_class_path), eval_cfg=eval_cfg or EvaluateConfig(),
                          data_cfg=data_cfg, train_cfg=train_cfg or TrainConfig(),
                          cache_dir=Path(cache_dir), drifted=drift["drifted"])
         decision = before.pop("decision")
         tags = {**version_tags(client, run_id, cfg.metric, value, decision, before, dataset_md5),
-                **drift_tags(drift)}
+                **data_drift.version_tags(drift)}
         holder = alias_version(client, cfg.model_name, decision.alias)  # read before the window
         version = register_version(client, info.model_uri, cfg.model_name, tags)
         move_alias(client, cfg.model_name, decision.alias, version, previous=holder)
@@ -147,6 +146,7 @@ def run(*, checkpoint: Path, metrics_path: Path = Path("metrics/coco.json"),
     print(summary(report))
     stage.publish_markdown(key="registration", markdown=report_markdown(report),
                            description=f"{cfg.model_name} v{version}: {decision.alias}")
+    data_drift.publish(drift)
     return report
 
 

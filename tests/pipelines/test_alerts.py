@@ -13,6 +13,7 @@ import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import prefect_queries as pq
 import pytest
 import yaml
 
@@ -182,3 +183,16 @@ def test_params_name_the_variable_never_the_secret(tmp_path):
     (tmp_path / "params.yaml").write_text("alerts: {channel: teams, on_drift: false}\n")
     assert load(tmp_path / "params.yaml")["alerts"] == AlertsConfig(channel="teams",
                                                                      on_drift=False)
+
+
+@pytest.mark.slow
+def test_as_a_prefect_flow_run_the_alert_links_it_and_is_sent_once(prefect_server, toy,
+                                                                    receiver):
+    _outcome(toy, **CHALLENGER)
+    state = retrain.retrain_flow(project_dir=str(toy), return_state=True)
+    assert state.is_completed()
+    [request] = receiver.requests
+    run = pq.flow_runs("retrain", limit=1)[0]
+    assert f"retrain {run.name} on " in request["json"]["subject"]
+    assert "- Prefect flow run: http" in _text(request)
+    assert f"/flow-runs/flow-run/{run.id}" in _text(request)
