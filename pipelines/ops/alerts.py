@@ -80,16 +80,24 @@ class RunWatch:
         """The run ended with ``result`` (the flow's summary): alert if this run's version was
         not promoted (``alerts.on_not_promoted``) or its data drifted (``alerts.on_drift``)."""
         report = result.get("decision") if result.get("registered") else None
-        if report and self.cfg.on_not_promoted and report.get("decision") == "challenger":
-            self.causes.append(not_promoted(report))
-        if report and self.cfg.on_drift and (report.get("drift") or {}).get("drifted"):
-            self.causes.append(drifted(report))
+        try:
+            if report and self.cfg.on_not_promoted and report.get("decision") == "challenger":
+                self.causes.append(not_promoted(report))
+            if report and self.cfg.on_drift and (report.get("drift") or {}).get("drifted"):
+                self.causes.append(drifted(report))
+        except (KeyError, TypeError, ValueError) as exc:  # a report of another layout
+            self.causes.append(f"the register report could not be read ({exc!r}): "
+                               f"see {self.root / REGISTER_REPORT}")
         return self._send(report=report, failed=False)
 
     def _send(self, *, report: dict | None, failed: bool) -> bool:
         if self.sent or not self.causes or self.cfg.channel == "none":
             return False
-        alert = compose(self.causes, self.root, report=report, failed=failed)
+        try:
+            alert = compose(self.causes, self.root, report=report, failed=failed)
+        except Exception as exc:  # e.g. a report of another layout: alerting never fails a run
+            warn(f"alert not composed ({type(exc).__name__}: {exc}); causes: {self.causes}")
+            return False
         self.sent = send(self.cfg, alert)
         return self.sent
 
@@ -148,7 +156,8 @@ def where_to_look(root: Path, report: dict | None) -> list[str]:
         lines.append(f"- MLflow run {run_id} in {uri}{link}"
                      + ("" if report else " (the last training run)"))
     if report:
-        lines.append(f"- Model version: {report['model_uri']}; report {root / REGISTER_REPORT}")
+        lines.append(f"- Model version: {report.get('model_uri', '-')}; report "
+                     f"{root / REGISTER_REPORT}")
     return lines
 
 

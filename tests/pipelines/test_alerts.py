@@ -163,6 +163,14 @@ def test_no_url_in_the_environment_is_a_warning(tmp_path, monkeypatch, caplog):
     assert "TEST_ALERT_URL (alerts.url_env) is empty: alert not sent" in caplog.text
 
 
+def test_an_unreadable_report_still_alerts_and_never_fails(tmp_path, receiver):
+    watch = alerts.RunWatch(AlertsConfig(**WEBHOOK["alerts"]), tmp_path)
+    odd = {"decision": "challenger", "model_uri": "models:/m/2"}  # no version, no numbers
+    assert watch.finished({"registered": True, "decision": odd}) is True
+    [request] = receiver.requests
+    assert "the register report could not be read (KeyError('metric'))" in _text(request)
+
+
 def test_the_apprise_channel_posts_through_apprise(tmp_path, receiver):
     """Any Apprise URL (mailto:// for e-mail); here json:// to the local receiver."""
     port = receiver.server_address[1]
