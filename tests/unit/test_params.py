@@ -19,7 +19,7 @@ PARAMS_FILES = ["params.yaml",
 def test_params_files_load(name):
     params = load(ROOT / name)
     assert set(params) == {"prepare", "validate", "model", "loss", "data", "train", "evaluate",
-                           "register", "schedule"}
+                           "register", "schedule", "alerts"}
     assert params["validate"].num_queries == params["model"].num_queries
 
 
