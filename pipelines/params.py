@@ -1,8 +1,8 @@
 """``params.yaml``: every section typed and strict, read once.
 
 Library sections (``model``, ``loss``, ``data``, ``train``) are defined in :mod:`detr.config`;
-the pipeline's own (``prepare``, ``validate``, ``evaluate``, ``register``, ``schedule``)
-here. An unknown section, an unknown key or a wrong type is an error naming it.
+the pipeline's own (``prepare``, ``validate``, ``evaluate``, ``register``, ``schedule``,
+``alerts``) here. An unknown section, an unknown key or a wrong type is an error naming it.
 """
 
 from __future__ import annotations
@@ -133,6 +133,32 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class DriftConfig:
+    """How far today's dataset may move from the champion's (``register.drift:``).
+
+    Each threshold bounds one statistic's distance (:mod:`pipelines.registry.drift`): a
+    Jensen-Shannon distance (base 2, 0 = same histogram, 1 = disjoint) for the histograms, and
+    for colour the largest per-channel shift of the mean in units of the champion's std. Past
+    a threshold the data has drifted: the report says so, the retrain alerts; with ``gate``
+    the new version also stays ``@challenger``.
+    """
+
+    class_balance: float = 0.2  # boxes per class
+    boxes_per_image: float = 0.2  # histogram 0, 1, ..., 15, 16+
+    box_size: float = 0.2  # sqrt(box area) px, half-octave bins
+    image_size: float = 0.2  # the longer side px, half-octave bins
+    colour: float = 0.5  # max over R, G, B of |mean - champion's mean| / champion's std
+    sample_images: int = 64  # images decoded (evenly spaced, 64 px thumbnails) for colour
+    gate: bool = False  # true: a drifted dataset's version is never @champion automatically
+
+    def __post_init__(self) -> None:
+        distances = ("class_balance", "boxes_per_image", "box_size", "image_size")
+        checks = {key: 0 <= getattr(self, key) <= 1 for key in distances}
+        checks.update(colour=self.colour >= 0, sample_images=self.sample_images >= 1)
+        check_ranges("register.drift", self, checks)
+
+
+@dataclass(frozen=True)
 class RegisterConfig:
     """Model registry and the alias rule (``register:``)."""
 
@@ -148,6 +174,7 @@ class RegisterConfig:
     min_ap: float = 0.02
     min_improvement: float = 0.0  # ...and beat the champion (same val split) by this much
     max_class_drop: float = 0.1  # ...and no class may lose more AP than this against it
+    drift: DriftConfig = DriftConfig()  # today's data against the champion's
 
     def __post_init__(self) -> None:
         name_ok = self.model_name is None or bool(self.model_name.strip())
@@ -230,9 +257,45 @@ class ScheduleConfig:
                 raise ConfigError(f"schedule.{key}: empty name")
 
 
+ALERT_CHANNELS = ("none", "webhook", "slack", "teams", "apprise")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    """Notifications of the ``retrain`` flow (``alerts:``; :mod:`pipelines.ops.alerts`).
+
+    The URL (and a webhook's token) are secrets: params name the environment variables that
+    hold them, never the values.
+    """
+
+    # none (off) | webhook (JSON POST: Prefect's CustomWebhookNotificationBlock) | slack |
+    # teams (their incoming-webhook URLs) | apprise (any Apprise URL: mailto:// for e-mail,
+    # ntfy://, json://, ...)
+    channel: Literal["none", "webhook", "slack", "teams", "apprise"] = "none"
+    url_env: str = "DETR_ALERT_URL"  # the environment variable holding the URL
+    token_env: str | None = None  # webhook: a variable whose value is sent as a Bearer token
+    on_failure: bool = True  # a stage failed, or the run was refused (another one held the lock)
+    on_not_promoted: bool = True  # the new version stayed @challenger
+    on_drift: bool = True  # the data drifted past register.drift's thresholds
+    timeout_s: float = 10.0  # per notification; a receiver that fails is logged, not fatal
+
+    def __post_init__(self) -> None:
+        if self.channel not in ALERT_CHANNELS:
+            raise ConfigError(f"alerts.channel: {self.channel!r} is not one of "
+                              f"{', '.join(ALERT_CHANNELS)}")
+        for key in ("url_env", "token_env"):
+            value = getattr(self, key)
+            if value is not None and not _ENV_NAME.fullmatch(value):
+                raise ConfigError(f"alerts.{key}: {value[:40]!r} is not an environment variable "
+                                  f"name; put the secret itself in the environment, not in "
+                                  f"params.yaml")
+        check_ranges("alerts", self, {"timeout_s": self.timeout_s > 0})
+
+
 PIPELINE_SECTIONS: dict[str, type] = {"prepare": PrepareConfig, "validate": ValidateConfig,
                                       "evaluate": EvaluateConfig, "register": RegisterConfig,
-                                      "schedule": ScheduleConfig}
+                                      "schedule": ScheduleConfig, "alerts": AlertsConfig}
 
 
 def load(path: str | Path = PARAMS_FILE) -> dict[str, Any]:

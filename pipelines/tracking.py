@@ -43,13 +43,15 @@ class TrackingUnavailableError(RuntimeError):
     """MLflow could not be reached after every retry (the message names the server and call)."""
 
 
-def tracking_uri() -> str:
+def tracking_uri(root: Path | None = None) -> str:
+    """Where the runs of the project at ``root`` (default: :func:`project_root`) go."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
     from pipelines import server_state
 
-    return server_state.live_url("mlflow", project_root()) or f"sqlite:///{project_root() / 'mlflow.db'}"
+    root = root or project_root()
+    return server_state.live_url("mlflow", root) or f"sqlite:///{root / 'mlflow.db'}"
 
 
 def configure() -> str:

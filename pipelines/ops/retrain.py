@@ -17,7 +17,11 @@ scheduled deployment, ``make deploy``; or the command with a Prefect server up):
    ``schedule.push`` is on; otherwise a log line says why not.
 4. ``decision``: the registration decision (``reports/register.json`` when ``register`` ran
    in this run; else "no new model"). Artifacts ``coco-ap-ar`` (the AP/AR table of the current
-   model) and ``registration`` (the decision) go on this run.
+   model), ``registration`` (the decision, with the data drift table) and, when the data was
+   compared with the champion's, ``data-drift`` go on this run.
+5. alerts (``alerts:`` in params.yaml, :mod:`pipelines.ops.alerts`): one notification for a
+   run that failed (or was refused), whose new version stayed ``@challenger``, or whose data
+   drifted past ``register.drift``; sent by this flow, once, never by the stages.
 
 A failed stage fails the run; a dataset that fails validation fails it with a message naming
 the failed expectations (from ``reports/validation/validation.json``). The stages run with
@@ -49,8 +53,9 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from pipelines import stage
+from pipelines.ops.alerts import RunWatch
 from pipelines.ops.lock import RetrainBusy, retrain_lock
-from pipelines.params import PARAMS_FILE, ScheduleConfig, load
+from pipelines.params import PARAMS_FILE, AlertsConfig, ScheduleConfig, load
 
 BIN = Path(sys.executable).parent
 VALIDATION_REPORT = stage.VALIDATION_REPORT
@@ -78,34 +83,47 @@ class Plan:
 
 def run(project_dir: str | Path = ".", *, schedule: ScheduleConfig | None = None,
         lock_wait_s: float | None = None, push: bool | None = None,
-        step: Step | None = None) -> dict[str, Any]:
-    """Bring in new data, re-run stale stages, push, decide; return the summary.
+        step: Step | None = None, alerts: AlertsConfig | None = None) -> dict[str, Any]:
+    """Bring in new data, re-run stale stages, push, decide, alert; return the summary.
 
-    ``schedule`` defaults to the project's ``params.yaml``'s; ``lock_wait_s`` and ``push``
-    override it.
+    ``schedule`` and ``alerts`` default to the project's ``params.yaml``'s; ``lock_wait_s`` and
+    ``push`` override the schedule's.
     ``step(name, fn, *args)`` runs each step (the flow passes one that makes it a task).
+    One notification (:mod:`pipelines.ops.alerts`) when the run fails, its new version stays
+    @challenger or its data drifted; a notification that cannot be sent is a warning.
 
     Summary: ``stages`` (name -> "ran" | "skipped"), ``pushed`` (bool), ``registered`` (bool),
     ``decision`` (the register report of this run, or of the current model when nothing was
-    registered; None before any registration).
+    registered; None before any registration), ``alerted`` (a notification went out).
 
     Raises:
         RetrainBusy: another run kept the lock for longer than ``lock_wait_s``.
         StageFailed: a stage failed (validation: the message names the failed expectations).
     """
     root = Path(project_dir).resolve()
-    schedule = schedule or load(root / PARAMS_FILE)["schedule"]
+    params = load(root / PARAMS_FILE)
+    schedule = schedule or params["schedule"]
     wait = schedule.lock_wait_s if lock_wait_s is None else lock_wait_s
-    step = step or _direct
-    with retrain_lock(root, wait):
-        plan = make_plan(root)
-        for warning in plan.warnings:
-            print(f"retrain: warning: {warning}")
-        step("update-data", update_data, root, plan)
-        stages = {name: step(name, run_stage, root, name) for name in plan.stages}
-        do_push = schedule.push if push is None else push
-        pushed = step("push", push_data, root, plan, do_push)
-        summary = step("decision", report_decision, root, stages.get("register") == "ran")
+    watch = RunWatch(alerts or params["alerts"], root)
+    step = watch.track(step or _direct)
+    try:
+        with retrain_lock(root, wait):
+            result = _steps(root, step, schedule.push if push is None else push)
+    except Exception as exc:
+        watch.failed(exc)
+        raise
+    watch.finished(result)
+    return {**result, "alerted": watch.sent}
+
+
+def _steps(root: Path, step: Step, push: bool) -> dict[str, Any]:
+    plan = make_plan(root)
+    for warning in plan.warnings:
+        print(f"retrain: warning: {warning}")
+    step("update-data", update_data, root, plan)
+    stages = {name: step(name, run_stage, root, name) for name in plan.stages}
+    pushed = step("push", push_data, root, plan, push)
+    summary = step("decision", report_decision, root, stages.get("register") == "ran")
     return {"stages": stages, "pushed": pushed, **summary}
 
 
@@ -240,6 +258,7 @@ def report_decision(root: Path, registered: bool) -> dict[str, Any]:
 
 
 def _publish(root: Path, report: dict | None, registered: bool, text: str) -> None:
+    from pipelines.registry.drift import publish as publish_drift
     from pipelines.registry.report import report_markdown
 
     coco = _read_json(root / COCO_METRICS)
@@ -251,6 +270,8 @@ def _publish(root: Path, report: dict | None, registered: bool, text: str) -> No
         stage.publish_table(key="coco-ap-ar", rows=rows,
                             description="COCO AP/AR of the current model on the val split"
                                         + ("" if registered else " (unchanged in this run)"))
+    if registered:
+        publish_drift((report or {}).get("drift"))
     body = report_markdown(report) if report else "# No model registered yet"
     stage.publish_markdown(key="registration", markdown=f"**{text}**\n\n{body}",
                            description=text)

@@ -22,17 +22,24 @@ class Decision:
 
 def decide(value: float, champion_value: float | None, *, has_champion: bool, min_ap: float,
            min_improvement: float, class_drops: dict[str, float] | None = None,
-           max_class_drop: float = 1.0, metric: str = "AP") -> Decision:
+           max_class_drop: float = 1.0, metric: str = "AP", drifted: list[str] | None = None,
+           drift_gate: bool = False) -> Decision:
     """"champion" iff ``value >= min_ap`` and either there is no champion, or the champion was
     measured (``champion_value`` not None), ``value > champion_value + min_improvement`` (a tie
     does not displace) and no class loses more than ``max_class_drop`` AP against it
-    (``class_drops``: class -> champion's AP minus the new AP, same val split). Else
-    "challenger": a champion that could not be measured is never displaced automatically."""
+    (``class_drops``: class -> champion's AP minus the new AP, same val split), and, with
+    ``drift_gate``, no statistic of the data drifted (``drifted``: their names, see
+    :mod:`pipelines.registry.drift`). Else "challenger": a champion that could not be
+    measured is never displaced automatically."""
     if value < min_ap:
         return Decision(CHALLENGER, f"{metric} {value:.4f} is below register.min_ap {min_ap}: "
                                     f"registered, never @champion")
     if not has_champion:
         return Decision(CHAMPION, "no champion before")
+    if drift_gate and drifted:
+        return Decision(CHALLENGER, f"the data drifted from the champion's ({', '.join(drifted)}"
+                                    f" past register.drift) and register.drift.gate is on: "
+                                    f"look, then promote by hand")
     if champion_value is None:
         return Decision(CHALLENGER, "the champion could not be measured on this val split: "
                                     "kept (promote by hand)")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipelines.registry.drift import drift_lines, drift_markdown
+
 
 def summary(report: dict[str, Any]) -> str:
     """A few lines for the terminal: the decision and why, where it is, how to look at it."""
@@ -17,6 +19,7 @@ def summary(report: dict[str, Any]) -> str:
              f"({report['metric']} {_fmt(report['value'])}; {before})"]
     if report.get("reason"):
         lines.append(f"  why: {report['reason']}")
+    lines += [f"  data drift: {line}" for line in drift_lines(report.get("drift"))]
     return "\n".join(lines + [
         f"  {report['alias_uri']} in {report['tracking_uri']}",
         f"  browse it: make mlflow-ui, then http://127.0.0.1:5000/#/models/"
@@ -25,7 +28,8 @@ def summary(report: dict[str, Any]) -> str:
 
 def report_markdown(report: dict[str, Any]) -> str:
     """The report as Markdown: the decision and its reason, both models' statistic on the same
-    val split, the champion's logged number for reference, the data versions, per-class AP."""
+    val split, the champion's logged number for reference, the data versions, per-class AP,
+    the data drift table."""
     metric = report["metric"]
     lines = [f"# {report['model_name']} version {report['version']}: @{report['decision']}", ""]
     if report.get("reason"):
@@ -45,6 +49,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines += [f"| {name} | {_fmt(row.get('new'))} | {_fmt(row.get('champion'))} |"
                   for name, row in per_class.items()]
         lines.append("")
+    if "drift" in report:
+        lines += [drift_markdown(report["drift"]), ""]
     lines.append(f"`{report['alias_uri']}` in `{report['tracking_uri']}`")
     return "\n".join(lines)
 

@@ -17,14 +17,17 @@ with the evaluate stage's code and settings (:mod:`pipelines.registry.champion`,
 version and dataset md5), and the rule (:func:`pipelines.registry.decision.decide`) compares
 the two numbers measured on the same images: the new version becomes ``@champion`` iff its
 ``metric`` reaches ``min_ap``, and there is no champion, or it beats the champion's value by
-more than ``min_improvement`` and no class loses more than ``max_class_drop`` AP. Otherwise
-``@challenger``. A champion that cannot be measured on this val split (other categories, no
-checkpoint artifact) is kept: promote by hand.
+more than ``min_improvement`` and no class loses more than ``max_class_drop`` AP (and, with
+``register.drift.gate``, the data did not drift). Otherwise ``@challenger``. A champion that
+cannot be measured on this val split (other categories, no checkpoint artifact) is kept:
+promote by hand. Today's dataset is profiled and compared with the champion's
+(:mod:`pipelines.registry.drift`): the report, the run and the version say what drifted.
 
 All or nothing: the version is created with its tags (``metric_<name>``, ``decision``,
 ``decision_reason``, ``champion_version_before``, ``champion_value_before`` (same val split),
 ``champion_value_logged``, ``champion_dataset_md5``, ``run_id``, ``git_commit``,
-``dataset_md5``, and for a new champion the alias history of :mod:`pipelines.registry.aliases`),
+``dataset_md5``, ``data_profile`` and ``drift`` (:mod:`pipelines.registry.drift`), and for a
+new champion the alias history of :mod:`pipelines.registry.aliases`),
 then the alias is moved. If anything fails after the version exists, the alias is put back
 where it was and the version is deleted; the error is re-raised.
 
@@ -49,6 +52,7 @@ from detr.evaluation import STAT_NAMES
 from pipelines import mlflow_model, stage, tracking
 from pipelines.measurement import EvaluationInputError
 from pipelines.params import PARAMS_FILE, EvaluateConfig, RegisterConfig, load
+from pipelines.registry import drift as data_drift
 from pipelines.registry.aliases import (  # noqa: F401  (the stage's public names)
     CHALLENGER,
     CHAMPION,
@@ -93,7 +97,8 @@ def run(*, checkpoint: Path, metrics_path: Path = Path("metrics/coco.json"),
     when registered), ``champion_dataset_md5``, ``champion_measurement`` (null, or where the
     number comes from: "measured" / "cached" / why not), ``per_class`` (``{class: {"new",
     "champion"}}``), ``model_uri`` (``models:/<name>/<version>``), ``alias_uri``
-    (``models:/<name>@<decision>``), ``run_id``, ``tracking_uri``, ``model_card`` (the run
+    (``models:/<name>@<decision>``), ``run_id``, ``tracking_uri``, ``drift`` (today's dataset
+    against the champion's: :func:`pipelines.registry.drift.assess`), ``model_card`` (the run
     artifact of the HTML model card, :mod:`pipelines.registry.card`; null if not published).
     The card is also the version's description.
 
@@ -113,12 +118,16 @@ def run(*, checkpoint: Path, metrics_path: Path = Path("metrics/coco.json"),
         client = mlflow.MlflowClient()
         info = tracking.retry(lambda: mlflow_model.log_model(Path(checkpoint), data_cfg),
                               what="log the model")
+        drift = data_drift.assess(client, cfg.drift, dataset_dir=Path(dataset_dir),
+                                  run_id=run_id, dataset_md5=dataset_md5,
+                                  champion=alias_version(client, cfg.model_name, CHAMPION))
         before = compare(client, cfg, value, dataset_md5=dataset_md5, dataset_dir=dataset_dir,
                          per_class_path=Path(per_class_path), eval_cfg=eval_cfg or EvaluateConfig(),
                          data_cfg=data_cfg, train_cfg=train_cfg or TrainConfig(),
-                         cache_dir=Path(cache_dir))
+                         cache_dir=Path(cache_dir), drifted=drift["drifted"])
         decision = before.pop("decision")
-        tags = version_tags(client, run_id, cfg.metric, value, decision, before, dataset_md5)
+        tags = {**version_tags(client, run_id, cfg.metric, value, decision, before, dataset_md5),
+                **data_drift.version_tags(drift)}
         holder = alias_version(client, cfg.model_name, decision.alias)  # read before the window
         version = register_version(client, info.model_uri, cfg.model_name, tags)
         move_alias(client, cfg.model_name, decision.alias, version, previous=holder)
@@ -126,7 +135,7 @@ def run(*, checkpoint: Path, metrics_path: Path = Path("metrics/coco.json"),
     report = {
         "model_name": cfg.model_name, "version": int(version), "decision": decision.alias,
         "reason": decision.reason, "metric": cfg.metric, "value": value,
-        "dataset_md5": dataset_md5, **before,
+        "dataset_md5": dataset_md5, **before, "drift": drift,
         "model_uri": f"models:/{cfg.model_name}/{version}",
         "alias_uri": f"models:/{cfg.model_name}@{decision.alias}",
         "run_id": run_id, "tracking_uri": tracking.tracking_uri(),
@@ -137,14 +146,17 @@ def run(*, checkpoint: Path, metrics_path: Path = Path("metrics/coco.json"),
     print(summary(report))
     stage.publish_markdown(key="registration", markdown=report_markdown(report),
                            description=f"{cfg.model_name} v{version}: {decision.alias}")
+    data_drift.publish(drift)
     return report
 
 
 def compare(client, cfg: RegisterConfig, value: float, *, dataset_md5: str | None,
             dataset_dir: Path, per_class_path: Path, eval_cfg: EvaluateConfig,
-            data_cfg: DataConfig, train_cfg: TrainConfig, cache_dir: Path) -> dict[str, Any]:
+            data_cfg: DataConfig, train_cfg: TrainConfig, cache_dir: Path,
+            drifted: list[str] | None = None) -> dict[str, Any]:
     """The champion, measured on this val split, against ``value``: the report's
-    ``champion_*`` and ``per_class`` entries, and ``decision`` (a :class:`Decision`)."""
+    ``champion_*`` and ``per_class`` entries, and ``decision`` (a :class:`Decision`;
+    ``drifted``: the data statistics past ``register.drift``, for its gate)."""
     version, logged = champion_state(client, cfg.model_name, cfg.metric)
     out = {"champion_version_before": version, "champion_value_before": None,
            "champion_value_logged": logged, "champion_dataset_md5": None,
@@ -172,7 +184,8 @@ def compare(client, cfg: RegisterConfig, value: float, *, dataset_md5: str | Non
     out["decision"] = decide(value, out["champion_value_before"],
                              has_champion=version is not None, min_ap=cfg.min_ap,
                              min_improvement=cfg.min_improvement, class_drops=drops,
-                             max_class_drop=cfg.max_class_drop, metric=cfg.metric)
+                             max_class_drop=cfg.max_class_drop, metric=cfg.metric,
+                             drifted=drifted, drift_gate=cfg.drift.gate)
     return out
 
 

@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from PIL import Image
 
 from detr.checkpoint import save_file
 from detr.models.detr import build_model
-from tests.conftest import TINY
+from pipelines.measurement import measure, per_class_ap
+from pipelines.params import EvaluateConfig, RegisterConfig
+from pipelines.stages import register
+from tests.conftest import TINY, tiny_training
+from tests.pipelines.project import local_registry
 
 SIZE = 64
 BOXES = {"P": [4.0, 4.0, 16.0, 16.0], "Q": [40.0, 40.0, 16.0, 16.0]}  # xywh px, disjoint
@@ -70,3 +77,43 @@ def untrained(path: Path, seed: int = 0) -> Path:
                "params": {"model": dataclasses.asdict(cfg)},
                "label_map": {"categories": CATEGORIES}}, path)
     return path
+
+
+@contextmanager
+def decision_registry(root: Path) -> Iterator[SimpleNamespace]:
+    """A SQLite registry and a pipeline run under ``root`` (the working directory and
+    DVC_ROOT, :func:`tests.pipelines.project.local_registry`); the fixed predictors at P and
+    Q, detecting class a. Yields ``root``, ``data``/``train`` (tiny configs), ``client``,
+    ``P``, ``Q`` (checkpoints)."""
+    import mlflow
+
+    _, _, data, train = tiny_training()
+    with local_registry(root):
+        yield SimpleNamespace(root=root, data=data, train=train, client=mlflow.MlflowClient(),
+                              P=fixed_predictor(root / "p.pth", "P", "a"),
+                              Q=fixed_predictor(root / "q.pth", "Q", "a"))
+
+
+def dataset_version(env, name: str, objects: list) -> SimpleNamespace:
+    """A val split (:func:`make_val`) and its made-up DVC hash."""
+    return SimpleNamespace(root=make_val(env.root / "data" / name, objects),
+                           md5=f"{name:0>32}.dir")
+
+
+def register_on(env, name: str, checkpoint: Path, dataset: SimpleNamespace, **rule) -> dict:
+    """The evaluate stage's outputs for ``checkpoint`` on ``dataset`` (measured), then the
+    register stage on them, with ``dataset`` as today's data (in dvc.lock); ``rule``: more
+    ``RegisterConfig`` keys. Returns the register report."""
+    (env.root / "dvc.lock").write_text(
+        f"schema: '2.0'\nstages:\n  prepare:\n    outs:\n    - path: data/dataset\n"
+        f"      md5: {dataset.md5}\n")
+    evaluation = measure(checkpoint, dataset.root, cfg=EvaluateConfig(), data_cfg=env.data,
+                         train_cfg=env.train).evaluation
+    out = env.root / "evaluate" / f"{name}-{dataset.md5}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "coco.json").write_text(json.dumps(evaluation.stats))
+    (out / "per_class_ap.json").write_text(json.dumps(per_class_ap(evaluation)))
+    return register.run(checkpoint=checkpoint, metrics_path=out / "coco.json",
+                        per_class_path=out / "per_class_ap.json", dataset_dir=dataset.root,
+                        cfg=RegisterConfig(model_name=name, **rule), data_cfg=env.data,
+                        train_cfg=env.train, report_path=env.root / "reports" / f"{name}.json")

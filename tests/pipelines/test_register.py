@@ -119,6 +119,9 @@ def test_read_metric_names_the_problem(tmp_path):
 
 def test_champion_challenger_sequence(env):
     first = _register(env, "seq", 0.30, min_improvement=0.05)
+    # no data/dataset here: drift is not measured, the registration goes on (test_drift.py)
+    drift = first.pop("drift")
+    assert drift["note"].startswith("today's dataset could not be profiled")
     assert first == {
         "model_name": "seq", "version": 1, "decision": "champion",
         "reason": "no champion before", "metric": "AP", "value": 0.30,
@@ -129,7 +132,8 @@ def test_champion_challenger_sequence(env):
         "run_id": env.run_id, "tracking_uri": tracking.tracking_uri(),
         "model_card": "model_card/seq-v1.html",
     }
-    assert json.loads((env.root / "reports" / "seq.json").read_text()) == first
+    assert json.loads((env.root / "reports" / "seq.json").read_text()) == {**first,
+                                                                           "drift": drift}
     assert _register(env, "seq", 0.20, min_improvement=0.05)["decision"] == "challenger"
     assert (_alias(env, "seq", "champion"), _alias(env, "seq", "challenger")) == ("1", "2")
     assert _register(env, "seq", 0.33, min_improvement=0.05)["decision"] == "challenger"
@@ -146,7 +150,7 @@ def test_champion_challenger_sequence(env):
                     "champion_version_before": "1", "champion_value_before": "0.3",
                     "champion_value_logged": "0.3", "champion_dataset_md5": DATASET_MD5,
                     "previous_champion": "1", "git_commit": "abc123",
-                    "dataset_md5": DATASET_MD5}
+                    "dataset_md5": DATASET_MD5, "drift": "not measured"}
     run_tags = env.client.get_run(env.run_id).data.tags
     assert (run_tags["registered_version"], run_tags["decision"]) == ("4", "champion")
 

@@ -9,16 +9,18 @@ uses its own model name.
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 
-from pipelines.measurement import measure, per_class_ap
-from pipelines.params import EvaluateConfig, RegisterConfig
+from pipelines.params import RegisterConfig
 from pipelines.stages import register
-from tests.conftest import tiny_training
-from tests.pipelines.project import local_registry
-from tests.pipelines.registry_fixtures import fixed_predictor, make_val, untrained
+from tests.pipelines.registry_fixtures import (
+    dataset_version,
+    decision_registry,
+    fixed_predictor,
+    register_on,
+    untrained,
+)
 
 pytestmark = pytest.mark.slow
 V1 = [("P", "a")] * 4  # the fixed predictor at P scores 1.0 here, the one at Q 0.0
@@ -30,38 +32,8 @@ V2_REVERSED = [("P", "a"), ("P", "a"), ("Q", "a"), ("P", "a")]  # P: 0.69; Q: 0.
 def registry(tmp_path_factory):
     """A SQLite registry and a pipeline run under one tmp folder (the working directory and
     DVC_ROOT); the fixed predictors at P and Q, detecting class a."""
-    import mlflow
-
-    root = tmp_path_factory.mktemp("decisions")
-    _, _, data, train = tiny_training()
-    with local_registry(root):
-        yield SimpleNamespace(root=root, data=data, train=train, client=mlflow.MlflowClient(),
-                              P=fixed_predictor(root / "p.pth", "P", "a"),
-                              Q=fixed_predictor(root / "q.pth", "Q", "a"))
-
-
-def _dataset(env, name: str, objects: list) -> SimpleNamespace:
-    """A val split and its DVC hash, written to dvc.lock as the current data/dataset."""
-    return SimpleNamespace(root=make_val(env.root / "data" / name, objects),
-                           md5=f"{name:0>32}.dir")
-
-
-def _register(env, name: str, checkpoint, dataset, **rule) -> dict:
-    """The evaluate stage's outputs for ``checkpoint`` on ``dataset`` (measured), then the
-    register stage on them, with ``dataset`` as today's data."""
-    (env.root / "dvc.lock").write_text(
-        f"schema: '2.0'\nstages:\n  prepare:\n    outs:\n    - path: data/dataset\n"
-        f"      md5: {dataset.md5}\n")
-    evaluation = measure(checkpoint, dataset.root, cfg=EvaluateConfig(), data_cfg=env.data,
-                         train_cfg=env.train).evaluation
-    out = env.root / "evaluate" / f"{name}-{dataset.md5}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "coco.json").write_text(json.dumps(evaluation.stats))
-    (out / "per_class_ap.json").write_text(json.dumps(per_class_ap(evaluation)))
-    return register.run(checkpoint=checkpoint, metrics_path=out / "coco.json",
-                        per_class_path=out / "per_class_ap.json", dataset_dir=dataset.root,
-                        cfg=RegisterConfig(model_name=name, **rule), data_cfg=env.data,
-                        train_cfg=env.train, report_path=env.root / "reports" / f"{name}.json")
+    with decision_registry(tmp_path_factory.mktemp("decisions")) as env:
+        yield env
 
 
 def _champion(env, name: str) -> str | None:
@@ -70,10 +42,10 @@ def _champion(env, name: str) -> str | None:
 
 
 def test_a_lower_logged_ap_on_harder_data_beats_the_champion_measured_on_it(registry):
-    v1, v2 = _dataset(registry, "v1", V1), _dataset(registry, "v2", V2)
-    first = _register(registry, "like", registry.P, v1)
+    v1, v2 = dataset_version(registry, "v1", V1), dataset_version(registry, "v2", V2)
+    first = register_on(registry, "like", registry.P, v1)
     assert (first["decision"], first["value"]) == ("champion", pytest.approx(1.0))
-    second = _register(registry, "like", registry.Q, v2)
+    second = register_on(registry, "like", registry.Q, v2)
     assert second["value"] == pytest.approx(0.7525, abs=1e-3)  # lower than the champion's
     assert second["value"] < second["champion_value_logged"]     # number as it was logged
     assert second["champion_value_logged"] == pytest.approx(1.0)
@@ -95,21 +67,21 @@ def test_a_lower_logged_ap_on_harder_data_beats_the_champion_measured_on_it(regi
 
 
 def test_a_higher_logged_ap_that_loses_on_the_same_data_stays_challenger(registry):
-    old, new = _dataset(registry, "r1", V2), _dataset(registry, "r2", V2_REVERSED)
-    assert _register(registry, "reverse", registry.P, old)["decision"] == "champion"
-    second = _register(registry, "reverse", registry.Q, new)
+    old, new = dataset_version(registry, "r1", V2), dataset_version(registry, "r2", V2_REVERSED)
+    assert register_on(registry, "reverse", registry.P, old)["decision"] == "champion"
+    second = register_on(registry, "reverse", registry.Q, new)
     assert second["value"] > second["champion_value_logged"]  # 0.086 > 0.064 as logged...
     assert second["champion_value_before"] == pytest.approx(0.6906, abs=1e-3)  # ...not today
     assert second["decision"] == "challenger"
     assert "does not beat the champion's 0.6906" in second["reason"]
     assert _champion(registry, "reverse") == "1"
-    again = _register(registry, "reverse", registry.Q, new)  # same champion, same data
+    again = register_on(registry, "reverse", registry.Q, new)  # same champion, same data
     assert (again["champion_measurement"], again["decision"]) == ("cached", "challenger")
 
 
 def test_an_untrained_model_is_never_champion_with_the_default_params(registry):
-    today = _dataset(registry, "u", V1)
-    report = _register(registry, "untrained", untrained(registry.root / "u.pth"), today)
+    today = dataset_version(registry, "u", V1)
+    report = register_on(registry, "untrained", untrained(registry.root / "u.pth"), today)
     assert report["value"] < RegisterConfig().min_ap
     assert report["decision"] == "challenger"
     assert "below register.min_ap" in report["reason"]
@@ -122,11 +94,11 @@ def test_an_untrained_model_is_never_champion_with_the_default_params(registry):
 def test_no_class_may_lose_more_than_max_class_drop(registry, max_class_drop, expected):
     """Q-detecting-b beats P-detecting-a overall (0.5 vs 0.125) but class a loses 0.25."""
     name = f"gate-{expected}"
-    today = _dataset(registry, name, [("Q", "b")] * 3 + [("P", "a")])
+    today = dataset_version(registry, name, [("Q", "b")] * 3 + [("P", "a")])
     qb = fixed_predictor(registry.root / "qb.pth", "Q", "b")
-    assert _register(registry, name, registry.P, today,
+    assert register_on(registry, name, registry.P, today,
                      max_class_drop=max_class_drop)["decision"] == "champion"
-    report = _register(registry, name, qb, today, max_class_drop=max_class_drop)
+    report = register_on(registry, name, qb, today, max_class_drop=max_class_drop)
     assert report["value"] > report["champion_value_before"]
     assert report["decision"] == expected
     if expected == "challenger":
@@ -137,7 +109,7 @@ def test_no_class_may_lose_more_than_max_class_drop(registry, max_class_drop, ex
 def test_every_version_gets_a_model_card(registry):
     import mlflow
 
-    today = _dataset(registry, "card", V2)
+    today = dataset_version(registry, "card", V2)
     (registry.root / "reports" / "validation").mkdir(parents=True, exist_ok=True)
     (registry.root / "reports" / "validation" / "dataset.json").write_text(json.dumps({
         "categories": 2, "val": {"images": 4, "boxes": 4, "area": {"small": 4, "medium": 0,
@@ -146,7 +118,7 @@ def test_every_version_gets_a_model_card(registry):
     (registry.root / "reports" / "validation").mkdir(parents=True, exist_ok=True)
     (registry.root / "reports" / "validation" / "validation.json").write_text(json.dumps(
         {"success": True, "counts": {"expectations": 12, "passed": 12}, "failed": []}))
-    report = _register(registry, "carded", registry.P, today)
+    report = register_on(registry, "carded", registry.P, today)
     card = registry.client.get_model_version("carded", "1").description
     for text in ("# Model card: carded version 1", "**What it detects:** a, b (2 classes)",
                  f"`{today.md5}`", "| val | 4 | 4 | 4 | 0 | 0 |", "| a | 4 |",

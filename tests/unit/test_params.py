@@ -19,7 +19,7 @@ PARAMS_FILES = ["params.yaml",
 def test_params_files_load(name):
     params = load(ROOT / name)
     assert set(params) == {"prepare", "validate", "model", "loss", "data", "train", "evaluate",
-                           "register", "schedule"}
+                           "register", "schedule", "alerts"}
     queries = params["model"].num_queries  # auto: chosen above the most boxes at training
     assert params["validate"].num_queries == (None if queries == "auto" else queries)
 
