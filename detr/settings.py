@@ -352,6 +352,7 @@ def _count_images(path: Path) -> int:
 
 
 TILE_OVERLAP, TILE_MIN_VISIBLE = 0.2, 0.5
+TILE_MAX_FRACTION = 0.75  # tiles larger than this part of the image: cap the scale instead
 
 
 def tile_rule(profile: DatasetProfile, *, last_stage: str = "layer4", dilation: bool = False,
@@ -378,6 +379,6 @@ def tile_rule(profile: DatasetProfile, *, last_stage: str = "layer4", dilation: 
     if need <= cap:
         return None, why + ": whole images, no tiles"
     size = max(MIN_SIDE, int(cap / factor) // 32 * 32)
-    if size >= profile.short_side:
-        return None, why + ": a tile would be the whole image, no tiles"
+    if size > TILE_MAX_FRACTION * profile.short_side:
+        return None, why + ": tiles would be nearly whole images, no tiles (data.scales caps)"
     return size, why + f": tiles of {size} px (x {factor:.2f} = {size * factor:.0f} px)"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from detr.config import DataConfig, ModelConfig, TrainConfig, load_section, to_dict
-from detr.settings import AUTO_KEYS, DatasetProfile, resolve, resolve_configs
+from detr.settings import AUTO_KEYS, DatasetProfile, resolve, resolve_configs, tile_rule
 from detr.strict import ConfigError
 
 
@@ -141,3 +143,41 @@ def test_typed_configs_resolve_against_a_dataset_on_disk(tiny_dataset):
     assert train.epochs * 2 >= 3000  # 8 images in batches of 4: 2 steps per epoch
     assert "train.batch_size" not in res.resolved  # explicit
     assert "auto" not in [to_dict(train)[k] for k in ("steps", "epochs", "log_every", "lr_drop")]
+
+
+def test_tiles_only_where_the_objects_need_more_than_the_budget_gives():
+    many_small = DatasetProfile.from_coco(_coco(60, 640, (8, 40), (20, 40)))
+    size, why = tile_rule(many_small, last_stage="layer2", device="cpu")
+    assert size is not None and size % 32 == 0 and size < 640 and "tiles of" in why
+    # at that tile size, the scale rule fits the objects within the budget: no warning
+    tiles = DatasetProfile.from_coco(_coco(60 * 16, size, (8, 40), (2, 5)))
+    assert not resolve(_auto(), tiles, device="cpu").warnings
+    assert tile_rule(_demo_profile(), last_stage="layer2", device="cpu")[0] is None
+    on_gpu, why = tile_rule(many_small, last_stage="layer2", device="cuda")
+    assert on_gpu is None and "no tiles" in why  # 800 px allows nearly the 830 px needed
+
+
+def test_prepare_tiles_automatically_and_evaluate_follows(tmp_path):
+    from detr.data.synthetic import generate
+    from pipelines.measurement import with_tile
+    from pipelines.params import EvaluateConfig, PrepareConfig
+    from pipelines.stages import prepare
+
+    source = tmp_path / "source"
+    generate(source, num_train=4, num_val=2, image_size=384, objects=(4, 8),
+             object_sizes=(8, 16), seed=0, num_workers=1)
+    out = tmp_path / "dataset"
+    prepare.run(cfg=PrepareConfig(source=str(source), tile="auto"), out_dir=out,
+                last_stage="layer2", device="cpu")
+    decided = json.loads((out / "annotations" / "tiling.json").read_text())
+    assert decided["size"] == 128 and "tiles of 128 px" in decided["why"]
+    train = json.loads((out / "annotations" / "train.json").read_text())
+    assert {(i["width"], i["height"]) for i in train["images"]} == {(128, 128)}
+    tile = with_tile(EvaluateConfig(tile="auto"), out).tile
+    assert (tile.size, tile.overlap) == (128, decided["overlap"])
+
+    demo = tmp_path / "demo"  # objects that fit: no tiles, evaluate on the val split as is
+    prepare.run(cfg=PrepareConfig(source=str(source), tile="auto"), out_dir=demo,
+                last_stage="layer4", device="cuda")
+    assert json.loads((demo / "annotations" / "tiling.json").read_text())["size"] is None
+    assert with_tile(EvaluateConfig(tile="auto"), demo).tile is None
