@@ -20,7 +20,8 @@ The rules, in the order they depend on each other (``S`` = the backbone's output
 - ``model.num_queries``: five per object of a busy image (95th percentile of objects per
   image), at least 1.5x the most objects in one image, rounded up to 10.
 - ``train.steps`` / ``train.epochs``: at least :data:`MIN_STEPS` optimiser steps and at least
-  :data:`MIN_EPOCHS` epochs, in whole epochs (the loop and checkpoints are per epoch). A
+  :data:`MIN_EPOCHS` epochs, in whole epochs (the loop and checkpoints are per epoch), at
+  most :data:`MAX_STEPS` of the device (CPU: ~15 minutes; a warning says when it cuts). A
   40-image set gets as many steps as a 4,000-image one.
 - ``train.warmup_steps`` 1/15, ``train.eval_every_steps`` 1/6, ``train.log_every`` 1/60 of
   the steps; ``train.lr_drop`` (the step schedule) at 2/3 of the epochs, as the paper's
@@ -56,6 +57,8 @@ PIXELS_PER_STEP = {"cpu": 8 * 128 * 128, "cuda": 8 * 800 * 1066}
 MAX_SHORT_SIDE = {"cpu": 800, "cuda": 800}  # the paper's val scale
 MIN_BATCH, MAX_BATCH = 2, 32
 MIN_STEPS, MIN_EPOCHS = 3000, 12
+# The default training's budget by device type: on the CPU ~15 min at the demo's ~0.15 s/step
+MAX_STEPS = {"cpu": 6000, "cuda": 10**9}
 EVAL_PIXELS = 500 * 128 * 128  # pixels of one evaluation during training (the demo's)
 MAX_ASPECT = 1333 / 800
 
@@ -294,12 +297,22 @@ class _Rules:
             self.res.settings.append(Setting("train.steps", train["steps"], "rule",
                                              f"train.epochs x {per_epoch} steps per epoch"))
             return
-        steps = self.set("train", "steps", lambda: (
-            max(MIN_STEPS, MIN_EPOCHS * per_epoch),
-            f"at least {MIN_STEPS} steps and {MIN_EPOCHS} epochs of {per_epoch} steps"))
+        steps = self.set("train", "steps", lambda: self._steps(per_epoch))
         self.set("train", "epochs", lambda: (
             -(-steps // per_epoch), f"train.steps / {per_epoch} steps per epoch, rounded up"))
         train["steps"] = train["epochs"] * per_epoch
+
+    def _steps(self, per_epoch: int) -> tuple[int, str]:
+        want = max(MIN_STEPS, MIN_EPOCHS * per_epoch)
+        why = f"at least {MIN_STEPS} steps and {MIN_EPOCHS} epochs of {per_epoch} steps"
+        budget = MAX_STEPS[self.device]
+        if want <= budget:
+            return want, why
+        self.res.warnings.append(
+            f"train.steps: {MIN_EPOCHS} epochs would be {want} steps; the {self.device} budget "
+            f"stops at {budget} ({budget / per_epoch:.1f} epochs). Set train.steps or "
+            f"train.epochs for more, or train on a GPU")
+        return budget, why + f", at most {budget} on {self.device}"
 
     def cadence(self) -> None:
         steps, epochs = self.s["train"]["steps"], self.s["train"]["epochs"]

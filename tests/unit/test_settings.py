@@ -88,11 +88,15 @@ def test_objects_too_small_for_the_budget_are_reported_with_what_to_do():
 
 def test_a_large_set_gets_epochs_not_a_fixed_step_count():
     profile = DatasetProfile.from_coco(_coco(40_000, 256, (20, 120), (1, 6)))
-    values = resolve(_auto(), profile, device="cpu").resolved
+    values = resolve(_auto(), profile, device="cuda").resolved
     per_epoch = -(-40_000 // values["train.batch_size"])
     assert values["train.epochs"] == 12  # 12 epochs are more than 3,000 steps
     assert values["train.steps"] == 12 * per_epoch > 3000
     assert values["train.warmup_steps"] == round(12 * per_epoch / 15)
+    on_cpu = resolve(_auto(), profile, device="cpu")  # the CPU's budget stops earlier
+    per_epoch = -(-40_000 // on_cpu.resolved["train.batch_size"])
+    assert on_cpu.resolved["train.epochs"] == -(-6000 // per_epoch) < 12
+    assert any("budget stops at 6000" in w for w in on_cpu.warnings)
 
 
 def test_explicit_values_win_and_the_rules_use_them():
