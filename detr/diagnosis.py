@@ -290,28 +290,38 @@ def val_curve_finding(curve: Sequence[tuple[int, float]], *,
 
 
 def duplicate_finding(gt: COCO, predictions: Mapping[int, Mapping], *, score_threshold: float,
-                      ap: float) -> Finding:
-    """Duplicates at ``score_threshold`` and ``LOW_SCORE``, and AP with class-wise NMS at
-    ``DUPLICATE_IOU``; weak above ``MAX_DUPLICATES`` at ``score_threshold``."""
-    counts = [count_duplicates(predictions, score_threshold=t)
+                      ap: float, nms: float | None = None,
+                      raw: Mapping[int, Mapping] | None = None) -> Finding:
+    """Duplicates the model draws at ``score_threshold`` and ``LOW_SCORE``. Without ``nms``
+    (``evaluate.nms``): counted on ``predictions``, with the AP class-wise NMS at
+    ``DUPLICATE_IOU`` would give; weak above ``MAX_DUPLICATES``, turning ``evaluate.nms`` on.
+    With ``nms``: counted on ``raw`` (the detections before it, when given), with their AP."""
+    model = raw if nms is not None and raw is not None else predictions
+    counts = [count_duplicates(model, score_threshold=t)
               for t in dict.fromkeys((score_threshold, LOW_SCORE))]
-    nms_ap = mean_ap(run_cocoeval(gt, {i: class_wise_nms(d, DUPLICATE_IOU)
-                                       for i, d in predictions.items()}, area_all_only=True))
-    values = {"AP_class_wise_nms": nms_ap}
+    values: dict[str, float] = {}
     for c in counts:
         values.update({f"duplicates_{c.score_threshold:g}": c.fraction,
                        f"duplicates_count_{c.score_threshold:g}": c.duplicates,
                        f"boxes_{c.score_threshold:g}": c.boxes})
-    summary = "; ".join(f"{c.duplicates} of {c.boxes} boxes ({c.fraction:.1%}) at score >= "
-                        f"{c.score_threshold:g} are a second box on an object"
-                        for c in counts) + f"; AP {_ap(ap)}, with class-wise NMS {_ap(nms_ap)}"
+    drawn = "; ".join(f"{c.duplicates} of {c.boxes} boxes ({c.fraction:.1%}) at score >= "
+                      f"{c.score_threshold:g} are a second box on an object"
+                      for c in counts)
+    if nms is not None:
+        values["AP_without_nms"] = raw_ap = mean_ap(run_cocoeval(gt, model, area_all_only=True))
+        return Finding("duplicates", f"the model draws: {drawn}; evaluate.nms {nms:g} removes "
+                                     f"them: AP {_ap(ap)} (without: {_ap(raw_ap)})", values)
+    values["AP_class_wise_nms"] = nms_ap = mean_ap(run_cocoeval(
+        gt, {i: class_wise_nms(d, DUPLICATE_IOU) for i, d in model.items()}, area_all_only=True))
+    summary = f"{drawn}; AP {_ap(ap)}, with class-wise NMS {_ap(nms_ap)}"
     main = counts[0]
     if main.fraction <= MAX_DUPLICATES:
         return Finding("duplicates", summary, values)
     return Finding("duplicates", summary, values,
                    f"{main.fraction:.0%} of the boxes at score >= {score_threshold:g} are a "
                    f"second box on an object already boxed (same class, IoU > "
-                   f"{DUPLICATE_IOU:g}); class-wise NMS gives AP {_ap(nms_ap)} (now {_ap(ap)})")
+                   f"{DUPLICATE_IOU:g}); class-wise NMS gives AP {_ap(nms_ap)} (now {_ap(ap)})",
+                   (("evaluate.nms", f"{DUPLICATE_IOU:g}"),) if nms_ap > ap else ())
 
 
 @dataclass(frozen=True)
@@ -335,11 +345,13 @@ class Diagnosis:
 def diagnose(gt: COCO, predictions: Mapping[int, Mapping], *, params: Mapping[str, Mapping],
              stride: int, ap: float, layer_predictions: Sequence[Mapping] | None = None,
              losses: Sequence[float] = (), val_curve: Sequence[tuple[int, float]] = (),
-             score_threshold: float = 0.5) -> Diagnosis:
+             score_threshold: float = 0.5, nms: float | None = None,
+             raw_predictions: Mapping[int, Mapping] | None = None) -> Diagnosis:
     """All findings of the module doc for one model's val ``predictions`` (and, when given,
     every decoder layer's, the last being ``predictions``; the epoch ``losses``; the
     ``val_curve`` of (step, AP)). ``ap``: the model's AP@[.50:.95]; ``stride``: its
-    backbone's output stride in px (``Backbone.stride``); ``params``: its checkpoint's."""
+    backbone's output stride in px (``Backbone.stride``); ``params``: its checkpoint's;
+    ``nms``: the class-wise NMS applied to ``predictions`` (``raw_predictions``: before it)."""
     model, data = params.get("model", {}), params.get("data", {})
     sizes = size_finding(*object_cells(gt, scales=data["scales"], max_size=data["max_size"],
                                        stride=stride),
@@ -357,7 +369,8 @@ def diagnose(gt: COCO, predictions: Mapping[int, Mapping], *, params: Mapping[st
                       else [ap], int(model.get("dec_layers", 1))),
         loss_finding(losses, length=length),
         val_curve_finding(val_curve, length=length),
-        duplicate_finding(gt, predictions, score_threshold=score_threshold, ap=ap),
+        duplicate_finding(gt, predictions, score_threshold=score_threshold, ap=ap, nms=nms,
+                          raw=raw_predictions),
     ]
     return Diagnosis(tuple(findings))
 

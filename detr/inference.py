@@ -42,6 +42,7 @@ from detr.data.coco import ImageLoadError, category_ids_from_label_map
 from detr.data.tiling import TileOptions, predict_tiles
 from detr.data.transforms import make_transforms
 from detr.device import autocast, resolve_precision, select_device
+from detr.duplicates import class_wise_nms
 from detr.evaluation import to_coco_results
 from detr.models.backbone import fold_batchnorm
 from detr.models.postprocess import PostProcess
@@ -129,6 +130,9 @@ class Predictor:
             (R50, batch 2: 1.01x vs 1.35x the official code's speed; docs/speed.md), and
             most CPUs emulate it.
         score_threshold, top_k: defaults of :meth:`predict`.
+        nms: IoU of a class-wise NMS on each image's (or tile's) detections, or None (off):
+            DETR promises one box per query and object, but an under-trained model draws
+            second boxes on objects (the evaluate stage counts them; ``evaluate.nms``).
         fold_bn: run :meth:`predict` on a copy of the model with each BatchNorm folded into the
             convolution before it (:func:`detr.models.backbone.fold_batchnorm`): the same
             outputs up to float rounding, fewer kernels. ``model`` keeps its weights and keys;
@@ -145,8 +149,12 @@ class Predictor:
     def __init__(self, model: nn.Module, *, category_ids: Sequence[int] | None = None,
                  category_names: Sequence[str] | None = None, scale: int, max_size: int,
                  device: str = "auto", precision: str = "auto", score_threshold: float = 0.5,
-                 top_k: int = 100, fold_bn: bool = True, channels_last: bool = True) -> None:
+                 top_k: int = 100, fold_bn: bool = True, channels_last: bool = True,
+                 nms: float | None = None) -> None:
         check_options(score_threshold, top_k)
+        if nms is not None and not 0 < nms <= 1:
+            raise ValueError(f"nms: {nms!r} must be an IoU in (0, 1], or None (off)")
+        self.nms = None if nms is None else float(nms)
         ids, names = _categories(model, category_ids, category_names)
         self.device = select_device(device)
         self.precision = _inference_precision(precision, self.device)
@@ -162,7 +170,7 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, device: str = "auto", precision: str = "auto",
                         score_threshold: float = 0.5, top_k: int = 100, scale: int | None = None,
-                        max_size: int | None = None) -> Predictor:
+                        max_size: int | None = None, nms: float | None = None) -> Predictor:
         """A training checkpoint of this project (``model``, ``params``, ``label_map``).
 
         ``scale`` and ``max_size`` default to the checkpoint's val preset: ``max(scales)`` and
@@ -177,13 +185,13 @@ class Predictor:
         ids, names = _label_map_categories(label_map, path)
         return cls(model, category_ids=ids, category_names=names, scale=scale,
                    max_size=max_size, device=device, precision=precision,
-                   score_threshold=score_threshold, top_k=top_k)
+                   score_threshold=score_threshold, top_k=top_k, nms=nms)
 
     @classmethod
     def from_official(cls, pretrained: bool | str | Path = True, *, backbone: str = "resnet50",
                       dilation: bool = False, device: str = "auto", precision: str = "auto",
                       score_threshold: float = 0.5, top_k: int = 100, scale: int = 800,
-                      max_size: int = 1333,
+                      max_size: int = 1333, nms: float | None = None,
                       model_overrides: Mapping[str, object] | None = None) -> Predictor:
         """An official DETR COCO model: ``pretrained=True`` downloads the release's weights
         (hash-checked), a path or URL reads an official-format file (``{"model": state}``).
@@ -203,7 +211,7 @@ class Predictor:
         model = entry(pretrained=pretrained, **dict(model_overrides or {}))
         return cls(model, category_ids=None, category_names=COCO_CATEGORY_NAMES, scale=scale,
                    max_size=max_size, device=device, precision=precision,
-                   score_threshold=score_threshold, top_k=top_k)
+                   score_threshold=score_threshold, top_k=top_k, nms=nms)
 
     def predict(self, images: ImageInput | Iterable[ImageInput], *,
                 score_threshold: float | None = None, top_k: int | None = None,
@@ -252,7 +260,8 @@ class Predictor:
         batch = [self.preprocess(p).to(self.device) for p in pixels]
         with autocast(self.device, self.precision):
             outputs = self._net(batch)
-        return self.postprocess(outputs, sizes)
+        found = self.postprocess(outputs, sizes)
+        return found if self.nms is None else [class_wise_nms(d, self.nms) for d in found]
 
     def _detect_tiled(self, pixels: Tensor, tile: TileOptions, threshold: float, top_k: int,
                       batch_size: int) -> Detections:

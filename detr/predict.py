@@ -174,6 +174,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--score-threshold", type=float, default=0.5)
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--nms", type=float, metavar="IOU", default=None,
+                        help="class-wise NMS at this IoU: at most one box per object and "
+                             "class (as the evaluate stage's evaluate.nms); default off")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     tiles = parser.add_argument_group("tiled prediction (large images, small objects)")
@@ -211,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = expand_images(args.images)
         predictor = load_predictor(
             parse_model(args.model), device=args.device, precision=args.precision,
-            score_threshold=args.score_threshold, top_k=args.top_k)
+            score_threshold=args.score_threshold, top_k=args.top_k, nms=args.nms)
         content = run(paths, predictor, args.out, batch_size=args.batch_size,
                       tile=tile_options(args, predictor))
     except (UsageError, ValueError) as exc:

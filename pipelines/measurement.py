@@ -5,7 +5,7 @@ and one set of settings.
 Settings: ``evaluate.batch_size``; the val resize the checkpoint was trained for (its params'
 ``data.scales`` and ``data.max_size``; ``data``'s for checkpoints without them),
 ``data.num_workers``; device and precision from ``train`` (``device``, ``precision``,
-``channels_last``). With ``evaluate.tile`` the val images are whole (``val_whole.json`` of a
+``channels_last``); ``evaluate.nms`` (class-wise NMS on the detections). With ``evaluate.tile`` the val images are whole (``val_whole.json`` of a
 tiled dataset, else ``val.json``) and predicted tile by tile by a
 :class:`detr.inference.Predictor` (``evaluate.batch_size`` tiles a pass, the same device and
 precision), every image's best 100 merged detections kept (COCO's maxDets).
@@ -31,6 +31,7 @@ from detr.data.layout import whole_annotation_name
 from detr.data.tiling import TileOptions
 from detr.data.transforms import make_transforms
 from detr.device import resolve_precision, select_device
+from detr.duplicates import class_wise_nms
 from detr.engine import evaluate, evaluate_layers
 from detr.evaluation import CocoEvaluation, evaluate_detections
 from detr.hub import model_from_checkpoint, val_resize
@@ -57,6 +58,8 @@ class Measurement:
     ``layer_predictions``: with ``measure(layers=True)`` (and no tiling), the same for every
     decoder layer, the first first and ``predictions`` last (None otherwise). ``params``: the
     checkpoint's ``params`` (``model``, ``data``, ``train``... sections as trained).
+    ``raw_predictions``: untiled, every query of the last layer before ``evaluate.nms`` (what
+    the model itself draws; ``predictions`` is after it).
     """
 
     evaluation: CocoEvaluation
@@ -68,6 +71,7 @@ class Measurement:
     tiled: bool = False
     layer_predictions: list[dict[int, dict]] | None = None
     params: dict | None = None
+    raw_predictions: dict[int, dict] | None = None
 
 
 def measure(checkpoint: Path, dataset_dir: Path, *, cfg: EvaluateConfig, data_cfg: DataConfig,
@@ -94,14 +98,18 @@ def measure(checkpoint: Path, dataset_dir: Path, *, cfg: EvaluateConfig, data_cf
     else:
         val = CocoDetection.from_root(dataset_dir, "val", transforms=transforms)
     category_ids = _category_ids(label_map, val, checkpoint)
+    raw = None
     if cfg.tile is None:
         found = _predict(model, val, category_ids, cfg, data_cfg, train_cfg, layers)
-    else:  # merged tiles: no per-layer detections
+        raw = found[-1]
+        if cfg.nms is not None:
+            found = [{i: class_wise_nms(d, cfg.nms) for i, d in p.items()} for p in found]
+    else:  # merged tiles (each tile's NMS'd by the predictor): no per-layer detections
         found = [_predict_tiled(model, val, category_ids, cfg, resize, train_cfg)]
     return Measurement(evaluate_detections(val.coco, found[-1]), model, model_cfg, val,
                        category_ids, found[-1], cfg.tile is not None,
                        found if layers and cfg.tile is None else None,
-                       dict(ckpt.get("params") or {}))
+                       dict(ckpt.get("params") or {}), raw)
 
 
 def with_tile(cfg: EvaluateConfig, dataset_dir: Path) -> EvaluateConfig:
@@ -183,7 +191,7 @@ def _predict_tiled(model, val: CocoDetection, category_ids: list | None, cfg: Ev
                           max_size=resize[1], device=str(device),
                           precision=resolve_precision(train_cfg.precision, device),
                           score_threshold=0.0, top_k=COCO_MAX_DETS,
-                          channels_last=train_cfg.channels_last)
+                          channels_last=train_cfg.channels_last, nms=cfg.nms)
     options = tile_options(cfg, predictor)
     predictions = {}
     for image_id in val.ids:

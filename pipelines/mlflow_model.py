@@ -70,12 +70,14 @@ MODEL_CODE = (
 
 
 def inference_settings(resize: tuple[int, int], *, score_threshold: float = 0.5,
-                       top_k: int = DEFAULT_TOP_K) -> dict[str, Any]:
+                       top_k: int = DEFAULT_TOP_K, nms: float | None = None) -> dict[str, Any]:
     """``inference.json``: the val resize ``(short side, long side cap)`` the model was
-    trained for and the default ``score_threshold`` and ``top_k`` of predict()."""
+    trained for, the default ``score_threshold`` and ``top_k`` of predict(), and ``nms``
+    (the evaluate stage's class-wise NMS IoU, None = off: served as it was measured)."""
     check_options(score_threshold, top_k)
     return {"short_side": int(resize[0]), "max_size": int(resize[1]),
-            "score_threshold": float(score_threshold), "top_k": int(top_k)}
+            "score_threshold": float(score_threshold), "top_k": int(top_k),
+            "nms": None if nms is None else float(nms)}
 
 
 def model_signature(*, score_threshold: float = 0.5, top_k: int = DEFAULT_TOP_K):
@@ -113,7 +115,8 @@ def slim_checkpoint(source: Path, target: Path) -> Path:
 
 
 def log_model(checkpoint: Path, data_cfg: DataConfig, *, name: str = "model",
-              score_threshold: float = 0.5, top_k: int = DEFAULT_TOP_K):
+              score_threshold: float = 0.5, top_k: int = DEFAULT_TOP_K,
+              nms: float | None = None):
     """Log ``checkpoint`` as a :class:`DetrPyfunc` in the active MLflow run.
 
     Returns MLflow's ``ModelInfo``; its ``model_uri`` is ``models:/m-<id>`` (a LoggedModel),
@@ -123,7 +126,8 @@ def log_model(checkpoint: Path, data_cfg: DataConfig, *, name: str = "model",
     import mlflow
 
     resize = val_resize(load_file(checkpoint), checkpoint, data_cfg)
-    settings = inference_settings(resize, score_threshold=score_threshold, top_k=top_k)
+    settings = inference_settings(resize, score_threshold=score_threshold, top_k=top_k,
+                                  nms=nms)
     with tempfile.TemporaryDirectory(prefix="detr-pyfunc-") as tmp:
         tmp = Path(tmp)
         weights = slim_checkpoint(Path(checkpoint), tmp / CHECKPOINT_FILE)
@@ -152,7 +156,7 @@ class DetrPyfunc(PythonModel):
                          "top_k": int(settings["top_k"])}
         self.predictor = Predictor.from_checkpoint(
             context.artifacts[CHECKPOINT_ARTIFACT], scale=int(settings["short_side"]),
-            max_size=int(settings["max_size"]), **self.defaults)
+            max_size=int(settings["max_size"]), nms=settings.get("nms"), **self.defaults)
 
     def predict(self, context, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:

@@ -123,9 +123,13 @@ class EvaluateConfig:
     # tiled prediction on whole val images; auto: as prepare tiled the dataset (its
     # annotations/tiling.json: the same tile size), else off (pipelines.measurement.with_tile)
     tile: EvaluateTileConfig | Literal["auto"] | None = None
+    # class-wise NMS at this IoU on the model's detections (None = off, DETR as it is): what
+    # is measured here, re-measured on the champion and served by the registered model
+    nms: float | None = None
 
     def __post_init__(self) -> None:
         checks = {"batch_size": self.batch_size >= 1, "num_examples": self.num_examples >= 0,
+                  "nms": self.nms is None or 0 < self.nms <= 1,
                   "score_threshold": 0 <= self.score_threshold <= 1,
                   "attention_images": self.attention_images >= 0,
                   "attention_queries": self.attention_queries >= 1}

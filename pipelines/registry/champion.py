@@ -43,6 +43,8 @@ def cache_path(cache_dir: Path, name: str, version: int, dataset_md5: str, *,
     values = [scales, data_cfg.max_size, train_cfg.precision]
     if cfg is not None and cfg.tile is not None:  # untiled: the digest it always had
         values.append(dataclasses.asdict(cfg.tile))
+    if cfg is not None and cfg.nms is not None:  # without NMS: the digest it always had
+        values.append({"nms": cfg.nms})
     settings = json.dumps(values)
     digest = hashlib.sha256(settings.encode()).hexdigest()[:8]
     return Path(cache_dir) / (_UNSAFE.sub("_", f"{name}-v{version}-{dataset_md5}-{digest}")

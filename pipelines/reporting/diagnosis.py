@@ -22,7 +22,8 @@ FILE = "diagnosis.json"
 
 
 def run_diagnosis(measured: Measurement, evaluation: CocoEvaluation, *, data_cfg: DataConfig,
-                  score_threshold: float, plots_dir: Path, report_dir: Path) -> Diagnosis:
+                  score_threshold: float, plots_dir: Path, report_dir: Path,
+                  nms: float | None = None) -> Diagnosis:
     """Diagnose ``measured`` (taken with ``layers=True``), write ``report_dir/diagnosis.json``
     and print every finding, verdicts first. Sizes follow the checkpoint's ``data`` params
     (the scale it was trained and validated at), ``data_cfg`` where it has none."""
@@ -33,7 +34,8 @@ def run_diagnosis(measured: Measurement, evaluation: CocoEvaluation, *, data_cfg
         measured.val.coco, measured.predictions, params=params,
         stride=measured.model.backbone[0].stride, ap=evaluation.stats["AP"],
         layer_predictions=measured.layer_predictions, losses=loss[1]["loss"] if loss else (),
-        val_curve=read_val_curve(plots_dir / "val_ap.csv"), score_threshold=score_threshold)
+        val_curve=read_val_curve(plots_dir / "val_ap.csv"), score_threshold=score_threshold,
+        nms=nms, raw_predictions=measured.raw_predictions)
     path = report_dir / FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(diagnosis.to_dict(), indent=2) + "\n")

@@ -119,10 +119,11 @@ def run(*, checkpoint: Path, dataset_dir: Path, cfg: EvaluateConfig, data_cfg: D
     _write_reports(evaluation, labels, Path(metrics_path), plots_dir, report_dir)
     diagnosis = run_diagnosis(measured, evaluation, data_cfg=data_cfg,
                               score_threshold=cfg.score_threshold, plots_dir=plots_dir,
-                              report_dir=report_dir)
+                              report_dir=report_dir, nms=cfg.nms)
     examples = write_examples(val, predictions, report_dir / "examples", cfg)
     attention = write_attention(model, val, category_ids, report_dir / "attention", cfg)
-    queries = None if measured.tiled else query_boxes(predictions, image_sizes(val))
+    queries = None if measured.tiled else query_boxes(measured.raw_predictions,
+                                                      image_sizes(val))
     figures = write_figures(evaluation, labels, plots_dir, report_dir / "figures", queries,
                             examples)
     report = write_report(

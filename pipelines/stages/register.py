@@ -116,8 +116,9 @@ def run(*, checkpoint: Path, metrics_path: Path = Path("metrics/coco.json"),
     with tracking.resume_run(Path(run_file)) as active:
         run_id = active.info.run_id
         client = mlflow.MlflowClient()
-        info = tracking.retry(lambda: mlflow_model.log_model(Path(checkpoint), data_cfg),
-                              what="log the model")
+        nms = None if eval_cfg is None else eval_cfg.nms  # served as evaluate measured it
+        info = tracking.retry(lambda: mlflow_model.log_model(Path(checkpoint), data_cfg,
+                                                             nms=nms), what="log the model")
         drift = data_drift.assess(client, cfg.drift, dataset_dir=Path(dataset_dir),
                                   run_id=run_id, dataset_md5=dataset_md5,
                                   champion=alias_version(client, cfg.model_name, CHAMPION))

@@ -82,6 +82,18 @@ def test_duplicate_finding_names_the_fraction_and_the_nms_ap():
     assert finding.weak and "50%" in finding.verdict
     assert finding.values["duplicates_0.5"] == 0.5 and finding.values["duplicates_0.3"] == 0.5
     assert finding.values["AP_class_wise_nms"] == pytest.approx(1.0)
+    assert finding.turns == (("evaluate.nms", "0.6"),)  # it raises AP: the knob to turn
+
+
+def test_with_evaluate_nms_the_finding_counts_what_the_model_draws_and_is_not_a_weakness():
+    gt = make_gt([(1, 1, [10, 10, 50, 50])])
+    raw = {1: dets([xyxy([10, 10, 50, 50]), xyxy([11, 11, 50, 50])], [0.9, 0.8], [1, 1])}
+    kept = {1: class_wise_nms(raw[1], 0.6)}
+    finding = dg.duplicate_finding(gt, kept, score_threshold=0.5, ap=1.0, nms=0.6, raw=raw)
+    assert not finding.weak and finding.values["duplicates_0.5"] == 0.5
+    assert "evaluate.nms 0.6 removes them" in finding.summary
+    # ranked below its object's box, the duplicate costs this AP nothing: measured, not assumed
+    assert finding.values["AP_without_nms"] == pytest.approx(1.0)
 
 
 # ---- class-agnostic AP and recall at IoU 0.1 -------------------------------------------------

@@ -191,3 +191,18 @@ def test_a_file_that_is_not_a_training_checkpoint_is_refused(tmp_path):
     torch.save({"model": {"w": torch.zeros(1)}}, path)
     with pytest.raises(CheckpointError, match="weights.pth"):
         Predictor.from_checkpoint(path, device="cpu")
+
+
+def test_nms_keeps_one_box_per_object_and_class(checkpoint, val_images):
+    from torchvision.ops import box_iou
+
+    plain = Predictor.from_checkpoint(checkpoint, device="cpu", score_threshold=0.0)
+    nms = Predictor.from_checkpoint(checkpoint, device="cpu", score_threshold=0.0, nms=0.6)
+    for before, after in zip(plain.predict(val_images), nms.predict(val_images), strict=True):
+        assert 0 < len(after.boxes) <= len(before.boxes)
+        same = after.labels[:, None] == after.labels[None, :]
+        overlap = (box_iou(after.boxes, after.boxes) > 0.6) & same
+        assert not overlap.fill_diagonal_(False).any()
+        assert after.scores[0] == before.scores[0]  # the best box always stays
+    with pytest.raises(ValueError, match="nms: 1.5"):
+        Predictor.from_checkpoint(checkpoint, device="cpu", nms=1.5)
