@@ -77,16 +77,20 @@ def val_scale(height: float, width: float, scales: Sequence[int], max_size: int)
     return min(max(scales) / min(height, width), max_size / max(height, width))
 
 
-def object_cells(gt: COCO, *, scales: Sequence[int], max_size: int,
-                 stride: int) -> tuple[np.ndarray, np.ndarray]:
+def object_cells(gt: COCO, *, scales: Sequence[int], max_size: int, stride: int,
+                 tile: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(sqrt_area, short_side)`` of every non-crowd val box after the val resize, in feature
-    cells of ``stride`` px."""
+    cells of ``stride`` px; with ``tile`` (tiled prediction), the resize of a tile of that
+    side (or of the image, when smaller) instead of the whole image's."""
     sizes = []
     for ann in gt.dataset.get("annotations", []):
         if ann.get("iscrowd", 0):
             continue
         image = gt.imgs[ann["image_id"]]
-        factor = val_scale(image["height"], image["width"], scales, max_size) / stride
+        height, width = image["height"], image["width"]
+        if tile:
+            height, width = min(height, tile), min(width, tile)
+        factor = val_scale(height, width, scales, max_size) / stride
         w, h = ann["bbox"][2:]
         sizes.append((math.sqrt(max(w * h, 0.0)) * factor, min(w, h) * factor))
     cells = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)
@@ -94,7 +98,8 @@ def object_cells(gt: COCO, *, scales: Sequence[int], max_size: int,
 
 
 def size_finding(sqrt_area: np.ndarray, short_side: np.ndarray, *, scales: Sequence[int],
-                 max_size: int, stride: int, last_stage: str | None) -> Finding:
+                 max_size: int, stride: int, last_stage: str | None,
+                 tile: int | None = None) -> Finding:
     """Weak when over ``MAX_UNDER_ONE_CELL`` of the objects are under one cell: bigger scales
     that bring the 5th percentile to one cell, or an earlier ``model.last_stage``."""
     if not len(sqrt_area):
@@ -102,7 +107,8 @@ def size_finding(sqrt_area: np.ndarray, short_side: np.ndarray, *, scales: Seque
     under = float((sqrt_area < 1).mean())
     values = {"median_cells": float(np.median(sqrt_area)), "under_one_cell": under,
               "short_side_under_one_cell": float((short_side < 1).mean()), "stride": stride}
-    summary = (f"val objects at the val scale ({max(scales)} px short side, max {max_size}) are "
+    where = f"tiles of {tile} px at " if tile else ""
+    summary = (f"val objects ({where}the val scale: {max(scales)} px short side, max {max_size}) are "
                f"{values['median_cells']:.2g} cells of {stride} px wide (median, sqrt area); "
                f"{under:.0%} under one cell ({values['short_side_under_one_cell']:.0%} by the "
                f"shorter side)")
@@ -346,17 +352,19 @@ def diagnose(gt: COCO, predictions: Mapping[int, Mapping], *, params: Mapping[st
              stride: int, ap: float, layer_predictions: Sequence[Mapping] | None = None,
              losses: Sequence[float] = (), val_curve: Sequence[tuple[int, float]] = (),
              score_threshold: float = 0.5, nms: float | None = None,
-             raw_predictions: Mapping[int, Mapping] | None = None) -> Diagnosis:
+             raw_predictions: Mapping[int, Mapping] | None = None,
+             tile: int | None = None) -> Diagnosis:
     """All findings of the module doc for one model's val ``predictions`` (and, when given,
     every decoder layer's, the last being ``predictions``; the epoch ``losses``; the
     ``val_curve`` of (step, AP)). ``ap``: the model's AP@[.50:.95]; ``stride``: its
     backbone's output stride in px (``Backbone.stride``); ``params``: its checkpoint's;
-    ``nms``: the class-wise NMS applied to ``predictions`` (``raw_predictions``: before it)."""
+    ``nms``: the class-wise NMS applied to ``predictions`` (``raw_predictions``: before it);
+    ``tile``: the tile side of a tiled prediction (sizes are then the tiles' resize)."""
     model, data = params.get("model", {}), params.get("data", {})
     sizes = size_finding(*object_cells(gt, scales=data["scales"], max_size=data["max_size"],
-                                       stride=stride),
+                                       stride=stride, tile=tile),
                          scales=data["scales"], max_size=data["max_size"], stride=stride,
-                         last_stage=model.get("last_stage"))
+                         last_stage=model.get("last_stage"), tile=tile)
     length = training_length(params.get("train", {}))
     agnostic_ap, agnostic_recall = class_agnostic(gt, predictions)
     findings = [
@@ -366,7 +374,9 @@ def diagnose(gt: COCO, predictions: Mapping[int, Mapping], *, params: Mapping[st
         recall_finding(recall_iou10(gt, predictions), agnostic_recall,
                        fallback=sizes.turns if sizes.weak else (length,)),
         layer_finding(layer_aps(gt, layer_predictions[:-1]) + [ap] if layer_predictions
-                      else [ap], int(model.get("dec_layers", 1))),
+                      else [ap], int(model.get("dec_layers", 1))) if not tile else
+        Finding("decoder_layers", "tiled prediction merges the tiles' detections: no AP "
+                                  "per decoder layer"),
         loss_finding(losses, length=length),
         val_curve_finding(val_curve, length=length),
         duplicate_finding(gt, predictions, score_threshold=score_threshold, ap=ap, nms=nms,

@@ -72,6 +72,7 @@ class Measurement:
     layer_predictions: list[dict[int, dict]] | None = None
     params: dict | None = None
     raw_predictions: dict[int, dict] | None = None
+    tile_size: int | None = None  # with ``tiled``: the tile side in the image's pixels
 
 
 def measure(checkpoint: Path, dataset_dir: Path, *, cfg: EvaluateConfig, data_cfg: DataConfig,
@@ -109,7 +110,7 @@ def measure(checkpoint: Path, dataset_dir: Path, *, cfg: EvaluateConfig, data_cf
     return Measurement(evaluate_detections(val.coco, found[-1]), model, model_cfg, val,
                        category_ids, found[-1], cfg.tile is not None,
                        found if layers and cfg.tile is None else None,
-                       dict(ckpt.get("params") or {}), raw)
+                       dict(ckpt.get("params") or {}), raw, _tile_size(cfg, resize))
 
 
 def with_tile(cfg: EvaluateConfig, dataset_dir: Path) -> EvaluateConfig:
@@ -200,6 +201,13 @@ def _predict_tiled(model, val: CocoDetection, category_ids: list | None, cfg: Ev
         predictions[image_id] = {"boxes": det.boxes, "scores": det.scores,
                                  "labels": det.labels}
     return predictions
+
+
+def _tile_size(cfg: EvaluateConfig, resize: tuple[int, int]) -> int | None:
+    """The tile side ``evaluate.tile`` cuts (``auto``: the val scale, as the predictor's)."""
+    if cfg.tile is None:
+        return None
+    return min(resize) if cfg.tile.size == "auto" else int(cfg.tile.size)
 
 
 def tile_options(cfg: EvaluateConfig, predictor: Predictor) -> TileOptions:

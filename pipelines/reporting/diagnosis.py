@@ -35,7 +35,7 @@ def run_diagnosis(measured: Measurement, evaluation: CocoEvaluation, *, data_cfg
         stride=measured.model.backbone[0].stride, ap=evaluation.stats["AP"],
         layer_predictions=measured.layer_predictions, losses=loss[1]["loss"] if loss else (),
         val_curve=read_val_curve(plots_dir / "val_ap.csv"), score_threshold=score_threshold,
-        nms=nms, raw_predictions=measured.raw_predictions)
+        nms=nms, raw_predictions=measured.raw_predictions, tile=measured.tile_size)
     path = report_dir / FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(diagnosis.to_dict(), indent=2) + "\n")

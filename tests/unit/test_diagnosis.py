@@ -271,3 +271,14 @@ def test_val_scale_is_the_val_transforms(height, width):
     image = make_transforms("val", scales=(112, 128), max_size=200)(*_sample(height, width, []))[0]
     factor = dg.val_scale(height, width, (112, 128), 200)
     assert tuple(image.shape[-2:]) == (int(height * factor), int(width * factor))
+
+
+def test_with_tiled_prediction_sizes_are_measured_at_the_tiles_resize():
+    gt = make_gt([(1, 1, [100, 100, 18, 18])], size=640)
+    whole = dg.object_cells(gt, scales=[256], max_size=256, stride=8)[0]
+    tiled = dg.object_cells(gt, scales=[256], max_size=256, stride=8, tile=192)[0]
+    assert whole[0] == pytest.approx(18 * 256 / 640 / 8)  # 0.9 cells: "cannot see them"
+    assert tiled[0] == pytest.approx(18 * 256 / 192 / 8)  # 3 cells: what the model saw
+    finding = dg.size_finding(tiled, tiled, scales=[256], max_size=256, stride=8,
+                              last_stage="layer2", tile=192)
+    assert not finding.weak and "tiles of 192 px" in finding.summary
