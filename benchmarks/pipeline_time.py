@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from detr.config import load_params, read_params  # noqa: E402
 from detr.data.synthetic import generate  # noqa: E402
 from detr.device import resolve_precision, select_device  # noqa: E402
+from detr.settings import resolve_configs  # noqa: E402
 from detr.train import fit  # noqa: E402
 
 
@@ -48,8 +49,10 @@ def prepare(params_path: Path, root: Path, args) -> float:
 def train_and_evaluate(params_path: Path, root: Path, out: Path, epochs: int | None) -> dict:
     cfg = load_params(params_path)
     train_cfg = cfg["train"] if epochs is None else dataclasses.replace(cfg["train"],
-                                                                        epochs=epochs)
+                                                                        epochs=epochs, steps=None)
     device = select_device(train_cfg.device)
+    model_cfg, data_cfg, train_cfg, _ = resolve_configs(  # params.yaml's auto, as train does
+        cfg["model"], cfg["data"], train_cfg, root, device=device.type)
     steps: list[tuple[float, float]] = []  # (time, loss) per optimiser step
 
     def callback(values: dict) -> None:
@@ -57,7 +60,7 @@ def train_and_evaluate(params_path: Path, root: Path, out: Path, epochs: int | N
             steps.append((time.perf_counter(), values["loss"]))
 
     start = time.perf_counter()
-    result = fit(model_cfg=cfg["model"], loss_cfg=cfg["loss"], data_cfg=cfg["data"],
+    result = fit(model_cfg=model_cfg, loss_cfg=cfg["loss"], data_cfg=data_cfg,
                  train_cfg=train_cfg, data_root=root, out_dir=out, callback=callback,
                  progress=False)
     end = time.perf_counter()
