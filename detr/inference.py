@@ -29,25 +29,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import Tensor, nn
 from torchvision import tv_tensors
 from torchvision.ops import clip_boxes_to_image
-from torchvision.transforms.v2 import functional as F
 
 from detr import hub
 from detr.attention import QueryAttention, top_query_attention
 from detr.checkpoint import CheckpointError, load_file
-from detr.data.coco import ImageLoadError, category_ids_from_label_map
+from detr.data.coco import category_ids_from_label_map
 from detr.data.tiling import TileOptions, predict_tiles
 from detr.data.transforms import make_transforms
 from detr.device import autocast, resolve_precision, select_device
 from detr.duplicates import class_wise_nms
 from detr.evaluation import to_coco_results
+from detr.images import ImageInput, as_list, load_image  # noqa: F401  (public here too)
 from detr.models.backbone import fold_batchnorm
 from detr.models.postprocess import PostProcess
-
-ImageInput = str | Path | Image.Image | Tensor
 
 # COCO 2017 category names by id; ids 1..90 with 80 in use (the official DETR class head).
 _COCO_NAMES = {
@@ -236,7 +233,7 @@ class Predictor:
         check_options(threshold, top_k)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        items = _as_list(images)
+        items = as_list(images)
         if tile is not None:
             return [self._detect_tiled(load_image(item, index=i), tile, threshold, top_k,
                                        batch_size) for i, item in enumerate(items)]
@@ -312,52 +309,6 @@ class Predictor:
         labels = det["labels"].cpu()[order].to(torch.int64)
         names = [self.category_names.get(c, str(c)) for c in labels.tolist()]
         return Detections(boxes, scores[order], labels, names, (height, width))
-
-
-def load_image(source: ImageInput, *, index: int | None = None) -> Tensor:
-    """An image as a CPU tensor [3, H, W]: uint8 from a file or a PIL image (converted to RGB);
-    a tensor passes through (uint8, or float -> float32; grey [1, H, W] repeated to RGB).
-
-    Raises:
-        ImageLoadError: a path that is missing or not a readable image (the message names it).
-        ValueError: a tensor of another shape or dtype, or another type (named by ``index``).
-    """
-    where = "image" if index is None else f"image {index}"
-    if isinstance(source, str | Path):
-        return _read_file(Path(source))
-    if isinstance(source, Image.Image):
-        return F.pil_to_tensor(source.convert("RGB"))
-    if not isinstance(source, Tensor):
-        raise ValueError(f"{where}: expected a path, a PIL image or a [3, H, W] tensor, got "
-                         f"{type(source).__name__}")
-    if source.ndim != 3 or source.shape[0] not in (1, 3):
-        raise ValueError(f"{where}: expected a [3, H, W] tensor, got shape {tuple(source.shape)}")
-    pixels = source.detach().cpu().as_subclass(Tensor)
-    if pixels.is_floating_point():
-        pixels = pixels.to(torch.float32)
-    elif pixels.dtype != torch.uint8:
-        raise ValueError(f"{where}: tensor must be uint8 or float in [0, 1], got {pixels.dtype}")
-    return pixels.expand(3, -1, -1).contiguous() if pixels.shape[0] == 1 else pixels
-
-
-def _read_file(path: Path) -> Tensor:
-    if not path.is_file():
-        raise ImageLoadError(f"{path}: image file not found")
-    try:
-        with Image.open(path) as pil:
-            rgb = pil.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ImageLoadError(f"{path}: not a readable image: {err}") from err
-    return F.pil_to_tensor(rgb)
-
-
-def _as_list(images: ImageInput | Iterable[ImageInput]) -> list[ImageInput]:
-    """One image, a [B, 3, H, W] tensor or an iterable of images -> a list of images."""
-    if isinstance(images, Tensor):
-        return list(images) if images.ndim == 4 else [images]
-    if isinstance(images, str | Path | Image.Image):
-        return [images]
-    return list(images)
 
 
 def _categories(model: nn.Module, ids: Sequence[int] | None,

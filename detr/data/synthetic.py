@@ -39,13 +39,14 @@ from PIL import Image
 from detr.data.layout import SPLITS
 from detr.data.synthetic_backgrounds import BACKGROUNDS
 from detr.data.synthetic_shapes import draw_mask, extent, pixel_box, shape_outline
+from detr.data.synthetic_summary import AREA_RANGES, split_summary
+from detr.data.synthetic_summary import size_class as area_class
 
 CATEGORIES: tuple[dict[str, Any], ...] = tuple(
     {"id": i + 1, "name": name, "supercategory": "shape"}  # ids start at 1, as COCO's
     for i, name in enumerate(["circle", "square", "triangle", "star", "cross", "ring"])
 )
 DESCRIPTION = "detr-ops synthetic shapes"  # the json's info.description: marks a generated set
-AREA_RANGES = {"small": (0, 32**2), "medium": (32**2, 96**2), "large": (96**2, math.inf)}
 # Range of sqrt(box area) drawn per size class; small objects are at least ~14 px across.
 _SIDE_RANGES = {"small": (14.0, 31.0), "medium": (32.0, 95.0), "large": (96.0, 176.0)}
 _SIZE_WEIGHTS = {"small": 0.3, "medium": 0.45, "large": 0.25}
@@ -70,10 +71,6 @@ class _Job:
     classes: int  # labels are the first ``classes`` of CATEGORIES
 
 
-def _size_class(area: float) -> str:
-    return next(k for k, (lo, hi) in AREA_RANGES.items() if lo <= area < hi)
-
-
 def _side(rng: np.random.Generator, size_class: str | None, job: _Job) -> float:
     """sqrt(box area) to draw: uniform in ``size_class``'s range (the demo), else
     log-uniform in ``job.object_sizes``."""
@@ -89,7 +86,7 @@ def _size_ok(box: list[float], size_class: str | None, job: _Job) -> bool:
     if size_class is None:
         low, high = job.object_sizes
         return low <= math.sqrt(box[2] * box[3]) <= high
-    return _size_class(box[2] * box[3]) == size_class
+    return area_class(box[2] * box[3]) == size_class
 
 
 def _candidate(
@@ -208,25 +205,6 @@ def _coco_json(jobs: list[_Job], results: list[list[tuple]], info: dict) -> dict
     classes = jobs[0].classes if jobs else len(CATEGORIES)
     return {"info": info, "licenses": [], "images": images, "annotations": annotations,
             "categories": [dict(c) for c in CATEGORIES[:classes]]}
-
-
-def _split_summary(coco: dict[str, Any], skipped: int) -> dict[str, Any]:
-    """Counts of one split; ``objects_per_image`` and ``box_side_px`` (sqrt(area)) are
-    ``[min, max]`` over what was placed (``[0, 0]`` with no images)."""
-    names = {c["id"]: c["name"] for c in coco["categories"]}
-    per_category = dict.fromkeys(names.values(), 0)
-    area_ranges = dict.fromkeys(AREA_RANGES, 0)
-    per_image = dict.fromkeys((img["id"] for img in coco["images"]), 0)
-    for ann in coco["annotations"]:
-        per_category[names[ann["category_id"]]] += 1
-        area_ranges[_size_class(ann["area"])] += 1
-        per_image[ann["image_id"]] += 1
-    sides = [math.sqrt(a["area"]) for a in coco["annotations"]] or [0.0]
-    counts = list(per_image.values()) or [0]
-    return {"images": len(coco["images"]), "annotations": len(coco["annotations"]),
-            "skipped": skipped, "objects_per_image": [min(counts), max(counts)],
-            "box_side_px": [round(min(sides), 1), round(max(sides), 1)],
-            "per_category": per_category, "area_ranges": area_ranges}
 
 
 def _prepare_dirs(root: Path, overwrite: bool) -> None:
@@ -357,7 +335,7 @@ def generate(
         done = [next(results) for _ in jobs[split]]
         coco = _coco_json(jobs[split], [objects for objects, _ in done], info)
         (root / "annotations" / f"{split}.json").write_text(json.dumps(coco))
-        summary["splits"][split] = _split_summary(coco, sum(skipped for _, skipped in done))
+        summary["splits"][split] = split_summary(coco, sum(skipped for _, skipped in done))
     summary["seconds"] = round(time.perf_counter() - start, 2)
     return summary
 

@@ -68,6 +68,7 @@ from pipelines.registry.aliases import (  # noqa: F401  (the stage's public name
 )
 from pipelines.registry.card import publish_card
 from pipelines.registry.champion import CACHE_DIR, measure_champion
+from pipelines.registry.commands import promote_main, rollback_main  # noqa: F401  (as above)
 from pipelines.registry.decision import Decision, class_drops, decide
 from pipelines.registry.report import report_markdown, summary
 
@@ -366,40 +367,4 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, MetricsError, CheckpointError, FileNotFoundError) as exc:
         print(f"register: {exc}", file=sys.stderr)
         return 2
-    return 0
-
-
-def promote_main(argv: list[str] | None = None) -> int:
-    """``python -m pipelines promote --version N``: exit 0 moved, 2 no such version/params."""
-    parser = argparse.ArgumentParser(prog="python -m pipelines promote",
-                                     description="Point a registry alias at a model version.")
-    parser.add_argument("--version", type=int, required=True)
-    parser.add_argument("--params", type=Path, default=PARAMS_FILE)
-    parser.add_argument("--alias", default=CHAMPION)
-    args = parser.parse_args(argv)
-    try:
-        name = load(args.params)["register"].model_name
-        result = promote(args.version, model_name=name, alias=args.alias)
-    except (ConfigError, RegistrationError) as exc:
-        print(f"promote: {exc}", file=sys.stderr)
-        return 2
-    print(f"promote: {result['alias_uri']} -> version {result['version']} (was "
-          f"{result['previous_version'] or 'unset'}) in {result['tracking_uri']}")
-    return 0
-
-
-def rollback_main(argv: list[str] | None = None) -> int:
-    """``python -m pipelines rollback``: exit 0 moved back, 2 nothing to roll back to."""
-    parser = argparse.ArgumentParser(prog="python -m pipelines rollback",
-                                     description="Move @champion back to the previous champion.")
-    parser.add_argument("--params", type=Path, default=PARAMS_FILE)
-    args = parser.parse_args(argv)
-    try:
-        name = load(args.params)["register"].model_name
-        result = rollback(model_name=name)
-    except (ConfigError, RegistrationError) as exc:
-        print(f"rollback: {exc}", file=sys.stderr)
-        return 2
-    print(f"rollback: {result['alias_uri']} -> version {result['version']} (version "
-          f"{result['previous_version']} is @challenger) in {result['tracking_uri']}")
     return 0
