@@ -154,6 +154,22 @@ def _show(value: Any) -> str:
     return json.dumps(value) if isinstance(value, list) else str(value)
 
 
+def object_scale(profile: DatasetProfile, stride: int) -> float:
+    """The resize factor at which the median object spans MEDIAN_CELLS cells of ``stride`` px
+    and the smallest tenth SMALL_CELLS, at most MAX_UPSCALE (``profile`` must have boxes)."""
+    want = max(MEDIAN_CELLS * stride / profile.object_size_median,
+               SMALL_CELLS * stride / max(profile.object_size_p10, 1.0))
+    return min(want, MAX_UPSCALE)
+
+
+def short_side_cap(profile: DatasetProfile, device: str) -> int:
+    """The largest short side a batch of MIN_BATCH images of the data's aspect can have within
+    the pixel budget of ``device`` (``cpu`` / ``cuda``), and the paper's 800."""
+    aspect = profile.long_side / profile.short_side
+    fit = math.sqrt(PIXELS_PER_STEP[device] / (MIN_BATCH * aspect))
+    return min(MAX_SHORT_SIDE[device], int(fit // 32 * 32))
+
+
 def needs_resolving(sections: dict[str, dict]) -> bool:
     return any(sections.get(sec, {}).get(key) == AUTO for sec, key in AUTO_KEYS)
 
@@ -215,22 +231,13 @@ class _Rules:
         self.set("data", "max_size", lambda: self._max_size(max(scales)))
         self._note_cells(max(scales))
 
-    def _cap(self) -> int:
-        """The largest short side a batch of MIN_BATCH images of this aspect can have within
-        the device's pixel budget (and the paper's 800)."""
-        aspect = self.p.long_side / self.p.short_side
-        fit = math.sqrt(PIXELS_PER_STEP[self.device] / (MIN_BATCH * aspect))
-        return min(MAX_SHORT_SIDE[self.device], int(fit // 32 * 32))
-
     def _scales(self) -> tuple[list[int], str]:
         p, stride = self.p, self.stride()
         if p.object_size_median is None:
             raise ValueError("data.scales: auto needs boxes in the training split; set it")
-        want = max(MEDIAN_CELLS * stride / p.object_size_median,
-                   SMALL_CELLS * stride / max(p.object_size_p10, 1.0))
-        factor = min(want, MAX_UPSCALE)
+        factor = object_scale(p, stride)
         side = max(MIN_SIDE, math.ceil(factor * p.short_side / 32) * 32)
-        cap = self._cap()
+        cap = short_side_cap(p, self.device)
         why = (f"median object {p.object_size_median:.0f} px -> {MEDIAN_CELLS:g} cells, "
                f"smallest 10% {p.object_size_p10:.0f} px -> >= {SMALL_CELLS:g} at stride "
                f"{stride}: short side {p.short_side:.0f} x {factor:.2f}")
@@ -380,12 +387,9 @@ def tile_rule(profile: DatasetProfile, *, last_stage: str = "layer4", dilation: 
     if profile.object_size_median is None:
         return None, "no boxes in the training split: no tiles"
     stride = output_stride(last_stage, dilation)
-    factor = min(max(MEDIAN_CELLS * stride / profile.object_size_median,
-                     SMALL_CELLS * stride / max(profile.object_size_p10, 1.0)), MAX_UPSCALE)
+    factor = object_scale(profile, stride)
     device = "cuda" if device.startswith("cuda") else "cpu"
-    aspect = profile.long_side / profile.short_side
-    cap = min(MAX_SHORT_SIDE[device],
-              int(math.sqrt(PIXELS_PER_STEP[device] / (MIN_BATCH * aspect)) // 32 * 32))
+    cap = short_side_cap(profile, device)
     need = factor * profile.short_side
     why = (f"the objects need a short side of {need:.0f} px (median {profile.object_size_median:.0f}"
            f" px -> {MEDIAN_CELLS:g} cells at stride {stride}), the {device} budget allows {cap}")
