@@ -101,13 +101,14 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={metadata.version(name).split('+')[0]}" for name in REQUIREMENTS]
 
 
-def slim_checkpoint(source: Path, target: Path) -> Path:
+def slim_checkpoint(source: Path, target: Path, ckpt: dict | None = None) -> Path:
     """Copy a training checkpoint to ``target`` without the resume-only entries (optimiser,
     scheduler, rng, history): about a third of the size, same weights and params.
 
+    ``ckpt``: the checkpoint already read from ``source`` (it is then not read again).
     Raises CheckpointError (naming ``source``) when it is not a usable training checkpoint.
     """
-    ckpt = load_file(source)
+    ckpt = load_file(source) if ckpt is None else ckpt
     model_from_checkpoint(source, ckpt=ckpt)  # fail fast, before anything is uploaded
     keep = {k: ckpt[k] for k in ("model", "params", "label_map", "epoch") if k in ckpt}
     save_file(keep, target)
@@ -125,12 +126,13 @@ def log_model(checkpoint: Path, data_cfg: DataConfig, *, name: str = "model",
     """
     import mlflow
 
-    resize = val_resize(load_file(checkpoint), checkpoint, data_cfg)
+    ckpt = load_file(checkpoint)  # read once: the resize here, the weights below
+    resize = val_resize(ckpt, checkpoint, data_cfg)
     settings = inference_settings(resize, score_threshold=score_threshold, top_k=top_k,
                                   nms=nms)
     with tempfile.TemporaryDirectory(prefix="detr-pyfunc-") as tmp:
         tmp = Path(tmp)
-        weights = slim_checkpoint(Path(checkpoint), tmp / CHECKPOINT_FILE)
+        weights = slim_checkpoint(Path(checkpoint), tmp / CHECKPOINT_FILE, ckpt)
         (tmp / "inference.json").write_text(json.dumps(settings, indent=2) + "\n")
         (tmp / "detr_model.py").write_text(MODEL_CODE)
         with warnings.catch_warnings():  # no input example on purpose: a base64 image
