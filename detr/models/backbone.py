@@ -25,6 +25,8 @@ NUM_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101":
 TRAINABLE_STAGES = ("layer2", "layer3", "layer4")
 # Where the ResNet may end: each stage earlier halves the stride and the channels.
 LAST_STAGES = ("layer2", "layer3", "layer4")
+# Every stage whose output can be returned (strides 4, 8, 16, 32; layer4 16 with DC5).
+STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
 def output_stride(last_stage: str = "layer4", dilation: bool = False) -> int:
@@ -66,6 +68,9 @@ class Backbone(nn.Module):
         weights: None (random), "imagenet" (torchvision download) or a ResNet state dict
             (torchvision key names, ``fc.*`` optional; :func:`detr.hub.build` reads files).
         freeze_stem: keep conv1/bn1 and layer1 frozen, as the official release.
+        levels: stages returned by :meth:`forward_levels` besides ``last_stage`` (e.g.
+            ``("layer1", "layer2", "layer3")`` for the mask head, ``("layer2", "layer3")`` for
+            multi-scale features); each at or before ``last_stage``. Adds no parameters.
         mask_padding: zero the padded area of every convolution's and pooling's input, so an
             image's features do not depend on the other images of its batch (exact with
             BatchNorm in eval mode; GroupNorm's statistics still see the padding). Without it
@@ -74,12 +79,16 @@ class Backbone(nn.Module):
 
     def __init__(self, name: str, *, dilation: bool = False, norm: str = "frozen_bn",
                  weights: str | dict[str, Tensor] | None = None, freeze_stem: bool = True, mask_padding: bool = True,
-                 last_stage: str = "layer4"):
+                 last_stage: str = "layer4", levels: tuple[str, ...] = ()):
         super().__init__()
         if name not in NUM_CHANNELS:
             raise ValueError(f"model.backbone: unknown {name!r} (one of {sorted(NUM_CHANNELS)})")
         if last_stage not in LAST_STAGES:
             raise ValueError(f"model.last_stage: unknown {last_stage!r} (one of {LAST_STAGES})")
+        for level in levels:
+            if level not in STAGES[: STAGES.index(last_stage) + 1]:
+                raise ValueError(f"backbone level {level!r}: not a stage at or before "
+                                 f"model.last_stage {last_stage!r} (one of {STAGES})")
         if dilation and last_stage != "layer4":
             raise ValueError(f"model.dilation (DC5) dilates layer4, which last_stage: {last_stage} "
                              "leaves out; use one or the other")
@@ -103,8 +112,11 @@ class Backbone(nn.Module):
             _load_resnet_state(resnet, weights)
         # layer3 has half layer4's channels. IntermediateLayerGetter keeps the children up to
         # the returned one, so with "layer3" there is no layer4 (with "layer2", no layer3 either).
-        self.num_channels = NUM_CHANNELS[name] >> (2 - LAST_STAGES.index(last_stage))
-        self.body = IntermediateLayerGetter(resnet, return_layers={last_stage: "0"})
+        self.num_channels = _channels(name, last_stage)
+        self.last_stage = last_stage
+        self.levels = tuple(s for s in STAGES if s in levels or s == last_stage)
+        self.level_channels = tuple(_channels(name, s) for s in self.levels)
+        self.body = IntermediateLayerGetter(resnet, return_layers={s: s for s in self.levels})
         if freeze_stem:
             for pname, param in self.body.named_parameters():
                 if not pname.startswith(TRAINABLE_STAGES):
@@ -119,24 +131,37 @@ class Backbone(nn.Module):
     def forward(self, images: Tensor, mask: Tensor,
                 padded: bool | None = None) -> tuple[Tensor, Tensor]:
         """[B,3,H,W], [B,H,W] bool (True = padding, at the bottom/right) -> features [B,C,h,w],
-        mask [B,h,w].
+        mask [B,h,w] of ``last_stage``.
 
         ``padded``: whether ``mask`` marks any padding. None looks at the mask, a
         data-dependent branch that ``torch.export`` cannot trace: an exported graph passes
         True (mask applied, exact with or without padding) or False (the mask is all False).
         """
+        return self.forward_levels(images, mask, padded)[-1]
+
+    def forward_levels(self, images: Tensor, mask: Tensor,
+                       padded: bool | None = None) -> list[tuple[Tensor, Tensor]]:
+        """As :meth:`forward`, for every stage of ``levels`` in stride order (the last is
+        ``last_stage``): ``[(features [B,C_l,h_l,w_l], mask [B,h_l,w_l]), ...]``. With
+        ``mask_padding`` each level's mask is exact: True on the cells that see only padding."""
         if padded is None:
             padded = bool(mask.any())
         masking = self.mask_padding and padded
         self._padding = _PaddingMasks(mask, self._strides()) if masking else None
         try:
-            features = self.body(images)["0"]
+            outputs = self.body(images)
         finally:
             padding, self._padding = self._padding, None
-        if padding is not None:
-            return features, ~padding.valid(features, self._strides().output)[:, 0]
-        mask = F.interpolate(mask[None].float(), size=features.shape[-2:])[0].to(torch.bool)
-        return features, mask
+        levels = []
+        for name in self.levels:
+            features = outputs[name]
+            if padding is not None:
+                level_mask = ~padding.valid(features, self._strides().levels[name])[:, 0]
+            else:
+                level_mask = F.interpolate(mask[None].float(),
+                                           size=features.shape[-2:])[0].to(torch.bool)
+            levels.append((features, level_mask))
+        return levels
 
     @property
     def stride(self) -> int:
@@ -158,10 +183,12 @@ class Backbone(nn.Module):
 
 
 class _Strides(NamedTuple):
-    """``inputs``: the stride of each masked module's input; ``output``: of the features."""
+    """``inputs``: the stride of each masked module's input; ``output``: of the features of
+    the last stage; ``levels``: of each returned stage's features, by name."""
 
     inputs: dict[nn.Module, int]
     output: int
+    levels: dict[str, int]
 
 
 _PROBE_SIZE = 64  # px: a multiple of every ResNet stride (<= 32) that keeps them distinct
@@ -187,8 +214,14 @@ def _probe_strides(body: nn.Module) -> _Strides:
     finally:
         for handle in handles:
             handle.remove()
+    levels = {name: _PROBE_SIZE // t.shape[-1] for name, t in out.items()}
     return _Strides({m: _PROBE_SIZE // size for m, size in sizes.items()},
-                    _PROBE_SIZE // out["0"].shape[-1])
+                    levels[list(levels)[-1]], levels)
+
+
+def _channels(name: str, stage: str) -> int:
+    """Output channels of ``stage`` of ResNet ``name``: each stage halves the next's."""
+    return NUM_CHANNELS[name] >> (3 - STAGES.index(stage))
 
 
 def _masked_modules(body: nn.Module) -> list[nn.Module]:
@@ -252,6 +285,13 @@ class Joiner(nn.Sequential):
         features, mask = self[0](images, mask, padded)
         pos = self[1](mask).to(features.dtype)
         return features, mask, pos
+
+    def forward_levels(self, images: Tensor, mask: Tensor, padded: bool | None = None
+                       ) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """``(features, mask, pos)`` for every level of the backbone, in stride order (the
+        last is what :meth:`forward` returns)."""
+        return [(f, m, self[1](m).to(f.dtype))
+                for f, m in self[0].forward_levels(images, mask, padded)]
 
 
 def fold_batchnorm(module: nn.Module) -> nn.Module:
