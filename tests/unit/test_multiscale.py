@@ -142,3 +142,17 @@ def test_onnx_export_of_multiscale_matches_eager(tmp_path):
         eager = model(images, mask)
     assert torch.allclose(torch.from_numpy(logits), eager["pred_logits"], atol=1e-4)
     assert torch.allclose(torch.from_numpy(boxes), eager["pred_boxes"], atol=1e-4)
+
+
+def test_a_multiscale_checkpoint_rebuilds_the_same_model(tmp_path):
+    from detr.config import to_dict
+    from detr.hub import model_from_checkpoint
+
+    model = _model()
+    path = tmp_path / "ms.pth"
+    torch.save({"model": model.state_dict(), "params": {"model": to_dict(THREE)}}, path)
+    rebuilt, cfg, _ = model_from_checkpoint(path)
+    assert cfg.feature_levels == 3 and rebuilt.multiscale is not None
+    images = [torch.randn(3, 64, 80), torch.randn(3, 40, 50)]
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(images)["pred_boxes"], model(images)["pred_boxes"])
