@@ -156,3 +156,15 @@ def test_a_multiscale_checkpoint_rebuilds_the_same_model(tmp_path):
     images = [torch.randn(3, 64, 80), torch.randn(3, 40, 50)]
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(images)["pred_boxes"], model(images)["pred_boxes"])
+
+
+@pytest.mark.parametrize(("stage", "levels"), [("layer3", 2), ("layer4", 3)])
+def test_demo_settings_are_unchanged_when_the_finest_level_keeps_stride_8(stage, levels):
+    from detr.settings import resolve
+    from tests.unit.test_settings import _auto, _demo_profile
+
+    sections = _auto()
+    sections["model"].update(last_stage=stage, feature_levels=levels)
+    res = resolve(sections, _demo_profile(), device="cpu", val_images=500).resolved
+    assert (res["data.scales"], res["data.max_size"], res["train.batch_size"]) == ([112, 128],
+                                                                                  128, 8)
