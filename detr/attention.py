@@ -9,7 +9,9 @@ Contract: ``weights`` [B, Q, h, w] float32, for each image and query a distribut
 h x w feature cells: it sums to 1 over the image's own cells and is 0 on its padding
 (``padding`` [B, h, w] bool, True on padded cells; all False without padding). Cell (i, j)
 covers input pixels [i * stride, (i + 1) * stride) x [j * stride, (j + 1) * stride) of the
-padded batch fed to the model.
+padded batch fed to the model. With multi-scale features (``model.feature_levels`` > 1) the
+map is on the finest level's grid: a coarser cell's weight is spread evenly over the finest
+cells it covers, so the contract holds as it is.
 """
 
 from __future__ import annotations
@@ -44,10 +46,14 @@ class _Recorder:
     def __init__(self) -> None:
         self.input_size: tuple[int, int] | None = None
         self.features: tuple[Tensor, Tensor] | None = None  # (features, mask) of the backbone
+        self.levels = None  # multi-scale: the Tokens the model's multiscale module made
 
     def backbone_hook(self, module: nn.Module, args: tuple, output: tuple) -> None:
         self.input_size = tuple(args[0].shape[-2:])
         self.features = (output[0], output[1])
+
+    def levels_hook(self, module: nn.Module, args: tuple, output) -> None:
+        self.levels = output
 
 
 def last_cross_attention_layer(model: nn.Module) -> nn.Module:
@@ -87,17 +93,41 @@ def cross_attention(model: nn.Module, images: Tensor | Sequence[Tensor],
     Precision and mode are the caller's: put the model in eval mode for inference maps.
     """
     recorder = _Recorder()
-    hook = model.backbone.register_forward_hook(recorder.backbone_hook)
+    multiscale = getattr(model, "multiscale", None)
+    hooks = [model.backbone.register_forward_hook(recorder.backbone_hook)]
+    if multiscale is not None:
+        hooks.append(multiscale.register_forward_hook(recorder.levels_hook))
     try:
         with keep_cross_attention(model) as layer, torch.no_grad():
             outputs = model(images) if mask is None else model(images, mask)
             flat = layer.last_weights
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
+    if recorder.levels is not None:
+        strides = [model.backbone[0].stage_stride(s) for s in multiscale.stages]
+        weights = _on_finest_level(flat.float(), recorder.levels, strides)
+        return CrossAttention(outputs, weights, recorder.levels.masks[0], strides[0])
     features, padding = recorder.features
     b, _, h, w = features.shape
     weights = flat.float().reshape(b, flat.shape[1], h, w)
     return CrossAttention(outputs, weights, padding, _stride(recorder.input_size, (h, w)))
+
+
+def _on_finest_level(flat: Tensor, tokens, strides: Sequence[int]) -> Tensor:
+    """Weights [B, Q, N] over the tokens of every level (a :class:`detr.models.multiscale.
+    Tokens`, levels at ``strides`` px, finest first) -> [B, Q, h, w] on the finest grid: each
+    cell of a level k times coarser gives 1 / k^2 of its weight to each of the k x k finest
+    cells it covers; the padding's share is dropped and each map renormalised to sum to 1."""
+    (h, w), padding = tokens.shapes[0], tokens.masks[0]
+    total = flat.new_zeros(*flat.shape[:2], h, w)
+    parts = flat.split([lh * lw for lh, lw in tokens.shapes], dim=-1)
+    for part, shape, stride in zip(parts, tokens.shapes, strides, strict=True):
+        k = stride // strides[0]
+        grid = part.unflatten(-1, shape).repeat_interleave(k, -2).repeat_interleave(k, -1)
+        total += grid[..., :h, :w] / k ** 2
+    total = total.masked_fill(padding[:, None], 0.0)
+    return total / total.sum((-2, -1), keepdim=True).clamp(min=1e-12)
 
 
 def _stride(input_size: tuple[int, int], feature_size: tuple[int, int]) -> int:

@@ -105,6 +105,11 @@ class ModelConfig:
     # "layer3" / "layer2": stop the ResNet one / two stages early, stride 16 / 8 (for small
     # objects on small images, cheaper than DC5 and possible on resnet18/34). "layer4" = the paper.
     last_stage: Literal["layer2", "layer3", "layer4"] = "layer4"
+    # Multi-scale features: the encoder sees the tokens of this many ResNet stages ending at
+    # last_stage (2 with layer4: strides 16 and 32; 3: 8, 16 and 32), each with its own 1x1
+    # projection and a learned level embedding added to its positions, and the decoder
+    # attends to all of them (detr.models.multiscale). 1 = last_stage alone, the paper.
+    feature_levels: int = 1
     # "frozen_bn" is the official choice for pretrained backbones; from scratch it is the
     # identity (no normalisation at all), so use "bn" or "gn" there.
     norm: Literal["frozen_bn", "bn", "gn"] = "frozen_bn"
@@ -142,6 +147,11 @@ class ModelConfig:
                                   num_queries=self.num_queries))
         at_least("model", 0, enc_layers=self.enc_layers)
         fraction("model.dropout", self.dropout)
+        stages = int(self.last_stage.removeprefix("layer"))  # layerN: N stages up to it
+        if not 1 <= self.feature_levels <= stages:
+            raise ConfigError(f"model.feature_levels: {self.feature_levels!r} must be in 1.."
+                              f"{stages} with model.last_stage {self.last_stage}, e.g. "
+                              f"{min(max(self.feature_levels, 1), stages)}")
         # the sine encoding splits the channels between y and x; the heads split them evenly;
         # the denoising queries' box encoding gives each coordinate dim / 4 sine/cosine pairs
         step = math.lcm(2, self.nheads, 8 if self.aids.denoising else 1)

@@ -9,7 +9,7 @@ and, when it shows a weakness, a ``verdict``: ``"found: <what>; turn: <params ke
 <value>"`` (alternatives joined by ``or``).
 
 - ``object_size``: val object sizes after the val resize (short side to ``max(data.scales)``,
-  long side <= ``data.max_size``), in cells of the backbone's output stride; weak when more
+  long side <= ``data.max_size``), in cells of the finest feature stride; weak when more
   than ``MAX_UNDER_ONE_CELL`` of the objects (by sqrt of the box area) are under one cell.
 - ``classification``: class-agnostic AP (COCOeval ``useCats=0``: every category merged, so
   only the boxes count) against AP; weak when boxes are placed but classes are wrong.
@@ -357,7 +357,8 @@ def diagnose(gt: COCO, predictions: Mapping[int, Mapping], *, params: Mapping[st
     """All findings of the module doc for one model's val ``predictions`` (and, when given,
     every decoder layer's, the last being ``predictions``; the epoch ``losses``; the
     ``val_curve`` of (step, AP)). ``ap``: the model's AP@[.50:.95]; ``stride``: its
-    backbone's output stride in px (``Backbone.stride``); ``params``: its checkpoint's;
+    finest feature level's stride in px (``DETR.feature_stride``: the backbone's output
+    stride, or the finest of ``model.feature_levels``); ``params``: its checkpoint's;
     ``nms``: the class-wise NMS applied to ``predictions`` (``raw_predictions``: before it);
     ``tile``: the tile side of a tiled prediction (sizes are then the tiles' resize)."""
     model, data = params.get("model", {}), params.get("data", {})

@@ -6,7 +6,9 @@ in params.yaml always wins; :func:`resolve` reports every value of those keys, w
 from (``rule`` or ``explicit``) and why, so the report says what was trained and the user
 can pin any of it.
 
-The rules, in the order they depend on each other (``S`` = the backbone's output stride):
+The rules, in the order they depend on each other (``S`` = the backbone's output stride; with
+multi-scale features, ``model.feature_levels`` > 1, the finest level's stride: the level that
+sees the small objects, while coarser levels add context for the large ones):
 
 - ``data.scales`` / ``data.max_size``: the shorter side ``L`` at which the median object
   (square root of its box area) spans :data:`MEDIAN_CELLS` feature cells and the smallest
@@ -220,10 +222,11 @@ class _Rules:
 
     # -- data.scales, data.max_size ---------------------------------------------------------
     def stride(self) -> int:
-        from detr.models.backbone import output_stride
+        from detr.models.backbone import finest_stride
 
         model = self.s["model"]
-        return output_stride(model.get("last_stage", "layer4"), model.get("dilation", False))
+        return finest_stride(model.get("last_stage", "layer4"), model.get("dilation", False),
+                             model.get("feature_levels", 1))
 
     def scales(self) -> None:
         self.set("data", "scales", self._scales)
@@ -376,17 +379,17 @@ TILE_MAX_FRACTION = 0.75  # tiles larger than this part of the image: cap the sc
 
 
 def tile_rule(profile: DatasetProfile, *, last_stage: str = "layer4", dilation: bool = False,
-              device: str = "cpu") -> tuple[int | None, str]:
+              feature_levels: int = 1, device: str = "cpu") -> tuple[int | None, str]:
     """``prepare.tile: auto``: the tile side (source px) when the images are too large for
     the scale their objects need within the device's budget (see the module doc: the same
     rule as ``data.scales``), else None. Tiles of that side, at that scale, fit the budget, so
     the objects keep the cells they need instead of being shrunk with the whole image.
     Returns ``(size or None, why)``."""
-    from detr.models.backbone import output_stride
+    from detr.models.backbone import finest_stride
 
     if profile.object_size_median is None:
         return None, "no boxes in the training split: no tiles"
-    stride = output_stride(last_stage, dilation)
+    stride = finest_stride(last_stage, dilation, feature_levels)
     factor = object_scale(profile, stride)
     device = "cuda" if device.startswith("cuda") else "cpu"
     cap = short_side_cap(profile, device)

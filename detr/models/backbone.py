@@ -38,6 +38,28 @@ def output_stride(last_stage: str = "layer4", dilation: bool = False) -> int:
     return stride // 2 if dilation and last_stage == "layer4" else stride
 
 
+def feature_stages(last_stage: str = "layer4", feature_levels: int = 1) -> tuple[str, ...]:
+    """The ``feature_levels`` ResNet stages that end at ``last_stage``, finest first: the
+    levels the transformer sees (``model.feature_levels``; 1 = ``last_stage`` alone)."""
+    end = STAGES.index(last_stage) + 1
+    if not 1 <= feature_levels <= end:
+        raise ValueError(f"model.feature_levels: {feature_levels!r} must be in 1..{end} with "
+                         f"model.last_stage {last_stage!r} (stages {STAGES[:end]}), e.g. "
+                         f"{min(max(feature_levels, 1), end)}")
+    return STAGES[end - feature_levels: end]
+
+
+def finest_stride(last_stage: str = "layer4", dilation: bool = False,
+                  feature_levels: int = 1) -> int:
+    """Pixels per feature cell of the finest level the transformer sees: what small objects
+    get (the scale rule of :mod:`detr.settings` uses it). :func:`output_stride` with one level;
+    each earlier stage halves it (layer1: 4)."""
+    stages = feature_stages(last_stage, feature_levels)
+    if len(stages) == 1:
+        return output_stride(last_stage, dilation)
+    return 4 << STAGES.index(stages[0])
+
+
 def _norm_layer(norm: str):
     if norm == "frozen_bn":
         return FrozenBatchNorm2d
@@ -168,6 +190,10 @@ class Backbone(nn.Module):
         """Input pixels per output feature cell: 32 (``layer4``), 16 (``layer3``, or DC5), 8
         (``layer2``)."""
         return self._strides().output
+
+    def stage_stride(self, stage: str) -> int:
+        """Input pixels per feature cell of ``stage`` (one of :attr:`levels`)."""
+        return self._strides().levels[stage]
 
     def _mask_input(self, module: nn.Module, args: tuple) -> tuple | None:
         if self._padding is None:

@@ -8,8 +8,9 @@ from torch import Tensor, nn
 
 from detr.config import ModelConfig
 from detr.models.aids import AIDS, Denoising, DenseHead, Queries, QueryGroups, TrainingAid
-from detr.models.backbone import Backbone, Joiner
+from detr.models.backbone import Backbone, Joiner, feature_stages
 from detr.models.mlp import MLP
+from detr.models.multiscale import MultiScale, split_levels
 from detr.models.padding import pad_images
 from detr.models.position_encoding import build_position_encoding
 from detr.models.transformer import Transformer
@@ -30,10 +31,14 @@ class DETR(nn.Module):
         in training, each training aid's outputs under its name (:mod:`detr.models.aids`):
         ``query_groups`` (then Q = G x num_queries), ``denoising`` (when ``targets`` are
         given), ``dense``.
+
+    ``multiscale``: None (the paper: the transformer sees the last backbone stage) or the
+    projections of the earlier levels it also sees (:mod:`detr.models.multiscale`).
     """
 
     def __init__(self, backbone: Joiner, transformer: Transformer, *, num_classes: int,
-                 num_queries: int, aux_loss: bool = True):
+                 num_queries: int, aux_loss: bool = True,
+                 multiscale: MultiScale | None = None):
         super().__init__()
         d = transformer.d_model
         self.num_queries = num_queries
@@ -44,6 +49,7 @@ class DETR(nn.Module):
         self.query_embed = nn.Embedding(num_queries, d)
         self.input_proj = nn.Conv2d(backbone.num_channels, d, kernel_size=1)
         self.backbone = backbone
+        self.multiscale = multiscale
         self.aux_loss = aux_loss
         self.aids: list[TrainingAid] = []  # training only; see attach()
 
@@ -66,19 +72,43 @@ class DETR(nn.Module):
             images, mask = pad_images(images)
         if padded is None:
             padded = bool(mask.any())
-        features, mask, pos = self.backbone(images, mask, padded)
-        # Without padding the attention needs no mask, which lets SDPA use its fastest kernels.
-        attn_mask = mask if padded else None
         aids = self.aids if self.training else []
         queries = Queries(self.query_embed.weight, num_object=self.num_queries)
         for aid in aids:
             queries = aid.extend_queries(queries, targets)
-        hs, memory = self.transformer(self.input_proj(features), attn_mask, queries.pos, pos,
-                                      queries.attend, queries.content)
+        hs, memory, mask = self.encode_decode(images, mask, padded, queries)
         out = self.heads(hs[:, :, :queries.num_object] if aids else hs)
         for aid in aids:
             out.update(aid.outputs(queries, hs, memory, mask, self.heads))
         return out
+
+    def encode_decode(self, images: Tensor, mask: Tensor, padded: bool,
+                      queries: Queries) -> tuple[Tensor, Tensor | list[Tensor],
+                                                 Tensor | list[Tensor]]:
+        """Backbone, projection, transformer: ``hs`` [L, B, Q, d], the encoder ``memory``
+        [B, d, h, w] and its padding ``mask`` [B, h, w]; with ``multiscale``, lists of both,
+        one per level (finest first)."""
+        if self.multiscale is not None:
+            levels = self.backbone.forward_levels(images, mask, padded)
+            tokens = self.multiscale(dict(zip(self.backbone[0].levels, levels, strict=True)),
+                                     self.input_proj)
+            hs, memory = self.transformer.forward_tokens(
+                tokens.src, tokens.mask if padded else None, queries.pos, tokens.pos,
+                queries.attend, queries.content)
+            return hs, split_levels(memory, tokens.shapes), tokens.masks
+        features, mask, pos = self.backbone(images, mask, padded)
+        # Without padding the attention needs no mask, which lets SDPA use its fastest kernels.
+        hs, memory = self.transformer(self.input_proj(features), mask if padded else None,
+                                      queries.pos, pos, queries.attend, queries.content)
+        return hs, memory, mask
+
+    @property
+    def feature_stride(self) -> int:
+        """Input pixels per cell of the finest feature level the transformer sees."""
+        backbone = self.backbone[0]
+        if self.multiscale is None:
+            return backbone.stride
+        return backbone.stage_stride(self.multiscale.stages[0])
 
     @staticmethod
     def training_only_prefixes() -> tuple[str, ...]:
@@ -113,7 +143,8 @@ def build_model(cfg: ModelConfig, *, backbone_state: dict[str, Tensor] | None = 
     backbone = Backbone(cfg.backbone, dilation=cfg.dilation, norm=cfg.norm,
                         weights=backbone_state if backbone_state is not None else weights,
                         freeze_stem=cfg.freeze_stem,
-                        mask_padding=cfg.mask_padding, last_stage=cfg.last_stage)
+                        mask_padding=cfg.mask_padding, last_stage=cfg.last_stage,
+                        levels=feature_stages(cfg.last_stage, cfg.feature_levels)[:-1])
     joiner = Joiner(backbone, build_position_encoding(cfg.position_embedding, cfg.hidden_dim))
     transformer = Transformer(
         d_model=cfg.hidden_dim, nhead=cfg.nheads, num_encoder_layers=cfg.enc_layers,
@@ -127,7 +158,7 @@ def build_model(cfg: ModelConfig, *, backbone_state: dict[str, Tensor] | None = 
     denoising = (Denoising(aids.denoising, num_classes=classes, dim=d,
                            num_queries=cfg.num_queries) if aids.denoising else None)
     model = DETR(joiner, transformer, num_classes=classes, num_queries=cfg.num_queries,
-                 aux_loss=cfg.aux_loss)
+                 aux_loss=cfg.aux_loss, multiscale=_multiscale(cfg, backbone))
     if aids.query_groups:  # first: it extends the object queries, denoising appends to them
         model.attach(QueryGroups(aids.query_groups, dim=d, num_queries=cfg.num_queries))
     if denoising:
@@ -135,6 +166,17 @@ def build_model(cfg: ModelConfig, *, backbone_state: dict[str, Tensor] | None = 
     if aids.dense:
         model.attach(DenseHead(aids.dense, num_classes=classes, dim=d))
     return model
+
+
+def _multiscale(cfg: ModelConfig, backbone: Backbone) -> MultiScale | None:
+    """The extra levels' projections (``model.feature_levels`` > 1), else None (the paper).
+    Nothing is built (or drawn from the RNG) for 1: seeded trainings of the paper's
+    configuration repeat their initial weights."""
+    if cfg.feature_levels == 1:
+        return None
+    stages = feature_stages(cfg.last_stage, cfg.feature_levels)
+    channels = dict(zip(backbone.levels, backbone.level_channels, strict=True))
+    return MultiScale(stages, [channels[s] for s in stages], cfg.hidden_dim)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

@@ -217,13 +217,21 @@ class Transformer(nn.Module):
             ``hs`` [L, B, Q, d] (every decoder layer, normed) and ``memory`` [B, d, h, w].
         """
         b, d, h, w = src.shape
-        src = src.flatten(2).transpose(1, 2)
-        pos = pos.flatten(2).transpose(1, 2)
-        key_mask = None if mask is None else mask.flatten(1)
-        query_pos = query_embed if query_embed.dim() == 3 else query_embed.expand(b, -1, -1)
+        hs, memory = self.forward_tokens(
+            src.flatten(2).transpose(1, 2), None if mask is None else mask.flatten(1),
+            query_embed, pos.flatten(2).transpose(1, 2), query_attend, tgt)
+        return hs, memory.transpose(1, 2).reshape(b, d, h, w)
+
+    def forward_tokens(self, src: Tensor, mask: Tensor | None, query_embed: Tensor,
+                       pos: Tensor, query_attend: Tensor | None = None,
+                       tgt: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` on a token sequence (one grid flattened, or the tokens of several
+        levels): ``src``, ``pos`` [B, N, d]; ``mask`` [B, N] or None. Returns ``hs`` and
+        ``memory`` [B, N, d]."""
+        query_pos = (query_embed if query_embed.dim() == 3
+                     else query_embed.expand(src.shape[0], -1, -1))
         if self.input_pos:
             src = src + pos
-        memory = self.encoder(src, pos, key_mask)
+        memory = self.encoder(src, pos, mask)
         tgt = torch.zeros_like(query_pos) if tgt is None else tgt
-        hs = self.decoder(tgt, memory, pos, query_pos, key_mask, query_attend)
-        return hs, memory.transpose(1, 2).reshape(b, d, h, w)
+        return self.decoder(tgt, memory, pos, query_pos, mask, query_attend), memory

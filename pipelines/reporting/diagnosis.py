@@ -32,7 +32,7 @@ def run_diagnosis(measured: Measurement, evaluation: CocoEvaluation, *, data_cfg
     loss = read_loss(plots_dir / "train_loss.csv")
     diagnosis = diagnose(
         measured.val.coco, measured.predictions, params=params,
-        stride=measured.model.backbone[0].stride, ap=evaluation.stats["AP"],
+        stride=measured.model.feature_stride, ap=evaluation.stats["AP"],
         layer_predictions=measured.layer_predictions, losses=loss[1]["loss"] if loss else (),
         val_curve=read_val_curve(plots_dir / "val_ap.csv"), score_threshold=score_threshold,
         nms=nms, raw_predictions=measured.raw_predictions, tile=measured.tile_size)

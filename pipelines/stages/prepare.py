@@ -44,15 +44,17 @@ TILE_SUFFIXES = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}  # others becom
 
 
 def run(*, cfg: PrepareConfig, out_dir: Path = DATASET, last_stage: str = "layer4",
-        dilation: bool = False, device: str = "cpu") -> dict:
+        dilation: bool = False, feature_levels: int = 1, device: str = "cpu") -> dict:
     """Create ``out_dir`` from ``cfg.source``; returns ``{"images": {split: n},
-    "annotations": {split: n}}``. ``last_stage``, ``dilation`` (the model's) and ``device``
+    "annotations": {split: n}}``. ``last_stage``, ``dilation``, ``feature_levels`` (the
+    model's, which set the finest stride) and ``device``
     (``cpu`` / ``cuda``): what ``prepare.tile: auto`` decides by; the decision is written to
     ``annotations/tiling.json`` (``size``: the tile side or null, ``why``)."""
     summary = _prepare(cfg, out_dir)
     tile = cfg.tile
     if tile == "auto":
-        tile = _auto_tile(out_dir, last_stage=last_stage, dilation=dilation, device=device)
+        tile = _auto_tile(out_dir, last_stage=last_stage, dilation=dilation,
+                          feature_levels=feature_levels, device=device)
     if tile is not None:
         summary = tile_dataset(out_dir, tile)
         print(f"prepare: tiled {sum(summary['tiled'].values())} images into "
@@ -215,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = device_type(params["train"].device)
         stage.invoke(prepare_flow, run, cfg=params["prepare"], out_dir=args.out,
-                     last_stage=model.last_stage, dilation=model.dilation, device=device)
+                     last_stage=model.last_stage, dilation=model.dilation,
+                     feature_levels=model.feature_levels, device=device)
     except (OSError, ValueError, formats.FormatError) as exc:  # OSError: a link across disks
         print(f"prepare: {exc}", file=sys.stderr)
         return 2

@@ -69,8 +69,8 @@ class TrainingAid(nn.Module):
     def outputs(self, queries: Queries, hs: Tensor, memory: Tensor, mask: Tensor,
                 heads: Heads) -> dict:
         """Training outputs added to DETR's dict, from the decoder states ``hs`` [L, B, Q, d]
-        of all queries, the encoder ``memory`` [B, d, h, w] and its padding ``mask`` [B, h, w].
-        Default: none."""
+        of all queries, the encoder ``memory`` [B, d, h, w] and its padding ``mask`` [B, h, w]
+        (multi-scale features: a list of both, one per level, finest first). Default: none."""
         return {}
 
     def split(self, layer: dict, outputs: dict) -> list[dict]:

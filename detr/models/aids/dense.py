@@ -27,7 +27,9 @@ class DenseHead(TrainingAid):
     """Adds ``outputs["dense"]``: ``pred_logits`` [B, h*w, num_classes + 1] of every encoder
     token and the feature padding ``mask`` [B, h, w]; with ``boxes`` also ``pred_ltrb``
     [B, h*w, 4] in (0, 1): each token's distances to the left, top, right and bottom sides of
-    its box, as fractions of the image's size. Losses: see :meth:`losses`."""
+    its box, as fractions of the image's size. Losses: see :meth:`losses`. With multi-scale
+    features the tokens of all levels are concatenated (N = sum of h_l * w_l, finest first)
+    and ``mask`` is the list of the levels' masks; each level is assigned on its own."""
 
     name = "dense"
     parts = ("dense_embed", "dense_bbox_embed")
@@ -41,7 +43,8 @@ class DenseHead(TrainingAid):
         self.dense_bbox_embed = MLP(dim, dim, 4, 3) if cfg.boxes else None
 
     def outputs(self, queries, hs, memory, mask, heads) -> dict:
-        tokens = memory.flatten(2).transpose(1, 2)
+        levels = memory if isinstance(memory, list) else [memory]
+        tokens = torch.cat([m.flatten(2).transpose(1, 2) for m in levels], 1)
         dense = {"pred_logits": self.dense_embed(tokens), "mask": mask}
         if self.dense_bbox_embed is not None:
             dense["pred_ltrb"] = self.dense_bbox_embed(tokens).sigmoid()
@@ -57,17 +60,18 @@ class DenseHead(TrainingAid):
         if "dense" not in outputs:
             return {}
         dense = outputs["dense"]
-        logits, mask = dense["pred_logits"].float(), dense["mask"]
-        assigned = torch.stack([dense_assignment(t["boxes"].to(logits.device), ~m)
-                                for t, m in zip(targets, mask, strict=True)])  # [B, h*w]
+        logits, masks = dense["pred_logits"].float(), _levels(dense["mask"])
+        assigned = torch.stack([  # [B, N]: each level assigned on its own
+            torch.cat([dense_assignment(t["boxes"].to(logits.device), ~m[i]) for m in masks])
+            for i, t in enumerate(targets)])
         classes = torch.stack([_labels_of(a, t["labels"].to(logits.device), self.num_classes)
                                for a, t in zip(assigned, targets, strict=True)])
-        weights = empty_weight[classes] * (~mask).flatten(1)
+        weights = empty_weight[classes] * torch.cat([~m.flatten(1) for m in masks], 1)
         ce = F.cross_entropy(logits.flatten(0, 1), classes.flatten(), reduction="none")
         total = mean_over_processes(weights.sum().detach()).clamp(min=1)
         out = {"loss_ce_dense": (ce * weights.flatten()).sum() / total}
         if "pred_ltrb" in dense:
-            out.update(_box_losses(dense["pred_ltrb"].float(), mask, assigned, targets))
+            out.update(_box_losses(dense["pred_ltrb"].float(), masks, assigned, targets))
         return out
 
     def loss_weights(self, matched: dict[str, float]) -> dict[str, float]:
@@ -75,11 +79,18 @@ class DenseHead(TrainingAid):
                 "loss_giou_dense": matched["loss_giou"]}
 
 
-def _box_losses(ltrb: Tensor, mask: Tensor, assigned: Tensor,
+def _levels(mask: Tensor | list[Tensor]) -> list[Tensor]:
+    """The padding masks [B, h_l, w_l] of the levels (one map, or multi-scale's list)."""
+    return mask if isinstance(mask, list) else [mask]
+
+
+def _box_losses(ltrb: Tensor, masks: list[Tensor], assigned: Tensor,
                 targets: Sequence[dict]) -> dict[str, Tensor]:
-    """L1 and GIoU of the assigned tokens' boxes (``ltrb`` [B, h*w, 4] distances)."""
+    """L1 and GIoU of the assigned tokens' boxes (``ltrb`` [B, N, 4] distances; ``masks``
+    the levels' padding masks)."""
     image, token = (assigned >= 0).nonzero(as_tuple=True)
-    centres = torch.stack([torch.stack(cell_centres(~m), -1) for m in mask])  # [B, h*w, 2]
+    centres = torch.stack([torch.cat([torch.stack(cell_centres(~m[i]), -1) for m in masks])
+                           for i in range(len(targets))])  # [B, N, 2]
     c, d = centres[image, token], ltrb[image, token]
     src = torch.cat([c - d[:, :2], c + d[:, 2:]], -1)  # xyxy
     offsets = torch.tensor([0] + [len(t["labels"]) for t in targets]).cumsum(0)
