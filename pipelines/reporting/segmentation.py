@@ -38,6 +38,8 @@ SEGM_FILE = "segm.json"
 PANOPTIC_FILE = "panoptic.json"
 MASK_TABLE = "mask_table.txt"
 PANOPTIC_TABLE = "panoptic_table.txt"
+MASK_PER_CLASS = "per_class_mask_ap.json"
+PANOPTIC_PER_CLASS = "per_class_pq.json"
 _METRIC_UNSAFE = re.compile(r"[^\w.\- ]")  # what MLflow refuses in metric names (and / :)
 _COLUMNS = ("PQ", "SQ", "RQ", "TP", "FP", "FN")
 
@@ -79,19 +81,22 @@ def write_segmentation(results: SegmentationResults, labels: Mapping[int, str], 
                        metrics_dir: Path = Path("metrics"),
                        report_dir: Path = Path("reports/evaluation")) -> None:
     """The files of the module doc (both metrics files always, ``{}`` for what was not
-    measured). ``labels``: display name by category id (``pipelines.measurement.class_labels``).
+    measured; report files of an earlier evaluation that this one did not measure are
+    removed). ``labels``: display name by category id (``pipelines.measurement.class_labels``).
     """
     masks, panoptic = results.masks, results.panoptic
     _write_json(Path(metrics_dir) / SEGM_FILE, {} if masks is None else masks.stats)
     _write_json(Path(metrics_dir) / PANOPTIC_FILE, {} if panoptic is None else panoptic.stats)
     report_dir = Path(report_dir)
+    for name in (MASK_TABLE, MASK_PER_CLASS, PANOPTIC_TABLE, PANOPTIC_PER_CLASS):
+        (report_dir / name).unlink(missing_ok=True)  # an earlier evaluation's
     if masks is not None:
         _write_text(report_dir / MASK_TABLE, masks.table + "\n")
-        _write_json(report_dir / "per_class_mask_ap.json",
+        _write_json(report_dir / MASK_PER_CLASS,
                     {labels[c]: ap for c, ap in masks.per_class_ap.items()})
     if panoptic is not None:
         _write_text(report_dir / PANOPTIC_TABLE, format_panoptic(panoptic) + "\n")
-        _write_json(report_dir / "per_class_pq.json",
+        _write_json(report_dir / PANOPTIC_PER_CLASS,
                     {labels[c]: v for c, v in panoptic.per_class.items()})
 
 

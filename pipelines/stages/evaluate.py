@@ -85,7 +85,9 @@ from pipelines.reporting.pictures import image_sizes, write_attention, write_exa
 from pipelines.reporting.plots import SIZES
 from pipelines.reporting.report import Picture, write_report
 from pipelines.reporting.segmentation import (
+    MASK_PER_CLASS,
     MASK_TABLE,
+    PANOPTIC_PER_CLASS,
     PANOPTIC_TABLE,
     SegmentationResults,
     evaluate_segmentation,
@@ -277,8 +279,8 @@ def _log_to_mlflow(run_file: Path, evaluation: CocoEvaluation, labels: dict[int,
 
 def _segmentation_files(segmentation: SegmentationResults) -> list[str]:
     """The report files :func:`write_segmentation` wrote for what was measured."""
-    masks = [MASK_TABLE, "per_class_mask_ap.json"] if segmentation.masks is not None else []
-    panoptic = [PANOPTIC_TABLE, "per_class_pq.json"] if segmentation.panoptic is not None else []
+    masks = [MASK_TABLE, MASK_PER_CLASS] if segmentation.masks is not None else []
+    panoptic = [PANOPTIC_TABLE, PANOPTIC_PER_CLASS] if segmentation.panoptic is not None else []
     return masks + panoptic
 
 

@@ -93,10 +93,12 @@ def test_detection_predictions_measure_nothing_and_claim_nothing(val_json, tmp_p
                                                                        "labels")}}
     results = evaluate_segmentation(boxes_only, val_json)
     assert not results and results == SegmentationResults()
+    earlier = evaluate_segmentation(predictions(), val_json)  # a segmentation model's files
+    write_segmentation(earlier, LABELS, metrics_dir=tmp_path / "m", report_dir=tmp_path / "r")
     write_segmentation(results, LABELS, metrics_dir=tmp_path / "m", report_dir=tmp_path / "r")
     assert json.loads((tmp_path / "m" / "segm.json").read_text()) == {}
     assert json.loads((tmp_path / "m" / "panoptic.json").read_text()) == {}
-    assert not (tmp_path / "r").exists()
+    assert list((tmp_path / "r").iterdir()) == []  # not left to be read as this run's
     assert segmentation_metrics(results, LABELS) == {} and segmentation_text(results) == ""
 
 
