@@ -139,9 +139,15 @@ def _check_size(image_id: int, size: Sequence[int], expected: tuple[int, int] | 
 
 
 def _as_bool(masks: object) -> np.ndarray:
+    """Bool or integer (0 / non-0) masks as a bool array; float ones are refused: a
+    probability map is not a mask until thresholded."""
     if isinstance(masks, torch.Tensor):
         masks = masks.detach().cpu().numpy()
-    return np.asarray(masks).astype(bool, copy=False)
+    array = np.asarray(masks)
+    if not (array.dtype == bool or np.issubdtype(array.dtype, np.integer)):
+        raise ValueError(f"masks have dtype {array.dtype}, expected bool [N, H, W] "
+                         "(threshold mask probabilities first)")
+    return array.astype(bool, copy=False)
 
 
 def _flat(values: object) -> np.ndarray:

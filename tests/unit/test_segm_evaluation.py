@@ -102,6 +102,12 @@ def test_masks_at_another_size_are_refused():
                                 "labels": [1]}})
 
 
+def test_float_masks_are_refused():
+    with pytest.raises(ValueError, match="masks of image 2: masks have dtype float32"):
+        to_segm_results({2: {"masks": np.full((1, 4, 4), 0.3, np.float32), "scores": [1.0],
+                             "labels": [1]}})
+
+
 def test_malformed_entries_name_the_image():
     with pytest.raises(ValueError, match=r"image 7 lack \['masks'\]"):
         to_segm_results({7: {"scores": [], "labels": []}})
