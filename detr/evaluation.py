@@ -100,6 +100,12 @@ class CocoEvaluation:
     pr_curve: PrecisionRecallCurve | None
     num_images: int
     num_detections: int
+    prefix: str = ""  # "mask_" for COCOeval segm (detr.segm_evaluation): stats keys prefixed
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The keys of ``stats`` in ``COCOeval.stats`` order: ``prefix`` + ``STAT_NAMES``."""
+        return tuple(self.prefix + name for name in STAT_NAMES)
 
 
 def to_coco_results(predictions: Mapping[int, Mapping[str, object]]) -> list[dict]:
@@ -141,7 +147,12 @@ def evaluate_detections(
     except the summary, which is captured into ``table``.
     """
     gt = load_ground_truth(coco_gt)
-    evaluator = run_cocoeval(gt, predictions, image_ids=image_ids)
+    return summarise(gt, run_cocoeval(gt, predictions, image_ids=image_ids))
+
+
+def summarise(gt: COCO, evaluator: COCOeval, *, prefix: str = "") -> CocoEvaluation:
+    """Every number of an evaluated and accumulated ``evaluator`` (COCO's default IoUs, areas
+    and maxDets) as a :class:`CocoEvaluation` whose ``stats`` keys are ``prefix`` + names."""
     table = _capture_summary(evaluator)
     cat_ids = [int(c) for c in evaluator.params.catIds]
     precision = _class_precision(evaluator)
@@ -149,7 +160,7 @@ def evaluate_detections(
     recall = tuple(float(r) for r in evaluator.params.recThrs)
     curves = {c: _curve(precision[:, :, k], recall) for k, c in enumerate(cat_ids) if present[k]}
     return CocoEvaluation(
-        stats={n: float(v) for n, v in zip(STAT_NAMES, evaluator.stats, strict=True)},
+        stats={prefix + n: float(v) for n, v in zip(STAT_NAMES, evaluator.stats, strict=True)},
         table=table,
         per_class_ap={c: _mean_valid(precision[:, :, k]) for k, c in enumerate(cat_ids)},
         category_names={c: str(gt.cats[c].get("name", c)) for c in cat_ids},
@@ -157,6 +168,7 @@ def evaluate_detections(
         pr_curve=_curve(precision[:, :, present].mean(axis=2), recall) if curves else None,
         num_images=len(evaluator.params.imgIds),
         num_detections=len(evaluator.cocoDt.getAnnIds()),
+        prefix=prefix,
     )
 
 
@@ -178,14 +190,8 @@ def run_cocoeval(
     :func:`evaluate_detections`.
     """
     gt = load_ground_truth(coco_gt)
-    _check_ground_truth(gt)
-    known = set(gt.getImgIds())
-    _check_image_ids((int(i) for i in predictions), known, "predictions")
-    evaluator = COCOeval(gt, _load_results(gt, to_coco_results(predictions)), iouType="bbox")
-    if image_ids is not None:
-        chosen = sorted({int(i) for i in image_ids})
-        _check_image_ids(chosen, known, "image_ids")
-        evaluator.params.imgIds = chosen
+    evaluator = results_cocoeval(gt, to_coco_results(predictions), image_ids=image_ids,
+                                 predicted_ids=predictions)
     evaluator.params.useCats = int(use_cats)
     if iou_thresholds is not None:
         evaluator.params.iouThrs = np.array(sorted(float(t) for t in iou_thresholds))
@@ -199,16 +205,34 @@ def run_cocoeval(
     return evaluator
 
 
-def format_summary(stats: Mapping[str, float]) -> str:
-    """The 12-line pycocotools summary rebuilt from named ``stats`` (e.g. a saved metrics file).
+def results_cocoeval(gt: COCO, results: list[dict], *, iou_type: str = "bbox",
+                     image_ids: Iterable[int] | None = None,
+                     predicted_ids: Iterable[int] = ()) -> COCOeval:
+    """A ``COCOeval`` (not yet evaluated) of COCO result dicts against ``gt``: ``bbox`` results
+    carry ``bbox``, ``segm`` results an RLE ``segmentation``; ``image_ids`` as
+    :func:`evaluate_detections`; ``predicted_ids``: the images predictions were made for.
+    Raises ``ValueError`` for unusable ground truth, or ids that are not images of it."""
+    _check_ground_truth(gt, ("bbox", "area") + (("segmentation",) if iou_type == "segm" else ()))
+    _check_image_ids((int(i) for i in predicted_ids), set(gt.getImgIds()), "predictions")
+    evaluator = COCOeval(gt, _load_results(gt, results), iouType=iou_type)
+    if image_ids is not None:
+        chosen = sorted({int(i) for i in image_ids})
+        _check_image_ids(chosen, set(gt.getImgIds()), "image_ids")
+        evaluator.params.imgIds = chosen
+    return evaluator
+
+
+def format_summary(stats: Mapping[str, float], *, prefix: str = "") -> str:
+    """The 12-line pycocotools summary rebuilt from named ``stats`` (e.g. a saved metrics file;
+    keys ``prefix`` + ``STAT_NAMES``, e.g. ``mask_AP``).
 
     Identical to ``CocoEvaluation.table`` for the same statistics; raises ``KeyError`` naming
     a missing statistic.
     """
-    missing = [name for name in STAT_NAMES if name not in stats]
+    missing = [prefix + name for name in STAT_NAMES if prefix + name not in stats]
     if missing:
-        raise KeyError(f"stats lack {missing}; expected the names in STAT_NAMES")
-    return "\n".join(_summary_line(row, float(stats[row[0]])) for row in _SUMMARY_ROWS)
+        raise KeyError(f"stats lack {missing}; expected {prefix!r} + the names in STAT_NAMES")
+    return "\n".join(_summary_line(row, float(stats[prefix + row[0]])) for row in _SUMMARY_ROWS)
 
 
 def format_per_class(evaluation: CocoEvaluation) -> str:
@@ -280,12 +304,13 @@ def _check_detections(
         raise ValueError(f"labels of image {image_id} are not integer category ids")
 
 
-def _check_ground_truth(gt: COCO) -> None:
-    """Raise ``ValueError`` for ground truth COCOeval cannot score meaningfully."""
+def _check_ground_truth(gt: COCO, keys: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` for ground truth COCOeval cannot score meaningfully (an
+    annotation lacking one of ``keys``)."""
     if not gt.getImgIds() or not gt.getCatIds():
         raise ValueError("ground truth has no images or no categories: nothing to evaluate")
     for ann in gt.dataset.get("annotations", []):
-        lacking = [key for key in ("bbox", "area") if key not in ann]
+        lacking = [key for key in keys if key not in ann]
         if lacking:
             raise ValueError(f"ground-truth annotation {ann.get('id')} lacks {lacking}")
 

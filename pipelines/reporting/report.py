@@ -24,7 +24,8 @@ from jinja2 import Environment
 from PIL import Image
 
 from detr.diagnosis import Diagnosis
-from detr.evaluation import STAT_NAMES, CocoEvaluation
+from detr.evaluation import CocoEvaluation
+from pipelines.reporting.segmentation import SegmentationResults, panoptic_rows
 
 PHOTO_QUALITY = 90
 # One line of pycocotools' summary: "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all |
@@ -46,10 +47,13 @@ class Picture:
 def render_report(*, evaluation: CocoEvaluation, labels: Mapping[int, str],
                   facts: Mapping[str, object], figures: Sequence[Picture],
                   attention: Sequence[Picture], examples: Sequence[Picture],
-                  diagnosis: Diagnosis | None = None) -> str:
+                  diagnosis: Diagnosis | None = None,
+                  segmentation: SegmentationResults | None = None) -> str:
     """The report as one HTML string (module doc). ``labels``: display name by category id;
     ``facts``: (name, value) lines of the header (checkpoint, dataset, ...); ``diagnosis``:
-    its section (left out when None).
+    its section (left out when None); ``segmentation``: the mask AP / AR table (as the box
+    one, with per-class mask AP) and the PQ table (all, things, stuff, per class), each left
+    out when not measured.
 
     Raises:
         FileNotFoundError: a picture file is missing (the message names it).
@@ -61,7 +65,8 @@ def render_report(*, evaluation: CocoEvaluation, labels: Mapping[int, str],
         stats=stat_table(evaluation), table=evaluation.table,
         classes=_class_rows(evaluation, labels),
         figures=[_embedded(p) for p in figures], attention=[_embedded(p) for p in attention],
-        examples=[_embedded(p) for p in examples], diagnosis=diagnosis)
+        examples=[_embedded(p) for p in examples], diagnosis=diagnosis,
+        **_segmentation_content(segmentation, labels))
 
 
 def write_report(path: Path, **content) -> Path:
@@ -81,11 +86,11 @@ def stat_table(evaluation: CocoEvaluation) -> list[dict]:
         ValueError: the table is not pycocotools' 12-line summary.
     """
     lines = evaluation.table.splitlines()
-    if len(lines) != len(STAT_NAMES):
-        raise ValueError(f"expected pycocotools' {len(STAT_NAMES)}-line summary, got "
+    if len(lines) != len(evaluation.names):
+        raise ValueError(f"expected pycocotools' {len(evaluation.names)}-line summary, got "
                          f"{len(lines)} lines")
     rows = []
-    for name, line in zip(STAT_NAMES, lines, strict=True):
+    for name, line in zip(evaluation.names, lines, strict=True):
         match = _SUMMARY_LINE.search(line)
         if match is None:
             raise ValueError(f"not a pycocotools summary line: {line!r}")
@@ -94,6 +99,23 @@ def stat_table(evaluation: CocoEvaluation) -> list[dict]:
                      "iou": match["iou"], "area": match["area"], "max_dets": match["dets"],
                      "value": "n/a" if value == -1.0 else f"{value:.3f}"})
     return rows
+
+
+def _segmentation_content(results: SegmentationResults | None,
+                          labels: Mapping[int, str]) -> dict[str, object]:
+    """The template's ``mask_*`` and ``panoptic`` values (None: section left out)."""
+    masks = None if results is None else results.masks
+    panoptic = None if results is None else results.panoptic
+    return {
+        "mask_stats": None if masks is None else stat_table(masks),
+        "mask_table": None if masks is None else masks.table,
+        "mask_classes": None if masks is None else _class_rows(masks, labels),
+        "panoptic": None if panoptic is None else [
+            {**row, **{k: "n/a" if row[k] is None else f"{100 * row[k]:.1f}"
+                       for k in ("PQ", "SQ", "RQ")},
+             **{k: "" if row[k] is None else row[k] for k in ("TP", "FP", "FN")}}
+            for row in panoptic_rows(panoptic, labels)],
+    }
 
 
 def _class_rows(evaluation: CocoEvaluation, labels: Mapping[int, str]) -> list[dict]:
@@ -124,7 +146,19 @@ def _embedded(picture: Picture) -> dict:
             "width": rgb.width, "height": rgb.height}
 
 
-_TEMPLATE = """<!DOCTYPE html>
+_TEMPLATE = """{% macro stat_rows(css, rows, prefix) %}
+<table class="{{ css }}">
+  <tr><th>statistic</th><th>IoU</th><th>area</th><th>max dets</th><th>value</th></tr>
+{% for row in rows %}
+  <tr{% if row.name in (prefix ~ "AP", prefix ~ "AP50", prefix ~ "AR_100") %} class="headline"{% endif %}>
+    <td>{{ "Average precision" if row.kind == "AP" else "Average recall" }}
+      <span class="note">{{ row.name }}</span></td><td>{{ row.iou }}</td>
+    <td>{{ row.area }}</td><td class="num">{{ row.max_dets }}</td>
+    <td class="num">{{ row.value }}</td></tr>
+{% endfor %}
+</table>
+{% endmacro %}
+<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -161,7 +195,7 @@ _TEMPLATE = """<!DOCTYPE html>
 <body>
 <main>
 <h1>DETR evaluation report</h1>
-<nav>{% if diagnosis %}<a href="#diagnosis">Diagnosis</a>{% endif %}<a href="#ap">AP / AR</a><a href="#classes">Per class</a><a href="#plots">Plots</a>
+<nav>{% if diagnosis %}<a href="#diagnosis">Diagnosis</a>{% endif %}<a href="#ap">AP / AR</a><a href="#classes">Per class</a>{% if mask_stats %}<a href="#masks">Mask AP</a>{% endif %}{% if panoptic %}<a href="#panoptic">PQ</a>{% endif %}<a href="#plots">Plots</a>
 {% if attention %}<a href="#attention">Attention</a>{% endif %}
 {% if examples %}<a href="#examples">Examples</a>{% endif %}</nav>
 <table class="facts">
@@ -192,16 +226,7 @@ _TEMPLATE = """<!DOCTYPE html>
 {% endif %}
 
 <h2 id="ap">COCO AP / AR (val)</h2>
-<table class="stats">
-  <tr><th>statistic</th><th>IoU</th><th>area</th><th>max dets</th><th>value</th></tr>
-{% for row in stats %}
-  <tr{% if row.name in ("AP", "AP50", "AR_100") %} class="headline"{% endif %}>
-    <td>{{ "Average precision" if row.kind == "AP" else "Average recall" }}
-      <span class="note">{{ row.name }}</span></td><td>{{ row.iou }}</td>
-    <td>{{ row.area }}</td><td class="num">{{ row.max_dets }}</td>
-    <td class="num">{{ row.value }}</td></tr>
-{% endfor %}
-</table>
+{{ stat_rows("stats", stats, "") }}
 <p class="note">n/a: no val object in that size range (pycocotools reports -1). As printed by
 pycocotools:</p>
 <pre class="coco-summary">{{ table }}</pre>
@@ -214,6 +239,35 @@ pycocotools:</p>
     <td><span class="bar"><span style="width: {{ row.width }}%"></span></span></td></tr>
 {% endfor %}
 </table>
+
+{% if mask_stats %}
+<h2 id="masks">Mask AP / AR (val, COCOeval segm)</h2>
+{{ stat_rows("mask-stats", mask_stats, "mask_") }}
+<pre class="mask-summary">{{ mask_table }}</pre>
+<table class="mask-classes">
+  <tr><th>class</th><th>category id</th><th>mask AP</th><th></th></tr>
+{% for row in mask_classes %}
+  <tr><td>{{ row.name }}</td><td class="num">{{ row.id }}</td><td class="num">{{ row.text }}</td>
+    <td><span class="bar"><span style="width: {{ row.width }}%"></span></span></td></tr>
+{% endfor %}
+</table>
+{% endif %}
+
+{% if panoptic %}
+<h2 id="panoptic">Panoptic quality (val, %)</h2>
+<table class="panoptic">
+  <tr><th>class</th><th>kind</th><th>PQ</th><th>SQ</th><th>RQ</th><th>TP</th><th>FP</th>
+    <th>FN</th></tr>
+{% for row in panoptic %}
+  <tr{% if row.kind == "mean" %} class="headline"{% endif %}><td>{{ row["class"] }}</td>
+    <td>{{ row.kind }}</td><td class="num">{{ row.PQ }}</td><td class="num">{{ row.SQ }}</td>
+    <td class="num">{{ row.RQ }}</td><td class="num">{{ row.TP }}</td>
+    <td class="num">{{ row.FP }}</td><td class="num">{{ row.FN }}</td></tr>
+{% endfor %}
+</table>
+<p class="note">PQ = SQ x RQ, panopticapi's definition; means over the classes with a
+segment in ground truth or prediction (n/a: none, e.g. no stuff class).</p>
+{% endif %}
 
 <h2 id="plots">Plots</h2>
 {% for picture in figures %}

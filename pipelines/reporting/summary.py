@@ -9,6 +9,8 @@ from pipelines import server_state, tracking
 from pipelines.params import project_root
 
 TABLE = Path("reports/evaluation/coco_table.txt")
+MASK_TABLE = Path("reports/evaluation/mask_table.txt")  # pipelines.reporting.segmentation
+PANOPTIC_TABLE = Path("reports/evaluation/panoptic_table.txt")
 DIAGNOSIS = Path("reports/evaluation/diagnosis.json")  # pipelines.reporting.diagnosis
 REGISTER = Path("reports/register.json")
 
@@ -17,6 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     if TABLE.is_file():
         print("\nCOCO evaluation on the val split (pycocotools):")
         print(TABLE.read_text().rstrip())
+    for path, title in ((MASK_TABLE, "Mask AP / AR (COCOeval segm)"),
+                        (PANOPTIC_TABLE, "Panoptic quality (%)")):
+        if path.is_file():  # only a segmentation model's evaluation writes them
+            print(f"\n{title}:")
+            print(path.read_text().rstrip())
     if DIAGNOSIS.is_file():
         verdicts = json.loads(DIAGNOSIS.read_text()).get("verdicts", [])
         print("\nDiagnosis (reports/evaluation/report.html explains it):")

@@ -25,6 +25,11 @@ canonical dataset's ``annotations/val.json`` + ``images/val/``. Writes
   (:mod:`pipelines.reporting.diagnosis`, :mod:`detr.diagnosis`): object sizes against the
   feature stride, class-agnostic AP, recall at IoU 0.1, AP per decoder layer, the loss and val
   AP curves, duplicate boxes; also printed;
+- with masks / panoptic maps in the predictions (a segmentation model):
+  ``metrics_path``'s folder gets ``segm.json`` (``mask_AP``... : mask AP / AR) and
+  ``panoptic.json`` (``PQ``, ``SQ``, ``RQ``, ``_th``, ``_st``), each ``{}`` when not measured
+  (a detection model), and ``report_dir`` the mask table and PQ table with per-class numbers
+  (:mod:`pipelines.reporting.segmentation`);
 - ``report_dir/report.html``: all of the above in one self-contained HTML file
   (:mod:`pipelines.reporting.report`).
 
@@ -40,8 +45,11 @@ Classes are named by category name (``<name>_<id>`` where names repeat or one is
 With ``run_file`` present (the MLflow run the train stage started) the run also gets the
 statistics as metrics (undefined ones left out), ``AP_class_<class>`` metrics, the
 diagnosis's ``diag_*`` metrics and, under ``evaluation/``: ``coco_table.txt``,
-``diagnosis.json``, the tables ``coco_stats.json`` and ``per_class_ap.json``, the figures (``pr_curves.png`` ...), ``examples/``, ``attention/`` and ``report.html``.
-Inside a Prefect flow run, the table is also the ``coco-ap-ar`` artifact.
+``diagnosis.json``, the tables ``coco_stats.json`` and ``per_class_ap.json``, the figures (``pr_curves.png`` ...), ``examples/``, ``attention/`` and ``report.html``;
+with masks also the ``mask_*`` statistics and ``mask_AP_class_<class>``, with panoptic maps
+the PQ statistics and ``PQ_class_<class>``, and their tables and per-class files.
+Inside a Prefect flow run, the table is also the ``coco-ap-ar`` artifact (with masks also
+``mask-ap-ar``, with panoptic maps ``panoptic-quality``).
 """
 
 from __future__ import annotations
@@ -49,7 +57,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import re
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,7 +66,7 @@ from prefect import flow
 from detr.checkpoint import CheckpointError
 from detr.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from detr.data.coco import AnnotationError, ImageLoadError
-from detr.evaluation import STAT_NAMES, CocoEvaluation, format_per_class
+from detr.evaluation import CocoEvaluation, format_per_class
 from detr.queries import query_boxes
 from pipelines import params as pipeline_params
 from pipelines import stage, tracking
@@ -77,6 +84,19 @@ from pipelines.reporting.diagnosis import run_diagnosis
 from pipelines.reporting.pictures import image_sizes, write_attention, write_examples, write_figures
 from pipelines.reporting.plots import SIZES
 from pipelines.reporting.report import Picture, write_report
+from pipelines.reporting.segmentation import (
+    MASK_PER_CLASS,
+    MASK_TABLE,
+    PANOPTIC_PER_CLASS,
+    PANOPTIC_TABLE,
+    SegmentationResults,
+    evaluate_segmentation,
+    metric_safe,
+    panoptic_rows,
+    segmentation_metrics,
+    segmentation_text,
+    write_segmentation,
+)
 
 DEFAULT_CHECKPOINT = Path("checkpoints/best.pth")  # the train stage's best by val AP
 ARTIFACT_DIR = "evaluation"
@@ -88,7 +108,6 @@ FIGURE_CAPTIONS = {
     "query_specialisation.png": "What each object query specialises in: the centre of the "
                                 "box it predicts on every val image",
 }
-_METRIC_UNSAFE = re.compile(r"[^\w.\- ]")  # what MLflow refuses in metric names (and / :)
 
 
 def run(*, checkpoint: Path, dataset_dir: Path, cfg: EvaluateConfig, data_cfg: DataConfig,
@@ -117,6 +136,11 @@ def run(*, checkpoint: Path, dataset_dir: Path, cfg: EvaluateConfig, data_cfg: D
     print(evaluation.table)
     print(format_per_class(evaluation))
     _write_reports(evaluation, labels, Path(metrics_path), plots_dir, report_dir)
+    segmentation = evaluate_segmentation(predictions, val.coco)
+    if segmentation:
+        print(segmentation_text(segmentation))
+    write_segmentation(segmentation, labels, metrics_dir=Path(metrics_path).parent,
+                       report_dir=report_dir)
     diagnosis = run_diagnosis(measured, evaluation, data_cfg=data_cfg,
                               score_threshold=cfg.score_threshold, plots_dir=plots_dir,
                               report_dir=report_dir, nms=cfg.nms)
@@ -133,13 +157,13 @@ def run(*, checkpoint: Path, dataset_dir: Path, cfg: EvaluateConfig, data_cfg: D
                  if n in figures],
         attention=[Picture(p, f"val image {p.stem}", photo=True) for p in attention],
         examples=[Picture(p, f"val image {p.stem}", photo=True) for p in examples],
-        diagnosis=diagnosis)
+        diagnosis=diagnosis, segmentation=segmentation)
     print(f"evaluate: report written to {report}")
-    stage.publish_table(key="coco-ap-ar", rows=stat_rows(evaluation),
-                        description=f"COCO AP/AR of {checkpoint} on {dataset_dir} (val)")
+    _publish_tables(evaluation, segmentation, labels, f"{checkpoint} on {dataset_dir} (val)")
     if run_file is not None and Path(run_file).is_file():
         _log_to_mlflow(Path(run_file), evaluation, labels, report_dir, figures,
-                       diagnosis.metrics())
+                       {**diagnosis.metrics(), **segmentation_metrics(segmentation, labels)},
+                       segmentation)
     elif run_file is not None:
         print(f"evaluate: no MLflow run file at {run_file}; results not logged to MLflow",
               file=sys.stderr)
@@ -147,10 +171,25 @@ def run(*, checkpoint: Path, dataset_dir: Path, cfg: EvaluateConfig, data_cfg: D
 
 
 def stat_rows(evaluation: CocoEvaluation) -> list[dict]:
-    """``[{"metric", "value", "line"}]``: each statistic with its line of the COCO table."""
+    """``[{"metric", "value", "line"}]``: each statistic with its line of the COCO table
+    (names ``mask_AP``... for a mask evaluation)."""
     lines = evaluation.table.splitlines()
     return [{"metric": name, "value": evaluation.stats[name], "line": line.strip()}
-            for name, line in zip(STAT_NAMES, lines, strict=True)]
+            for name, line in zip(evaluation.names, lines, strict=True)]
+
+
+def _publish_tables(evaluation: CocoEvaluation, segmentation: SegmentationResults,
+                    labels: dict[int, str], what: str) -> None:
+    """The Prefect table artifacts (inside a flow run): box, mask and PQ tables."""
+    stage.publish_table(key="coco-ap-ar", rows=stat_rows(evaluation),
+                        description=f"COCO AP/AR of {what}")
+    if segmentation.masks is not None:
+        stage.publish_table(key="mask-ap-ar", rows=stat_rows(segmentation.masks),
+                            description=f"COCO mask AP/AR of {what}")
+    if segmentation.panoptic is not None:
+        stage.publish_table(key="panoptic-quality",
+                            rows=panoptic_rows(segmentation.panoptic, labels),
+                            description=f"Panoptic quality (PQ, SQ, RQ) of {what}")
 
 
 def _facts(checkpoint: Path, dataset_dir: Path, model_cfg: ModelConfig,
@@ -213,14 +252,15 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 
 
 def _log_to_mlflow(run_file: Path, evaluation: CocoEvaluation, labels: dict[int, str],
-                   report_dir: Path, figures: dict[str, Path],
-                   diagnosis: dict[str, float]) -> None:
-    """Everything of the module doc into the run of ``run_file``; server calls retried."""
+                   report_dir: Path, figures: dict[str, Path], extra: dict[str, float],
+                   segmentation: SegmentationResults) -> None:
+    """Everything of the module doc into the run of ``run_file``; server calls retried.
+    ``extra``: more metrics (diagnosis, masks, PQ)."""
     import mlflow
 
     with tracking.resume_run(run_file):
         metrics = {**_defined(evaluation.stats), **_class_metrics(evaluation, labels),
-                   **diagnosis}
+                   **extra}
         _retry("log the COCO metrics", mlflow.log_metrics, metrics)
         _retry("log the COCO table", mlflow.log_text, evaluation.table + "\n",
                f"{ARTIFACT_DIR}/coco_table.txt")
@@ -233,8 +273,15 @@ def _log_to_mlflow(run_file: Path, evaluation: CocoEvaluation, labels: dict[int,
             if any((report_dir / folder).glob("*.png")):
                 _retry(f"log the {folder}", mlflow.log_artifacts, str(report_dir / folder),
                        f"{ARTIFACT_DIR}/{folder}")
-        for name in (DIAGNOSIS_FILE, "report.html"):
+        for name in (DIAGNOSIS_FILE, "report.html", *_segmentation_files(segmentation)):
             _retry(f"log {name}", mlflow.log_artifact, str(report_dir / name), ARTIFACT_DIR)
+
+
+def _segmentation_files(segmentation: SegmentationResults) -> list[str]:
+    """The report files :func:`write_segmentation` wrote for what was measured."""
+    masks = [MASK_TABLE, MASK_PER_CLASS] if segmentation.masks is not None else []
+    panoptic = [PANOPTIC_TABLE, PANOPTIC_PER_CLASS] if segmentation.panoptic is not None else []
+    return masks + panoptic
 
 
 def _retry(what: str, fn, *args, **kwargs) -> None:
@@ -262,9 +309,8 @@ def _defined(stats: dict[str, float]) -> dict[str, float]:
 
 
 def _class_metrics(evaluation: CocoEvaluation, labels: dict[int, str]) -> dict[str, float]:
-    """``AP_class_<class>`` for classes with val objects; characters MLflow refuses in metric
-    names (anything but letters, digits, ``_ - .`` and space) become ``_``."""
-    return {"AP_class_" + _METRIC_UNSAFE.sub("_", labels[c]): ap
+    """``AP_class_<class>`` for classes with val objects (:func:`metric_safe` names)."""
+    return {"AP_class_" + metric_safe(labels[c]): ap
             for c, ap in evaluation.per_class_ap.items() if ap is not None}
 
 

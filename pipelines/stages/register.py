@@ -7,7 +7,8 @@
     python -m pipelines rollback [--params params.yaml]
 
 Reads the checkpoint, ``metrics_path`` (``evaluate``'s COCO statistics: ``{"AP": 0.41, ...}``,
-at the top level or under ``"stats"``), ``per_class_path`` (its ``{class: AP or null}``) and the
+at the top level or under ``"stats"``; a ``mask_*`` ``register.metric`` is read from
+``segm.json`` beside it, a PQ one from ``panoptic.json``: :func:`metrics_file`), ``per_class_path`` (its ``{class: AP or null}``) and the
 run id in ``reports/mlflow_run.json``. Logs the model into that run (:mod:`pipelines.mlflow_model`),
 registers a new version of ``register.model_name`` and points ``@champion`` or ``@challenger``
 at it.
@@ -49,6 +50,8 @@ from prefect import flow
 from detr.checkpoint import CheckpointError
 from detr.config import ConfigError, DataConfig, TrainConfig
 from detr.evaluation import STAT_NAMES
+from detr.panoptic_quality import STAT_NAMES as PANOPTIC_STAT_NAMES
+from detr.segm_evaluation import MASK_STAT_NAMES
 from pipelines import mlflow_model, stage, tracking
 from pipelines.measurement import EvaluationInputError
 from pipelines.params import PARAMS_FILE, EvaluateConfig, RegisterConfig, load
@@ -112,7 +115,7 @@ def run(*, checkpoint: Path, metrics_path: Path = Path("metrics/coco.json"),
     """
     import mlflow
 
-    value = read_metric(Path(metrics_path), cfg.metric)
+    value = read_metric(metrics_file(cfg.metric, Path(metrics_path)), cfg.metric)
     dataset_md5 = tracking.dvc_hash(DATASET)
     with tracking.resume_run(Path(run_file)) as active:
         run_id = active.info.run_id
@@ -178,7 +181,11 @@ def compare(client, cfg: RegisterConfig, value: float, *, dataset_md5: str | Non
                   file=sys.stderr)
         else:
             out["champion_measurement"] = "cached" if measured["cached"] else "measured"
-            out["champion_value_before"] = float(measured["stats"][cfg.metric])
+            if cfg.metric not in measured["stats"]:
+                out["champion_measurement"] = (f"not measured: its measurement has no "
+                                               f"{cfg.metric} (register.metric)")
+            else:
+                out["champion_value_before"] = float(measured["stats"][cfg.metric])
             new = read_per_class(per_class_path)
             out["per_class"] = {name: {"new": new.get(name), "champion": ap}
                                 for name, ap in measured["per_class"].items()}
@@ -226,15 +233,27 @@ def _mlflow_error() -> type[Exception]:
     return MlflowException
 
 
+def metrics_file(metric: str, metrics_path: Path) -> Path:
+    """Where the evaluate stage writes ``metric``: ``metrics_path`` (``metrics/coco.json``)
+    for a box statistic, ``segm.json`` beside it for ``mask_*``, ``panoptic.json`` for PQ."""
+    if metric in MASK_STAT_NAMES:
+        return Path(metrics_path).with_name("segm.json")
+    if metric in PANOPTIC_STAT_NAMES:
+        return Path(metrics_path).with_name("panoptic.json")
+    return Path(metrics_path)
+
+
 def read_metric(path: Path, metric: str) -> float:
-    """``metric`` (a COCO statistic name) from the metrics JSON at ``path``.
+    """``metric`` (a COCO box or mask statistic, or a PQ statistic) from the metrics JSON at
+    ``path``.
 
     Raises:
         MetricsError: unknown statistic, missing file or key, or a value that is not finite.
     """
-    if metric not in STAT_NAMES:
-        raise MetricsError(f"register.metric: {metric!r} is not a COCO statistic "
-                         f"(one of {', '.join(STAT_NAMES)})")
+    known = STAT_NAMES + MASK_STAT_NAMES + PANOPTIC_STAT_NAMES
+    if metric not in known:
+        raise MetricsError(f"register.metric: {metric!r} is not a COCO statistic nor a "
+                           f"panoptic one (one of {', '.join(known)})")
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
 from detr.evaluation import STAT_NAMES
+from detr.panoptic_quality import gt_panoptic_map
+from detr.segm_evaluation import MASK_STAT_NAMES, mask_to_rle
 from detr.train import fit
 from pipelines import tracking
 from pipelines.params import EvaluateConfig
@@ -42,9 +47,14 @@ def _run(checkpoint: Path, dataset: Path, out: Path, run_file: Path | None):
 @pytest.fixture(scope="module")
 def tracked(checkpoint, tiny_dataset, tmp_path_factory):
     """Evaluate into an MLflow run kept under a temporary folder: (out dir, run id, result)."""
+    with _tracked_run(checkpoint, tiny_dataset, tmp_path_factory.mktemp("evaluate")) as found:
+        yield found
+
+
+@contextlib.contextmanager
+def _tracked_run(checkpoint: Path, dataset: Path, out: Path):
     import mlflow
 
-    out = tmp_path_factory.mktemp("evaluate")
     (out / "plots").mkdir()
     (out / "plots" / "train_loss.csv").write_text("epoch,loss,loss_ce\n0,3.5,1.2\n1,3.1,1.0\n")
     (out / "plots" / "val_ap.csv").write_text("step,AP,AP50\n500,0.1,0.2\n1000,0.2,0.4\n")
@@ -56,7 +66,7 @@ def tracked(checkpoint, tiny_dataset, tmp_path_factory):
         mlflow.create_experiment(tracking.EXPERIMENT,
                                  artifact_location=(out / "mlartifacts").as_uri())
         run_id = tracking.start_run(run_file=out / "mlflow_run.json")
-        result = _run(checkpoint, tiny_dataset, out, out / "mlflow_run.json")
+        result = _run(checkpoint, dataset, out, out / "mlflow_run.json")
         client = mlflow.MlflowClient(tracking.tracking_uri())
         yield out, client.get_run(run_id), client, result
 
@@ -67,6 +77,9 @@ def test_metrics_file_has_the_twelve_statistics(tracked):
     assert list(metrics) == list(STAT_NAMES)
     assert all(isinstance(v, float) and (v == -1.0 or 0.0 <= v <= 1.0) for v in metrics.values())
     assert metrics == result.stats
+    for name in ("segm.json", "panoptic.json"):  # a detection model: nothing measured
+        assert json.loads((out / "metrics" / name).read_text()) == {}
+    assert 'id="masks"' not in (out / "reports" / "evaluation" / "report.html").read_text()
 
 
 def test_reports_table_per_class_and_examples(tracked, tiny_dataset):
@@ -230,3 +243,74 @@ def test_main_names_a_missing_input_and_exits_2(missing, checkpoint, tiny_datase
                           "--run-file", str(tmp_path / "none.json")])
     assert code == 2
     assert str(tmp_path / "nowhere") in capsys.readouterr().err
+
+
+def _with_masks(dataset: Path, out: Path) -> Path:
+    """A copy of ``dataset`` whose val annotations carry exact masks (each box's pixels that
+    no earlier box took, as RLE; annotations left without pixels dropped): a panoptic
+    ground truth without stuff."""
+    copy = out / "dataset"
+    shutil.copytree(dataset, copy)
+    path = copy / "annotations" / "val.json"
+    val = json.loads(path.read_text())
+    taken = {i["id"]: np.zeros((i["height"], i["width"]), bool) for i in val["images"]}
+    kept = []
+    for ann in val["annotations"]:
+        x, y, w, h = (round(v) for v in ann["bbox"])
+        mask = np.zeros_like(taken[ann["image_id"]])
+        mask[y:y + h, x:x + w] = True
+        mask &= ~taken[ann["image_id"]]
+        if mask.any():
+            taken[ann["image_id"]] |= mask
+            kept.append({**ann, "segmentation": mask_to_rle(mask), "area": int(mask.sum())})
+    val["annotations"] = kept
+    path.write_text(json.dumps(val))
+    return copy
+
+
+def _perfect_segmentation(measured):
+    """``measured`` with every val image predicted as its ground truth, masks and panoptic
+    map included (the segmentation model's contract)."""
+    gt = measured.val.coco
+    measured.predictions = dict(measured.predictions)  # raw_predictions may be the same dict
+    for image_id in gt.getImgIds():
+        anns = gt.imgToAnns[image_id]
+        segments, segments_info = gt_panoptic_map(gt, image_id)
+        measured.predictions[image_id] = {
+            "boxes": np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
+                                a["bbox"][1] + a["bbox"][3]] for a in anns]).reshape(-1, 4),
+            "scores": np.ones(len(anns)), "labels": np.array([a["category_id"] for a in anns]),
+            "masks": np.stack([gt.annToMask(a).astype(bool) for a in anns]),
+            "panoptic": {"segments": segments, "segments_info": segments_info}}
+    return measured
+
+
+@pytest.fixture(scope="module")
+def tracked_segmentation(checkpoint, tiny_dataset, tmp_path_factory):
+    """As ``tracked``, for a model whose predictions carry perfect masks and panoptic maps."""
+    out = tmp_path_factory.mktemp("evaluate_segmentation")
+    dataset = _with_masks(tiny_dataset, out)
+    with pytest.MonkeyPatch.context() as mp:
+        real = evaluate.measure
+        mp.setattr(evaluate, "measure", lambda *a, **k: _perfect_segmentation(real(*a, **k)))
+        with _tracked_run(checkpoint, dataset, out) as found:
+            yield found
+
+
+def test_segmentation_metrics_files_mlflow_and_report(tracked_segmentation):
+    out, run, client, _ = tracked_segmentation
+    segm = json.loads((out / "metrics" / "segm.json").read_text())
+    assert list(segm) == list(MASK_STAT_NAMES) and segm["mask_AP"] == pytest.approx(1.0)
+    panoptic = json.loads((out / "metrics" / "panoptic.json").read_text())
+    assert panoptic["PQ"] == pytest.approx(1.0) and panoptic["PQ_th"] == pytest.approx(1.0)
+    assert panoptic["PQ_st"] == -1.0  # the demo has no stuff class
+    assert run.data.metrics["mask_AP"] == pytest.approx(1.0)
+    assert run.data.metrics["PQ"] == pytest.approx(1.0) and "PQ_st" not in run.data.metrics
+    assert any(k.startswith("mask_AP_class_") for k in run.data.metrics)
+    assert any(k.startswith("PQ_class_") for k in run.data.metrics)
+    paths = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    for name in ("mask_table.txt", "per_class_mask_ap.json", "panoptic_table.txt",
+                 "per_class_pq.json"):
+        assert f"evaluation/{name}" in paths
+    html = (out / "reports" / "evaluation" / "report.html").read_text(encoding="utf-8")
+    assert 'id="masks"' in html and 'id="panoptic"' in html

@@ -117,6 +117,21 @@ def test_read_metric_names_the_problem(tmp_path):
         register.read_metric(tmp_path / "missing.json", "AP")
 
 
+def test_mask_and_panoptic_metrics_are_read_from_their_files(tmp_path):
+    coco = tmp_path / "metrics" / "coco.json"
+    assert register.metrics_file("AP", coco) == coco
+    assert register.metrics_file("mask_AP75", coco) == tmp_path / "metrics" / "segm.json"
+    assert register.metrics_file("PQ_th", coco) == tmp_path / "metrics" / "panoptic.json"
+    coco.parent.mkdir()
+    (tmp_path / "metrics" / "segm.json").write_text(json.dumps({"mask_AP": 0.31}))
+    (tmp_path / "metrics" / "panoptic.json").write_text("{}")  # a detection run's
+    assert register.read_metric(register.metrics_file("mask_AP", coco), "mask_AP") == 0.31
+    with pytest.raises(register.MetricsError, match=r"panoptic.json: no 'PQ' \(found: -\)"):
+        register.read_metric(register.metrics_file("PQ", coco), "PQ")
+    with pytest.raises(register.MetricsError, match="register.metric: 'mask_mAP'"):
+        register.read_metric(coco, "mask_mAP")
+
+
 def test_champion_challenger_sequence(env):
     first = _register(env, "seq", 0.30, min_improvement=0.05)
     # no data/dataset here: drift is not measured, the registration goes on (test_drift.py)

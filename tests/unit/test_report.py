@@ -139,3 +139,42 @@ def test_diagnosis_section_shows_verdicts_first_and_every_check(evaluation):
     plain = render_report(evaluation=evaluation, labels={1: "cat", 2: "dog"}, facts={},
                           figures=[], attention=[], examples=[])
     assert 'id="diagnosis"' not in plain
+
+
+def test_mask_and_panoptic_sections_when_measured(evaluation, tmp_path):
+    from detr.panoptic_quality import PanopticAccumulator
+    from detr.segm_evaluation import MASK_STAT_NAMES, evaluate_masks
+    from pipelines.reporting.segmentation import SegmentationResults
+
+    gt = json.loads((tmp_path / "gt.json").read_text())
+    gt["annotations"][0]["segmentation"] = [[10, 10, 40, 10, 40, 40, 10, 40]]
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    mask = torch.zeros(1, 100, 100, dtype=torch.bool)
+    mask[0, 10:40, 10:40] = True
+    masks = evaluate_masks(tmp_path / "gt.json", {1: {"masks": mask, "scores": [0.9],
+                                                      "labels": [1]}})
+    accumulator = PanopticAccumulator([{"id": 1, "name": "cat"},
+                                       {"id": 2, "name": "dog <b>", "isthing": 0}])
+    segments = mask[0].numpy().astype("int32")
+    accumulator.add(segments, [{"id": 1, "category_id": 1, "iscrowd": 0}], segments,
+                    [{"id": 1, "category_id": 1}])
+    html = render_report(evaluation=evaluation, labels={1: "cat", 2: "dog <b>"}, facts={},
+                         figures=[], attention=[], examples=[],
+                         segmentation=SegmentationResults(masks, accumulator.result()))
+    page = _Page()
+    page.feed(html)
+    rows = page.tables["mask-stats"]
+    assert [row[0].split()[-1] for row in rows[1:]] == list(MASK_STAT_NAMES)
+    assert rows[1][-1] == "1.000"
+    assert page.pre == [evaluation.table, masks.table]
+    assert page.tables["mask-classes"][1][:3] == ["cat", "1", "1.000"]
+    assert page.tables["panoptic"] == [
+        ["class", "kind", "PQ", "SQ", "RQ", "TP", "FP", "FN"],
+        ["all", "mean", "100.0", "100.0", "100.0", "", "", ""],
+        ["things", "mean", "100.0", "100.0", "100.0", "", "", ""],
+        ["stuff", "mean", "n/a", "n/a", "n/a", "", "", ""],
+        ["cat", "thing", "100.0", "100.0", "100.0", "1", "0", "0"],
+        ["dog <b>", "stuff", "n/a", "n/a", "n/a", "", "", ""]]
+    plain = render_report(evaluation=evaluation, labels={1: "cat", 2: "dog"}, facts={},
+                          figures=[], attention=[], examples=[])
+    assert 'id="masks"' not in plain and 'id="panoptic"' not in plain
