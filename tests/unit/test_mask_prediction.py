@@ -135,3 +135,14 @@ def test_rle_round_trip_and_serialisations():
     boxes_only = Detections(det.boxes, det.scores, det.labels, det.names, (5, 7))
     assert all("segmentation" not in r for r in boxes_only.to_records() + boxes_only.to_coco(3))
     assert boxes_only.rles() is None
+
+
+def test_stuff_classes_come_from_the_label_map(tiny_checkpoint, tmp_path):
+    ckpt = torch.load(tiny_checkpoint, weights_only=False)
+    ckpt["label_map"]["categories"][1]["isthing"] = 0
+    ckpt["label_map"]["categories"][0]["isthing"] = 1
+    path = tmp_path / "stuff.pth"
+    torch.save(ckpt, path)
+    stuff_id = ckpt["label_map"]["categories"][1]["id"]
+    assert Predictor.from_checkpoint(path, device="cpu").stuff_ids == {stuff_id}
+    assert Predictor.from_checkpoint(tiny_checkpoint, device="cpu").stuff_ids == set()
