@@ -6,10 +6,11 @@ height ``H``, or more), each image at the top left of the batch. A model has a m
 when it has a ``mask_head`` submodule (the official key prefix ``mask_head.``):
 :func:`has_mask_head`.
 
-Instance masks (:func:`masks_for`): the logits of the kept queries are upsampled 4x
-(bilinear), cropped to the image's unpadded input size, resized (bilinear) to its original
-size and thresholded at sigmoid > 0.5 (logit > 0). Masks are computed a few queries at a time,
-so memory stays bounded for large images.
+Instance masks (:func:`masks_for`): the cells of the image's own (unpadded) region of the kept
+queries' logits (cell (i, j) covers input pixels [4i, 4i+4) x [4j, 4j+4)) are resampled
+(bilinear) in one step straight to the original image size, at the true scale (original
+pixels per cell), and thresholded at sigmoid > 0.5 (logit > 0). Masks are computed a few
+queries at a time, so memory stays bounded for large images.
 
 Panoptic maps (:func:`panoptic_for`): each pixel goes to the kept detection with the highest
 mask logit there, among those whose mask covers it (logit > 0; no cover: void, id 0); the
@@ -31,6 +32,7 @@ from torch.nn import functional as F
 
 MASK_STRIDE = 4  # pixels of the padded input per cell of ``pred_masks``
 CHUNK = 16  # masks upsampled per step: [16, H, W] float at a time
+_NUDGE = 1 + 1e-9
 MIN_AREA = 4  # px: smaller panoptic segments become void (as the official postprocess)
 
 
@@ -49,16 +51,20 @@ def mask_logit_chunks(pred_masks: Tensor, keep: Tensor, size: Sequence[int],
         ValueError: the grid is smaller than ``size`` / 4 (not the padded batch's grid).
     """
     height, width = (int(v) for v in size)
+    rows, cols = -(-height // MASK_STRIDE), -(-width // MASK_STRIDE)
     grid = pred_masks.shape[-2:]
-    if grid[0] * MASK_STRIDE < height or grid[1] * MASK_STRIDE < width:
+    if grid[0] < rows or grid[1] < cols:
         raise ValueError(f"pred_masks grid {tuple(grid)} does not cover the input size "
                          f"{height} x {width} at stride {MASK_STRIDE}")
-    orig = [int(v) for v in orig_size]
+    orig_h, orig_w = (int(v) for v in orig_size)
+    # The true scale, nudged up by 1e-9: interpolate's output size is floor(cells * scale),
+    # which float rounding can make one pixel short of the original size.
+    scale = (MASK_STRIDE * orig_h / height * _NUDGE, MASK_STRIDE * orig_w / width * _NUDGE)
     for start in range(0, len(keep), chunk):
-        logits = pred_masks[keep[start:start + chunk]].float()[None]
-        up = F.interpolate(logits, scale_factor=MASK_STRIDE, mode="bilinear",
-                           align_corners=False)[..., :height, :width]
-        yield F.interpolate(up, size=orig, mode="bilinear", align_corners=False)[0]
+        cells = pred_masks[keep[start:start + chunk], :rows, :cols].float()[:, None]
+        out = F.interpolate(cells, scale_factor=scale, mode="bilinear", align_corners=False,
+                            recompute_scale_factor=False)  # the last cells may reach past
+        yield out[:, 0, :orig_h, :orig_w]
 
 
 @torch.inference_mode()

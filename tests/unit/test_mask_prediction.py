@@ -41,6 +41,16 @@ def test_masks_are_upsampled_cropped_to_the_input_and_resized_to_the_original():
     assert masks[1, :22, :30].all() and not masks[1, 26:].any() and not masks[1, :, 34:].any()
 
 
+@pytest.mark.parametrize(("input_height", "orig_height"), [(44, 251), (56, 230), (60, 77)])
+def test_masks_have_the_original_size_where_float_rounding_would_cut_a_pixel(input_height,
+                                                                             orig_height):
+    # floor(cells * 4 * 251 / 44) is 250 in floating point: the scale is nudged up
+    rows = -(-input_height // 4)
+    outputs = {"pred_masks": torch.ones((1, 1, rows, 3))}
+    masks = masks_for(outputs, [torch.tensor([0])], [(input_height, 12)], [(orig_height, 30)])
+    assert masks[0].shape == (1, orig_height, 30) and masks[0].all()
+
+
 def test_no_kept_query_gives_an_empty_mask_stack():
     masks = masks_for(_grid_outputs(), [torch.tensor([], dtype=torch.long)], [(20, 28)],
                       [(40, 56)])[0]
