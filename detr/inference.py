@@ -299,10 +299,12 @@ class Predictor:
         """The ``top_k`` best-scoring detections of one image (no score threshold) and where
         each one's object query looked: :func:`detr.attention.top_query_attention`, boxes and
         heat maps in the original image's pixels. Draw them with
-        :func:`detr.visualize.attention_figure`."""
+        :func:`detr.visualize.attention_figure`. A segmentation model: its detector's
+        (``model.detr``, the box model it wraps) queries."""
         pixels = load_image(image)
+        detector = self.model.detr if self.has_masks else self.model
         with autocast(self.device, self.precision):
-            return top_query_attention(self.model, self.preprocess(pixels).to(self.device),
+            return top_query_attention(detector, self.preprocess(pixels).to(self.device),
                                        postprocess=self.postprocess,
                                        orig_size=tuple(pixels.shape[-2:]), top_k=top_k)
 

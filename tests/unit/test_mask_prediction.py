@@ -156,3 +156,8 @@ def test_stuff_classes_come_from_the_label_map(tiny_checkpoint, tmp_path):
     stuff_id = ckpt["label_map"]["categories"][1]["id"]
     assert Predictor.from_checkpoint(path, device="cpu").stuff_ids == {stuff_id}
     assert Predictor.from_checkpoint(tiny_checkpoint, device="cpu").stuff_ids == set()
+
+
+def test_attention_of_a_segmentation_model_is_its_detectors(predictor, images):
+    found = predictor.attention(images[0], top_k=2)
+    assert len(found) == 2 and found[0].heat.shape == images[0].shape[-2:]
