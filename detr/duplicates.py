@@ -67,9 +67,12 @@ def count_duplicates(predictions: Mapping[int, Mapping[str, Tensor]], *,
 
 def class_wise_nms(detections: Mapping[str, Tensor], iou_threshold: float) -> dict[str, Tensor]:
     """One image's detections without those that a higher-scoring detection of the same label
-    overlaps with IoU > ``iou_threshold`` (``torchvision.ops.batched_nms``), best first."""
+    overlaps with IoU > ``iou_threshold`` (``torchvision.ops.batched_nms``), best first.
+    Other keys (per-detection rows, e.g. a segmentation model's query index) are kept along."""
     boxes = torch.as_tensor(detections["boxes"]).float()
     scores = torch.as_tensor(detections["scores"]).float()
     labels = torch.as_tensor(detections["labels"])
     keep = batched_nms(boxes, scores, labels, iou_threshold)
-    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+    rows = {key: torch.as_tensor(value)[keep.to(torch.as_tensor(value).device)]
+            for key, value in detections.items() if key not in ("boxes", "scores", "labels")}
+    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep], **rows}

@@ -12,7 +12,10 @@ The graph (:class:`DetectionGraph`): inputs ``images`` float32 [B, 3, H, W], nor
 the ImageNet mean/std as :class:`detr.models.detr.DETR` takes them, and ``mask`` bool
 [B, H, W], True on padding (bottom and right; all False for a batch of same-size images);
 outputs ``pred_logits`` [B, Q, C + 1] (last = no object) and ``pred_boxes`` [B, Q, 4],
-normalised (cx, cy, w, h) of each image's own, unpadded size. With ``--no-mask`` the graph
+normalised (cx, cy, w, h) of each image's own, unpadded size, and, for a segmentation model
+(its forward also returns ``pred_masks``), ``pred_masks`` [B, Q, H/4, W/4] mask logits on
+the padded batch's stride-4 grid: the graph's outputs are those of :data:`KNOWN_OUTPUTS` that
+the model returns, in that order. With ``--no-mask`` the graph
 has no ``mask`` input and every image must fill the whole batch tensor. Batch size, height and
 width are dynamic (height and width at least ``MIN_SIDE`` px) unless ``--static``, which fixes
 them to ``--batch``, ``--height`` and ``--width``. The model's categories (ids and names),
@@ -27,7 +30,8 @@ exported as plain MatMul/Softmax (opset 18 has no attention operator).
 
 Every export is checked before it is kept: ONNX Runtime (CPU) and the eager fp32 model run the
 same inputs (the export's own shape and, when dynamic, other batch sizes, sizes and paddings);
-the largest absolute differences of logits and boxes are printed and must stay within
+the largest absolute differences of logits and boxes (and mask logits) are printed and must
+stay within
 ``--atol``. The file is written next to ``--out`` and renamed onto it only when the check
 passes: a failed export leaves an earlier file untouched. Exit status 0 on success, 1 when
 the outputs differ beyond the tolerance, 2 for unusable input.
@@ -59,7 +63,8 @@ MIN_SIDE = 33  # px: below it the stride-32 feature map is a single cell, a shap
 # specialises on (1 is special to broadcasting), which would make the graph's sizes static
 DEFAULT_ATOL = 1e-3
 INPUT_NAMES = ("images", "mask")
-OUTPUT_NAMES = ("pred_logits", "pred_boxes")
+OUTPUT_NAMES = ("pred_logits", "pred_boxes")  # a detector's graph outputs
+KNOWN_OUTPUTS = (*OUTPUT_NAMES, "pred_masks")  # a segmentation model adds its mask logits
 
 
 class ExportError(RuntimeError):
@@ -68,39 +73,56 @@ class ExportError(RuntimeError):
 
 class DetectionGraph(nn.Module):
     """The exported computation: ``(images, mask)`` -> ``(pred_logits, pred_boxes)`` of the
-    last decoder layer (module doc for the contract). ``with_mask=False``: ``forward(images)``
-    only, no padding allowed."""
+    last decoder layer (module doc for the contract), or the model's ``outputs`` in that
+    order (:func:`graph_outputs`). ``with_mask=False``: ``forward(images)`` only, no padding
+    allowed."""
 
-    def __init__(self, model: nn.Module, *, with_mask: bool = True):
+    def __init__(self, model: nn.Module, *, with_mask: bool = True,
+                 outputs: Sequence[str] = OUTPUT_NAMES):
         super().__init__()
         self.model = model
         self.with_mask = with_mask
+        self.outputs = tuple(outputs)
 
-    def forward(self, images: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> tuple[Tensor, ...]:
         if self.with_mask:
             out = self.model(images, mask, padded=True)
         else:
             padding = torch.zeros((images.shape[0], *images.shape[-2:]), dtype=torch.bool,
                                   device=images.device)
             out = self.model(images, padding, padded=False)
-        return out["pred_logits"], out["pred_boxes"]
+        return tuple(out[name] for name in self.outputs)
+
+
+def graph_outputs(model: nn.Module, example: tuple[Tensor, Tensor]) -> tuple[str, ...]:
+    """The names of :data:`KNOWN_OUTPUTS` that ``model`` returns on ``example`` (one eager
+    pass)."""
+    with torch.no_grad():
+        out = model(*example)
+    return tuple(name for name in KNOWN_OUTPUTS if name in out)
 
 
 @dataclass(frozen=True)
 class Check:
     """ONNX Runtime against eager on one input: its shape, whether it had padding, the largest
-    absolute differences."""
+    absolute differences (``masks_diff``: of the mask logits; None for a detector)."""
 
     shape: tuple[int, int, int]
     padded: bool
     logits_diff: float
     boxes_diff: float
+    masks_diff: float | None = None
+
+    @property
+    def max_diff(self) -> float:
+        return max(self.logits_diff, self.boxes_diff, self.masks_diff or 0.0)
 
     def line(self, atol: float) -> str:
         b, h, w = self.shape
-        verdict = "ok" if max(self.logits_diff, self.boxes_diff) <= atol else "TOO LARGE"
+        verdict = "ok" if self.max_diff <= atol else "TOO LARGE"
+        masks = "" if self.masks_diff is None else f"  masks {self.masks_diff:.2e}"
         return (f"  {b} x {h} x {w:<5} {'padded' if self.padded else 'full  '}  "
-                f"logits {self.logits_diff:.2e}  boxes {self.boxes_diff:.2e}  {verdict}")
+                f"logits {self.logits_diff:.2e}  boxes {self.boxes_diff:.2e}{masks}  {verdict}")
 
 
 @dataclass(frozen=True)
@@ -114,10 +136,11 @@ class ExportResult:
     seconds: float
     checks: tuple[Check, ...]
     atol: float
+    outputs: tuple[str, ...] = OUTPUT_NAMES
 
     @property
     def max_diff(self) -> float:
-        return max(max(c.logits_diff, c.boxes_diff) for c in self.checks)
+        return max(c.max_diff for c in self.checks)
 
 
 def export(model: nn.Module, out: str | Path, *, opset: int = DEFAULT_OPSET,
@@ -135,8 +158,9 @@ def export(model: nn.Module, out: str | Path, *, opset: int = DEFAULT_OPSET,
     """
     _check_options(opset, height, width, batch_size, atol, dynamic)
     model = model.float().eval().cpu()
-    graph = DetectionGraph(model, with_mask=with_mask).eval()
     example = _example(batch_size, height, width, padded=with_mask and batch_size > 1)
+    outputs = graph_outputs(model, example)
+    graph = DetectionGraph(model, with_mask=with_mask, outputs=outputs).eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(suffix=".onnx", prefix=f".{out.stem}-", dir=out.parent)
@@ -148,7 +172,7 @@ def export(model: nn.Module, out: str | Path, *, opset: int = DEFAULT_OPSET,
         seconds = time.perf_counter() - start
         cases = [example] + (_other_inputs(height, width, with_mask) if dynamic else [])
         checks = tuple(check_onnx(Path(temp), model, cases, with_mask=with_mask))
-        result = ExportResult(out, opset, dynamic, with_mask, seconds, checks, atol)
+        result = ExportResult(out, opset, dynamic, with_mask, seconds, checks, atol, outputs)
         if result.max_diff > atol:
             raise ExportError(f"ONNX Runtime differs from eager by {result.max_diff:.2e} > "
                               f"atol {atol:g}:\n" + "\n".join(c.line(atol) for c in checks))
@@ -162,22 +186,31 @@ def export(model: nn.Module, out: str | Path, *, opset: int = DEFAULT_OPSET,
 def check_onnx(path: Path, model: nn.Module, cases: Sequence[tuple[Tensor, Tensor]], *,
                with_mask: bool = True) -> list[Check]:
     """Run the ONNX file (ONNX Runtime, CPU) and ``model`` (eager, its own ``forward``, which
-    decides padding by itself) on each ``(images, mask)`` case; the largest differences."""
+    decides padding by itself) on each ``(images, mask)`` case; the largest differences of
+    every graph output (``pred_masks`` too when the graph has it).
+
+    Raises:
+        ExportError: a graph output that the eager model does not return.
+    """
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
     checks = []
     for images, mask in cases:
         feeds = {"images": images.numpy()}
         if with_mask:
             feeds["mask"] = mask.numpy()
-        logits, boxes = session.run(list(OUTPUT_NAMES), feeds)
+        got = dict(zip(names, session.run(names, feeds), strict=True))
         with torch.no_grad():
             eager = model(images, mask)
-        checks.append(Check(
-            (images.shape[0], *images.shape[-2:]), bool(mask.any()),
-            float((torch.from_numpy(logits) - eager["pred_logits"]).abs().max()),
-            float((torch.from_numpy(boxes) - eager["pred_boxes"]).abs().max())))
+        missing = [name for name in names if name not in eager]
+        if missing:
+            raise ExportError(f"{path}: graph outputs {missing} that the model does not return")
+        diff = {name: float((torch.from_numpy(got[name]) - eager[name]).abs().max())
+                for name in names}
+        checks.append(Check((images.shape[0], *images.shape[-2:]), bool(mask.any()),
+                            diff["pred_logits"], diff["pred_boxes"], diff.get("pred_masks")))
     return checks
 
 
@@ -203,7 +236,7 @@ def _export_to(graph: DetectionGraph, example: tuple[Tensor, Tensor], path: Path
                 warnings.filterwarnings("ignore", message=".*shares the same shape constraints")
                 program = torch.onnx.export(graph, args, dynamo=True, opset_version=opset,
                                             input_names=list(names),
-                                            output_names=list(OUTPUT_NAMES),
+                                            output_names=list(graph.outputs),
                                             dynamic_shapes=shapes, verbose=False)
         except Exception as exc:  # the exporter raises many types; say which step failed
             raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: "
@@ -316,7 +349,7 @@ def _print(result: ExportResult) -> None:
     shape = "dynamic batch x height x width" if result.dynamic else "static shape"
     inputs = "images, mask" if result.with_mask else "images"
     print(f"exported {result.path} ({size:.1f} MiB, opset {result.opset}, {shape}; inputs: "
-          f"{inputs}; outputs: {', '.join(OUTPUT_NAMES)}) in {result.seconds:.1f} s")
+          f"{inputs}; outputs: {', '.join(result.outputs)}) in {result.seconds:.1f} s")
     print(f"ONNX Runtime vs eager (fp32, CPU), max |difference| (tolerance {result.atol:g}):")
     for check in result.checks:
         print(check.line(result.atol))

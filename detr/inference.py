@@ -12,6 +12,13 @@ maps their boxes back to the image and merges the duplicates of the overlaps
 tiling` builds the options, ``size="auto"`` being the model's val scale (each tile is then
 seen at its own resolution).
 
+Segmentation models (their forward adds ``pred_masks``, :mod:`detr.masks_out`): each
+:class:`Detections` also has ``masks``, bool [N, H, W] at the original image size (row i =
+detection i; NMS drops the masks of the boxes it drops), and with ``predict(...,
+panoptic=True)`` a panoptic map; its ``to_coco`` / ``to_records`` / ``to_json`` carry COCO RLE
+``segmentation``. Tiled prediction of masks is refused (``tile=``: a ValueError naming it):
+predict such images whole.
+
 Inputs (mixed in one call): a path to an image file, a ``PIL.Image`` or a ``[3, H, W]`` tensor
 (uint8, or float in [0, 1]). Pixels are used as stored: no EXIF rotation, as in COCO and in
 :class:`detr.data.coco.CocoDetection`, so boxes refer to the pixel grid of the file.
@@ -23,9 +30,8 @@ loads it; its pyfunc builds a Predictor from the logged checkpoint.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,10 +45,11 @@ from detr.checkpoint import CheckpointError, load_file
 from detr.data.coco import category_ids_from_label_map
 from detr.data.tiling import TileOptions, predict_tiles
 from detr.data.transforms import make_transforms
+from detr.detections import Detections  # noqa: F401  (public here too)
 from detr.device import autocast, resolve_precision, select_device
 from detr.duplicates import class_wise_nms
-from detr.evaluation import to_coco_results
 from detr.images import ImageInput, as_list, load_image  # noqa: F401  (public here too)
+from detr.masks_out import has_mask_head, masks_for, panoptic_for
 from detr.models.backbone import fold_batchnorm
 from detr.models.postprocess import PostProcess
 
@@ -74,43 +81,6 @@ _OFFICIAL_ENTRIES = {
 }
 
 
-@dataclass(frozen=True)
-class Detections:
-    """One image's detections, best score first.
-
-    ``boxes`` float32 [N, 4] absolute xyxy pixels of the original image, clipped to it;
-    ``scores`` float32 [N] in [0, 1], descending; ``labels`` int64 [N] category ids;
-    ``names`` the N category names; ``image_size`` (height, width) of the original image.
-    Tensors are on the CPU.
-    """
-
-    boxes: Tensor
-    scores: Tensor
-    labels: Tensor
-    names: list[str]
-    image_size: tuple[int, int]
-
-    def __len__(self) -> int:
-        return len(self.scores)
-
-    def to_coco(self, image_id: int) -> list[dict]:
-        """COCO results: ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``."""
-        return to_coco_results({int(image_id): {"boxes": self.boxes, "scores": self.scores,
-                                                "labels": self.labels}})
-
-    def to_records(self) -> list[dict]:
-        """``{"box": [x1, y1, x2, y2], "score", "category_id", "category"}`` per detection
-        (box rounded to 0.01 px, score to 1e-5)."""
-        return [{"box": [round(v, 2) for v in box], "score": round(score, 5),
-                 "category_id": int(label), "category": name}
-                for box, score, label, name in zip(self.boxes.tolist(), self.scores.tolist(),
-                                                   self.labels.tolist(), self.names, strict=True)]
-
-    def to_json(self) -> str:
-        """:meth:`to_records` as a JSON list."""
-        return json.dumps(self.to_records())
-
-
 class Predictor:
     """A DETR model with its preprocessing and postprocessing: images -> :class:`Detections`.
 
@@ -137,6 +107,8 @@ class Predictor:
         channels_last: run :meth:`predict` with 4-D weights in the channels-last memory layout
             (faster convolutions on GPUs and recent CPUs; the numbers are the same). Weights the
             copy shares with ``model`` change layout, not values.
+        stuff_ids: category ids of the stuff classes (``isthing`` 0), for panoptic maps of a
+            segmentation model; the others are things.
 
     Raises:
         ValueError: categories that do not match the model's number of classes, bad sizes or
@@ -147,7 +119,7 @@ class Predictor:
                  category_names: Sequence[str] | None = None, scale: int, max_size: int,
                  device: str = "auto", precision: str = "auto", score_threshold: float = 0.5,
                  top_k: int = 100, fold_bn: bool = True, channels_last: bool = True,
-                 nms: float | None = None) -> None:
+                 nms: float | None = None, stuff_ids: Iterable[int] = ()) -> None:
         check_options(score_threshold, top_k)
         if nms is not None and not 0 < nms <= 1:
             raise ValueError(f"nms: {nms!r} must be an IoU in (0, 1], or None (off)")
@@ -163,6 +135,12 @@ class Predictor:
         self.scale, self.max_size = int(scale), int(max_size)
         self.transform = make_transforms("val", scales=(self.scale,), max_size=self.max_size)
         self.score_threshold, self.top_k = float(score_threshold), int(top_k)
+        self.stuff_ids = frozenset(int(c) for c in stuff_ids)
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether the model is a segmentation DETR (:func:`detr.masks_out.has_mask_head`)."""
+        return has_mask_head(self.model)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, device: str = "auto", precision: str = "auto",
@@ -171,7 +149,8 @@ class Predictor:
         """A training checkpoint of this project (``model``, ``params``, ``label_map``).
 
         ``scale`` and ``max_size`` default to the checkpoint's val preset: ``max(scales)`` and
-        ``max_size`` of ``params["data"]``. Raises CheckpointError naming ``path``.
+        ``max_size`` of ``params["data"]``. The label map's categories with ``isthing`` 0 are
+        the stuff classes. Raises CheckpointError naming ``path``.
         """
         ckpt = load_file(path)
         model, _, label_map = hub.model_from_checkpoint(path, ckpt=ckpt)
@@ -180,9 +159,11 @@ class Predictor:
             scale = trained[0] if scale is None else scale
             max_size = trained[1] if max_size is None else max_size
         ids, names = _label_map_categories(label_map, path)
+        stuff = [c.get("id") for c in (label_map or {}).get("categories", [])
+                 if isinstance(c, dict) and c.get("isthing", 1) == 0]
         return cls(model, category_ids=ids, category_names=names, scale=scale,
                    max_size=max_size, device=device, precision=precision,
-                   score_threshold=score_threshold, top_k=top_k, nms=nms)
+                   score_threshold=score_threshold, top_k=top_k, nms=nms, stuff_ids=stuff)
 
     @classmethod
     def from_official(cls, pretrained: bool | str | Path = True, *, backbone: str = "resnet50",
@@ -212,7 +193,8 @@ class Predictor:
 
     def predict(self, images: ImageInput | Iterable[ImageInput], *,
                 score_threshold: float | None = None, top_k: int | None = None,
-                batch_size: int = 8, tile: TileOptions | None = None) -> list[Detections]:
+                batch_size: int = 8, tile: TileOptions | None = None,
+                panoptic: bool = False) -> list[Detections]:
         """Detect objects; one :class:`Detections` per image, in input order.
 
         ``images``: one image or a sequence (paths, PIL images, [3, H, W] tensors, mixed; a
@@ -221,7 +203,8 @@ class Predictor:
         scores >= it; ``top_k`` keeps at most that many; None = the predictor's defaults.
         ``tile``: predict each image larger than ``tile.size`` tile by tile, ``batch_size``
         tiles at a time, and merge (module doc); an image that fits in one tile is predicted
-        as without tiling.
+        as without tiling; refused for a segmentation model (module doc). ``panoptic``: add
+        each image's panoptic map (segmentation models only).
 
         Raises:
             ImageLoadError: an image file is missing or unreadable (the message names it).
@@ -233,6 +216,7 @@ class Predictor:
         check_options(threshold, top_k)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self._check_mask_options(tile, panoptic)
         items = as_list(images)
         if tile is not None:
             return [self._detect_tiled(load_image(item, index=i), tile, threshold, top_k,
@@ -241,24 +225,58 @@ class Predictor:
         for start in range(0, len(items), batch_size):
             pixels = [load_image(item, index=start + i)
                       for i, item in enumerate(items[start:start + batch_size])]
-            results.extend(self._detect(pixels, threshold, top_k))
+            results.extend(self._detect(pixels, threshold, top_k, panoptic))
         return results
 
-    def _detect(self, pixels: list[Tensor], threshold: float, top_k: int) -> list[Detections]:
-        """[3, H, W] images -> their detections (one forward pass)."""
-        return [self._select(det, list(p.shape[-2:]), threshold, top_k)
-                for det, p in zip(self._raw(pixels), pixels, strict=True)]
+    def _check_mask_options(self, tile: TileOptions | None, panoptic: bool) -> None:
+        if tile is not None and self.has_masks:
+            raise ValueError("tile: tiled prediction does not support a segmentation model's "
+                             "masks; predict whole images (leave tile None; CLI: drop --tile)")
+        if panoptic and not self.has_masks:
+            raise ValueError(f"panoptic=True needs a segmentation model (one with a mask head "
+                             f"that outputs pred_masks); {type(self.model).__name__} has none")
 
-    @torch.inference_mode()
+    def _detect(self, pixels: list[Tensor], threshold: float, top_k: int,
+                panoptic: bool = False) -> list[Detections]:
+        """[3, H, W] images -> their detections (one forward pass), with masks (and panoptic
+        maps when asked) for a segmentation model."""
+        found, outputs, sizes = self._forward(pixels)
+        orig = [list(p.shape[-2:]) for p in pixels]
+        if "pred_masks" not in outputs:
+            return [self._select(det, size, threshold, top_k)
+                    for det, size in zip(found, orig, strict=True)]
+        keep = [det["query"][self._order(det, threshold, top_k).to(det["query"].device)]
+                for det in found]
+        chosen = [self._select(det, size, threshold, top_k)
+                  for det, size in zip(found, orig, strict=True)]
+        masks = masks_for(outputs, keep, sizes, orig)
+        maps = (panoptic_for(outputs, keep, sizes, orig, [d.labels for d in chosen],
+                             [d.scores for d in chosen], stuff_ids=self.stuff_ids)
+                if panoptic else [None] * len(chosen))
+        return [dataclasses.replace(det, masks=m.cpu(), panoptic=p)
+                for det, m, p in zip(chosen, masks, maps, strict=True)]
+
     def _raw(self, pixels: list[Tensor]) -> list[dict[str, Tensor]]:
         """[3, H, W] images -> every query's ``boxes`` (xyxy pixels of each image),
         ``scores``, ``labels`` (category ids), on the predictor's device."""
+        return self._forward(pixels)[0]
+
+    @torch.inference_mode()
+    def _forward(self, pixels: list[Tensor]) -> tuple[list[dict[str, Tensor]], dict,
+                                                      list[list[int]]]:
+        """:meth:`_raw`'s detections (plus ``query``, each one's query index, when the model
+        gives ``pred_masks``), the model's outputs and each image's input (resized) size."""
         sizes = torch.tensor([list(p.shape[-2:]) for p in pixels], device=self.device)
         batch = [self.preprocess(p).to(self.device) for p in pixels]
         with autocast(self.device, self.precision):
             outputs = self._net(batch)
         found = self.postprocess(outputs, sizes)
-        return found if self.nms is None else [class_wise_nms(d, self.nms) for d in found]
+        if "pred_masks" in outputs:
+            queries = torch.arange(outputs["pred_masks"].shape[1], device=self.device)
+            found = [{**det, "query": queries} for det in found]
+        if self.nms is not None:
+            found = [class_wise_nms(d, self.nms) for d in found]
+        return found, outputs, [list(b.shape[-2:]) for b in batch]
 
     def _detect_tiled(self, pixels: Tensor, tile: TileOptions, threshold: float, top_k: int,
                       batch_size: int) -> Detections:
@@ -281,10 +299,12 @@ class Predictor:
         """The ``top_k`` best-scoring detections of one image (no score threshold) and where
         each one's object query looked: :func:`detr.attention.top_query_attention`, boxes and
         heat maps in the original image's pixels. Draw them with
-        :func:`detr.visualize.attention_figure`."""
+        :func:`detr.visualize.attention_figure`. A segmentation model: its detector's
+        (``model.detr``, the box model it wraps) queries."""
         pixels = load_image(image)
+        detector = self.model.detr if self.has_masks else self.model
         with autocast(self.device, self.precision):
-            return top_query_attention(self.model, self.preprocess(pixels).to(self.device),
+            return top_query_attention(detector, self.preprocess(pixels).to(self.device),
                                        postprocess=self.postprocess,
                                        orig_size=tuple(pixels.shape[-2:]), top_k=top_k)
 
@@ -302,13 +322,19 @@ class Predictor:
                 top_k: int) -> Detections:
         """Scores >= threshold, best first, at most top_k; boxes clipped to the image."""
         scores = det["scores"].float().cpu()
-        order = scores.argsort(descending=True, stable=True)
-        order = order[scores[order] >= threshold][:top_k]
+        order = self._order(det, threshold, top_k)
         height, width = size
         boxes = clip_boxes_to_image(det["boxes"].float().cpu()[order], (height, width))
         labels = det["labels"].cpu()[order].to(torch.int64)
         names = [self.category_names.get(c, str(c)) for c in labels.tolist()]
         return Detections(boxes, scores[order], labels, names, (height, width))
+
+    @staticmethod
+    def _order(det: dict[str, Tensor], threshold: float, top_k: int) -> Tensor:
+        """Indices (CPU) of the detections kept: scores >= threshold, best first, top_k."""
+        scores = det["scores"].float().cpu()
+        order = scores.argsort(descending=True, stable=True)
+        return order[scores[order] >= threshold][:top_k]
 
 
 def _categories(model: nn.Module, ids: Sequence[int] | None,

@@ -26,6 +26,15 @@ Writes ``DIR/detections.json``::
 
 (``detections`` is in COCO results format; ``image_id`` is the index in ``images``) and one
 ``DIR/<stem>.png`` per image with its boxes drawn (``<stem>-<id>.png`` when stems repeat).
+
+A segmentation model (one with a mask head): each detection also has ``segmentation``, its
+mask as COCO RLE ``{"size": [h, w], "counts": str}`` (``pycocotools.mask.decode`` reads it),
+and the drawings paint the masks, translucent in the class colour, under the boxes.
+``--panoptic`` adds each image's panoptic map (:mod:`detr.masks_out`) in the COCO panoptic
+form: ``DIR/<stem>-panoptic.png`` (segment id = R + 256 G + 256^2 B; 0 = void) and
+``"panoptic": [{"image_id", "file_name", "segments_info": [{"id", "category_id",
+"isthing", "score", "area"}, ...]}, ...]`` in ``detections.json``. Masks are not predicted tile
+by tile: ``--tile`` with a segmentation model exits 2.
 Exit status 2, with a message naming the culprit, for a missing or unreadable image or model.
 """
 
@@ -37,6 +46,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
+
+import numpy as np
+from PIL import Image
 
 from detr.checkpoint import CheckpointError
 from detr.data.coco import IMAGE_SUFFIXES, ImageLoadError
@@ -124,39 +136,54 @@ def output_names(paths: Sequence[Path]) -> list[str]:
 
 
 def run(paths: Sequence[Path], predictor: Predictor, out_dir: Path, *,
-        batch_size: int = 8, tile: TileOptions | None = None) -> dict:
+        batch_size: int = 8, tile: TileOptions | None = None, panoptic: bool = False) -> dict:
     """Predict on ``paths`` (tile by tile with ``tile``: ``batch_size`` tiles a pass), draw
     each image to ``out_dir`` and write ``detections.json``; returns its content (see the
-    module docstring).
+    module docstring). ``panoptic``: also write each image's panoptic map (segmentation
+    models only).
 
     Raises:
         UsageError: an image that cannot be read (the message names it).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     drawings = output_names(paths)
-    images, results = [], []
+    images, results, maps = [], [], []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
         try:
             pixels = [load_image(p) for p in chunk]
         except ImageLoadError as exc:
             raise UsageError(str(exc)) from exc
-        found = predictor.predict(pixels, batch_size=batch_size, tile=tile)
+        found = predictor.predict(pixels, batch_size=batch_size, tile=tile, panoptic=panoptic)
         for offset, (image, det) in enumerate(zip(pixels, found, strict=True)):
             index = start + offset
             _draw(image, det, predictor, out_dir / drawings[index])
             images.append({"id": index, "path": str(paths[index]), "height": det.image_size[0],
                            "width": det.image_size[1], "drawing": drawings[index]})
             results.extend(det.to_coco(index))
+            if det.panoptic is not None:
+                maps.append(_save_panoptic(det.panoptic, index, out_dir, drawings[index]))
     content = {"images": images, "categories": _categories(predictor), "detections": results}
+    if panoptic:
+        content["panoptic"] = maps
     (out_dir / "detections.json").write_text(json.dumps(content, indent=1) + "\n")
     return content
 
 
 def _draw(image, det: Detections, predictor: Predictor, path: Path) -> None:
     drawn = draw_detections(image, det.boxes, det.labels, det.scores,
-                            names=predictor.category_names, score_threshold=0.0)
+                            names=predictor.category_names, score_threshold=0.0,
+                            masks=det.masks)
     drawn.save(path)
+
+
+def _save_panoptic(panoptic: dict, index: int, out_dir: Path, drawing: str) -> dict:
+    """Write the segment map as a COCO panoptic PNG; its annotation entry (module doc)."""
+    name = drawing.removesuffix(".png") + "-panoptic.png"
+    ids = panoptic["segments"].numpy().astype(np.uint32)
+    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 256**2 % 256], axis=-1)
+    Image.fromarray(rgb.astype(np.uint8), mode="RGB").save(out_dir / name)
+    return {"image_id": index, "file_name": name, "segments_info": panoptic["segments_info"]}
 
 
 def _categories(predictor: Predictor) -> list[dict]:
@@ -179,6 +206,9 @@ def _parser() -> argparse.ArgumentParser:
                              "class (as the evaluate stage's evaluate.nms); default off")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    parser.add_argument("--panoptic", action="store_true",
+                        help="segmentation models: also write each image's panoptic map "
+                             "(COCO panoptic PNG + segments_info)")
     tiles = parser.add_argument_group("tiled prediction (large images, small objects)")
     tiles.add_argument("--tile", metavar="SIZE|auto",
                        help="predict images larger than SIZE px tile by tile; auto: the "
@@ -216,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parse_model(args.model), device=args.device, precision=args.precision,
             score_threshold=args.score_threshold, top_k=args.top_k, nms=args.nms)
         content = run(paths, predictor, args.out, batch_size=args.batch_size,
-                      tile=tile_options(args, predictor))
+                      tile=tile_options(args, predictor), panoptic=args.panoptic)
     except (UsageError, ValueError) as exc:
         print(f"detr.predict: error: {exc}", file=sys.stderr)
         return 2

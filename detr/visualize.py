@@ -2,7 +2,8 @@
 
 Input contract (as detections leave :mod:`detr`): ``boxes`` [N, 4] absolute xyxy pixels of the
 image drawn on, ``labels`` [N] category ids, ``scores`` [N] in [0, 1] or ``None`` for ground
-truth. Images are a uint8 ``Tensor`` [3, H, W] (or [1, H, W], grey) or a ``PIL.Image``; every
+truth; instance ``masks`` (optional) bool [N, H, W] of the image's size, row i = box i,
+painted translucent in the box's colour under the boxes. Images are a uint8 ``Tensor`` [3, H, W] (or [1, H, W], grey) or a ``PIL.Image``; every
 function returns a new RGB ``PIL.Image`` and leaves its inputs untouched.
 
 Colours are fixed per category id (:func:`class_color`), so one class has the same colour in
@@ -20,12 +21,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.transforms.v2 import functional as F
-from torchvision.utils import draw_bounding_boxes
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 ImageLike = Tensor | Image.Image
 _GOLDEN = 0.618033988749895  # hue step: consecutive ids land far apart on the colour wheel
 _TITLE_PAD = 3  # px around a panel title
 _TITLE_FONT_SIZE = 13
+MASK_ALPHA = 0.45  # opacity of a painted mask: the object stays visible under its colour
 # Heat colours at 0, .25, .5, .75, 1 (a dark-to-bright ramp in the spirit of "inferno").
 _HEAT_ANCHORS = ((0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164))
 
@@ -40,7 +42,8 @@ def class_color(category_id: int) -> tuple[int, int, int]:
 def draw_detections(image: ImageLike, boxes: Tensor | Sequence, labels: Tensor | Sequence,
                     scores: Tensor | Sequence | None = None,
                     names: Mapping[int, str] | None = None, *, score_threshold: float = 0.5,
-                    min_side: int = 0) -> Image.Image:
+                    min_side: int = 0, masks: Tensor | None = None,
+                    mask_alpha: float = MASK_ALPHA) -> Image.Image:
     """Draw the boxes scoring at least ``score_threshold`` (all of them when ``scores`` is
     None), each outlined in its class colour and captioned, black on that colour, at its top
     left corner inside: ``name score`` (``name`` for ground truth; the category id where
@@ -48,18 +51,26 @@ def draw_detections(image: ImageLike, boxes: Tensor | Sequence, labels: Tensor |
 
     ``min_side``: enlarge the picture (nearest neighbour, boxes scaled along) until its short
     side is at least this many pixels, so captions stay legible on small images.
+    ``masks``: bool [N, H, W] (the image's size), painted under the boxes in their class
+    colours at opacity ``mask_alpha``.
 
     Raises:
-        ValueError: the image is not [1 or 3, H, W], or boxes, labels and scores differ in length.
+        ValueError: the image is not [1 or 3, H, W], boxes, labels, scores and masks differ in
+            length, or the masks are not the image's size.
     """
     pixels = _as_uint8(image)
     boxes, labels, scores = _check_detections(boxes, labels, scores)
+    if masks is not None:
+        masks = _check_masks(masks, len(boxes), pixels.shape[-2:])
     if scores is not None:
         keep = scores >= score_threshold
         boxes, labels, scores = boxes[keep], labels[keep], scores[keep]
+        masks = None if masks is None else masks[keep]
     pixels, boxes = _enlarge(pixels, boxes, min_side)
     if len(boxes) == 0:  # draw_bounding_boxes warns on an empty set
         return F.to_pil_image(pixels)
+    if masks is not None:
+        pixels = _paint_masks(pixels, masks, labels, mask_alpha)
     height, width = pixels.shape[-2:]
     boxes = _clamp(boxes, height, width)
     shown = [None] * len(labels) if scores is None else scores.tolist()
@@ -237,6 +248,25 @@ def _check_detections(boxes, labels, scores) -> tuple[Tensor, Tensor, Tensor | N
         raise ValueError(f"draw_detections: {len(boxes)} boxes, {len(labels)} labels"
                          + ("" if scores is None else f", {len(scores)} scores"))
     return boxes, labels, scores
+
+
+def _check_masks(masks: Tensor, count: int, size: Sequence[int]) -> Tensor:
+    """bool [N, H, W] masks on the CPU, N = ``count`` and (H, W) = ``size``."""
+    masks = torch.as_tensor(masks).detach().cpu().bool()
+    if masks.ndim != 3 or len(masks) != count or tuple(masks.shape[-2:]) != tuple(size):
+        raise ValueError(f"draw_detections: masks {tuple(masks.shape)} must be [{count}, "
+                         f"{size[0]}, {size[1]}] (one per box, the image's size)")
+    return masks
+
+
+def _paint_masks(pixels: Tensor, masks: Tensor, labels: Tensor, alpha: float) -> Tensor:
+    """``masks`` blended over ``pixels`` in their class colours (masks resized, nearest, to an
+    enlarged picture)."""
+    if tuple(masks.shape[-2:]) != tuple(pixels.shape[-2:]):
+        masks = F.resize(masks[:, None].to(torch.uint8), list(pixels.shape[-2:]),
+                         interpolation=F.InterpolationMode.NEAREST)[:, 0].bool()
+    return draw_segmentation_masks(pixels, masks, alpha=alpha,
+                                   colors=[class_color(int(c)) for c in labels.tolist()])
 
 
 def _enlarge(pixels: Tensor, boxes: Tensor, min_side: int) -> tuple[Tensor, Tensor]:

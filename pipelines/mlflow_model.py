@@ -12,7 +12,11 @@ Contract of :class:`DetrPyfunc` (also the model signature, see :func:`model_sign
   ``merge_threshold`` (0.5), ``fuse`` (false).
 - output: a DataFrame with one row per input row and a string column ``detections``: a JSON
   list, best score first, of ``{"box": [x1, y1, x2, y2], "score": float, "category_id": int,
-  "category": str}``; boxes in absolute pixels of the original image, clipped to it.
+  "category": str}``; boxes in absolute pixels of the original image, clipped to it. A
+  segmentation model (its checkpoint has the mask head, ``mask_head.*`` weights) adds a string
+  column ``masks``: a JSON list parallel to ``detections`` (item i = detection i) of COCO RLEs
+  ``{"size": [height, width], "counts": str}`` at the original image's size
+  (``pycocotools.mask.decode`` reads them); the signature then lists both columns.
 
 Artifacts logged with the model: ``checkpoint`` (the training checkpoint without its optimiser
 state: ``model``, ``params``, ``label_map``, ``epoch``) and ``inference`` (``inference.json``:
@@ -34,6 +38,7 @@ import io
 import json
 import tempfile
 import warnings
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -80,9 +85,11 @@ def inference_settings(resize: tuple[int, int], *, score_threshold: float = 0.5,
             "nms": None if nms is None else float(nms)}
 
 
-def model_signature(*, score_threshold: float = 0.5, top_k: int = DEFAULT_TOP_K):
-    """``image`` (string) -> ``detections`` (string), params ``score_threshold`` (double) and
-    ``top_k`` (long) with the given defaults, and :data:`TILE_PARAMS`."""
+def model_signature(*, score_threshold: float = 0.5, top_k: int = DEFAULT_TOP_K,
+                    masks: bool = False):
+    """``image`` (string) -> ``detections`` (string) (and ``masks`` (string) with ``masks``:
+    a segmentation model), params ``score_threshold`` (double) and ``top_k`` (long) with the
+    given defaults, and :data:`TILE_PARAMS`."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
@@ -90,7 +97,8 @@ def model_signature(*, score_threshold: float = 0.5, top_k: int = DEFAULT_TOP_K)
     tiling = [ParamSpec(name, kinds[type(value)], value) for name, value in TILE_PARAMS.items()]
     return ModelSignature(
         inputs=Schema([ColSpec(DataType.string, "image")]),
-        outputs=Schema([ColSpec(DataType.string, "detections")]),
+        outputs=Schema([ColSpec(DataType.string, name)
+                        for name in ("detections", "masks")[:2 if masks else 1]]),
         params=ParamSchema([ParamSpec("score_threshold", DataType.double, float(score_threshold)),
                             ParamSpec("top_k", DataType.long, int(top_k)), *tiling]),
     )
@@ -99,6 +107,12 @@ def model_signature(*, score_threshold: float = 0.5, top_k: int = DEFAULT_TOP_K)
 def pip_requirements() -> list[str]:
     """``name==version`` of :data:`REQUIREMENTS` as installed here (no environment inference)."""
     return [f"{name}=={metadata.version(name).split('+')[0]}" for name in REQUIREMENTS]
+
+
+def has_mask_weights(ckpt: dict) -> bool:
+    """Whether a checkpoint's ``model`` weights include a mask head (``mask_head.*``, the
+    official segmentation key prefix)."""
+    return any(str(key).startswith("mask_head.") for key in ckpt.get("model", {}))
 
 
 def slim_checkpoint(source: Path, target: Path, ckpt: dict | None = None) -> Path:
@@ -142,7 +156,8 @@ def log_model(checkpoint: Path, data_cfg: DataConfig, *, name: str = "model",
                 python_model=str(tmp / "detr_model.py"),
                 artifacts={CHECKPOINT_ARTIFACT: str(weights),
                            INFERENCE_ARTIFACT: str(tmp / "inference.json")},
-                signature=model_signature(score_threshold=score_threshold, top_k=top_k),
+                signature=model_signature(score_threshold=score_threshold, top_k=top_k,
+                                          masks=has_mask_weights(ckpt)),
                 pip_requirements=pip_requirements(),
             )
 
@@ -172,13 +187,18 @@ class DetrPyfunc(PythonModel):
         tile = self._tile(params)
         texts = _image_column(model_input)
         rows: list[str] = []
+        masks: list[str] = []
         for start in range(0, len(texts), BATCH_SIZE):
             images = [decode_image(text, row=start + i)
                       for i, text in enumerate(texts[start:start + BATCH_SIZE])]
-            rows += [det.to_json() for det in self.predictor.predict(
-                images, score_threshold=threshold, top_k=top_k, batch_size=BATCH_SIZE,
-                tile=tile)]
-        return pd.DataFrame({"detections": pd.Series(rows, dtype=object)})
+            for det in self.predictor.predict(images, score_threshold=threshold, top_k=top_k,
+                                              batch_size=BATCH_SIZE, tile=tile):
+                rows.append(replace(det, masks=None).to_json())
+                masks.append(json.dumps(det.rles()))
+        frame = {"detections": pd.Series(rows, dtype=object)}
+        if self.predictor.has_masks:
+            frame["masks"] = pd.Series(masks, dtype=object)
+        return pd.DataFrame(frame)
 
     def _options(self, params: dict[str, Any] | None) -> tuple[float, int]:
         params = {**self.defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
