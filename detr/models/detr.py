@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from torch import Tensor, nn
 
-from detr.config import ModelConfig
+from detr.config import AidsConfig, ModelConfig
 from detr.models.aids import AIDS, Denoising, DenseHead, Queries, QueryGroups, TrainingAid
 from detr.models.backbone import Backbone, Joiner
 from detr.models.mlp import MLP
 from detr.models.padding import pad_images
 from detr.models.position_encoding import build_position_encoding
+from detr.models.segmentation import DETRsegm, fpn_stages
 from detr.models.transformer import Transformer
+
+
+class DetrPass(NamedTuple):
+    """One forward pass of :class:`DETR`: ``out`` its output dict; ``hs`` [L, B, Q', d] the
+    decoder states of every query (the ``num_queries`` learned object queries first, then the
+    training aids' own); ``memory`` [B, d, h, w] the encoder output; ``src`` [B, d, h, w] the
+    projected backbone features (the encoder's input); ``mask`` [B, h, w] their padding (True
+    = padding); ``levels`` every backbone level's ``(features, mask)`` in stride order;
+    ``padded``: whether the batch has padding."""
+
+    out: dict
+    hs: Tensor
+    memory: Tensor
+    src: Tensor
+    mask: Tensor
+    levels: list[tuple[Tensor, Tensor]]
+    padded: bool
 
 
 class DETR(nn.Module):
@@ -62,23 +82,31 @@ class DETR(nn.Module):
         """``targets`` (training only) feed the aids that need them (denoising queries).
         ``padded``: whether ``mask`` marks any padding; None looks, a data-dependent branch
         that ``torch.export`` cannot trace (:mod:`detr.export` passes True or False)."""
+        return self.forward_pass(images, mask, targets, padded=padded).out
+
+    def forward_pass(self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None,
+                     targets: Sequence[dict] | None = None, *,
+                     padded: bool | None = None) -> DetrPass:
+        """:meth:`forward`, with what heads on top of DETR (the mask head) read besides its
+        output dict: see :class:`DetrPass`."""
         if mask is None:
             images, mask = pad_images(images)
         if padded is None:
             padded = bool(mask.any())
-        features, mask, pos = self.backbone(images, mask, padded)
+        features, mask, pos, levels = self.backbone(images, mask, padded)
         # Without padding the attention needs no mask, which lets SDPA use its fastest kernels.
         attn_mask = mask if padded else None
         aids = self.aids if self.training else []
         queries = Queries(self.query_embed.weight, num_object=self.num_queries)
         for aid in aids:
             queries = aid.extend_queries(queries, targets)
-        hs, memory = self.transformer(self.input_proj(features), attn_mask, queries.pos, pos,
+        src = self.input_proj(features)
+        hs, memory = self.transformer(src, attn_mask, queries.pos, pos,
                                       queries.attend, queries.content)
         out = self.heads(hs[:, :, :queries.num_object] if aids else hs)
         for aid in aids:
             out.update(aid.outputs(queries, hs, memory, mask, self.heads))
-        return out
+        return DetrPass(out, hs, memory, src, mask, levels, padded)
 
     @staticmethod
     def training_only_prefixes() -> tuple[str, ...]:
@@ -102,10 +130,18 @@ class DETR(nn.Module):
         return out
 
 
-def build_model(cfg: ModelConfig, *, backbone_state: dict[str, Tensor] | None = None) -> DETR:
+def build_model(cfg: ModelConfig, *,
+                backbone_state: dict[str, Tensor] | None = None) -> DETR | DETRsegm:
     """Build a DETR from the ``model:`` config section. ``cfg.backbone_weights``: None or
     "imagenet" (torchvision's download); a file's weights come in ``backbone_state`` (a
-    torchvision ResNet state dict: :func:`detr.hub.build` reads the file)."""
+    torchvision ResNet state dict: :func:`detr.hub.build` reads the file).
+
+    With ``cfg.task`` segmentation or panoptic: a :class:`DETRsegm` (the DETR under
+    ``detr``, its backbone returning the levels the mask head reads); with
+    ``cfg.mask_head_only`` its detector is frozen and has no training aids."""
+    masks = cfg.task != "detection"
+    if cfg.mask_head_only:  # aids would train the frozen detector: nothing
+        cfg = dataclasses.replace(cfg, aids=AidsConfig())
     weights = cfg.backbone_weights
     if weights not in (None, "imagenet") and backbone_state is None:
         raise ValueError(f"model.backbone_weights: {weights!r} is a file: build the model with "
@@ -113,7 +149,8 @@ def build_model(cfg: ModelConfig, *, backbone_state: dict[str, Tensor] | None = 
     backbone = Backbone(cfg.backbone, dilation=cfg.dilation, norm=cfg.norm,
                         weights=backbone_state if backbone_state is not None else weights,
                         freeze_stem=cfg.freeze_stem,
-                        mask_padding=cfg.mask_padding, last_stage=cfg.last_stage)
+                        mask_padding=cfg.mask_padding, last_stage=cfg.last_stage,
+                        levels=fpn_stages(cfg.last_stage) if masks else ())
     joiner = Joiner(backbone, build_position_encoding(cfg.position_embedding, cfg.hidden_dim))
     transformer = Transformer(
         d_model=cfg.hidden_dim, nhead=cfg.nheads, num_encoder_layers=cfg.enc_layers,
@@ -134,7 +171,7 @@ def build_model(cfg: ModelConfig, *, backbone_state: dict[str, Tensor] | None = 
         model.attach(denoising)
     if aids.dense:
         model.attach(DenseHead(aids.dense, num_classes=classes, dim=d))
-    return model
+    return DETRsegm(model, freeze_detr=cfg.mask_head_only) if masks else model
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
