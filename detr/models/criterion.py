@@ -17,7 +17,7 @@ from detr.models.mask_loss import mask_losses
 from detr.models.matcher import HungarianMatcher, Indices
 
 _AUX_SUFFIX = re.compile(r"_\d+$")  # loss_ce_3 -> loss_ce
-_CORE_OUTPUTS = {"pred_logits", "pred_boxes", "aux_outputs", "pred_masks"}
+_CORE_OUTPUTS = {"pred_logits", "pred_boxes", "aux_outputs", "pred_masks", "query_masks"}
 
 
 class SetCriterion(nn.Module):
@@ -30,9 +30,9 @@ class SetCriterion(nn.Module):
     every auxiliary decoder layer with suffix ``_0``, ``_1``...; and, for logging only,
     ``class_error`` (% wrong classes among matched queries, last layer) and
     ``cardinality_error`` (|predicted objects - targets|, last layer). :meth:`total` weights
-    and sums the loss terms. With ``pred_masks`` in the outputs (the segmentation model),
-    ``loss_mask`` and ``loss_dice`` of the last layer's matched masks against the targets'
-    ``masks`` (:func:`detr.models.mask_loss.mask_losses`).
+    and sums the loss terms. With ``pred_masks`` / ``query_masks`` in the outputs (the
+    segmentation model), ``loss_mask`` and ``loss_dice`` of the last layer's matched masks
+    against the targets' ``masks`` (:func:`detr.models.mask_loss.mask_losses`).
 
     Each training aid (:mod:`detr.models.aids`) may split the object queries into sets
     matched each on its own (Group DETR's query groups: their losses are summed), and adds
@@ -88,9 +88,8 @@ class SetCriterion(nn.Module):
         first_group_of_last = len(layers) - groups
         losses.update(self._logged(logits[first_group_of_last], target_classes[first_group_of_last],
                                    targets))
-        if "pred_masks" in outputs:  # the first query set: the one that has masks
-            losses.update(mask_losses(outputs["pred_masks"], targets,
-                                      indices[first_group_of_last], num_boxes))
+        if "pred_masks" in outputs or "query_masks" in outputs:  # the first query set has masks
+            losses.update(mask_losses(outputs, targets, indices[first_group_of_last], num_boxes))
         for aid in self.aids:
             losses.update(aid.losses(outputs, targets, num_boxes=num_boxes,
                                      empty_weight=self.empty_weight))

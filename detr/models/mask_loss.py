@@ -21,13 +21,15 @@ from detr.models.segmentation import MASK_STRIDE
 FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0  # the official (RetinaNet's) values
 
 
-def mask_losses(pred_masks: Tensor, targets: Sequence[dict], indices: Indices,
+def mask_losses(outputs: dict, targets: Sequence[dict], indices: Indices,
                 num_boxes: Tensor) -> dict[str, Tensor]:
     """``loss_mask`` (sigmoid focal, the mean over each mask's cells) and ``loss_dice``, both
     summed over the matched pairs and divided by ``num_boxes`` (as the box losses).
 
     Args:
-        pred_masks: [B, Q, h, w] mask logits at stride 4 of the padded batch.
+        outputs: the model's, with ``pred_masks`` [B, Q, h, w] mask logits at stride 4 of the
+            padded batch, or ``query_masks`` (:class:`~detr.models.segmentation.QueryMasks`:
+            then only the matched queries' masks are computed).
         targets: per image ``masks`` bool [N, H_i, W_i] in the image's own (unpadded) pixels
             of the model input, row i = box i.
         indices: per image (query indices, target indices) of the last decoder layer.
@@ -36,31 +38,37 @@ def mask_losses(pred_masks: Tensor, targets: Sequence[dict], indices: Indices,
     Only an image's own cells count (its padding is no object's and nothing's). No match
     (empty targets) gives zeros that still reach the mask head (DDP needs a gradient).
     """
-    grid = pred_masks.shape[-2:]
-    src, tgt, valid = [], [], []
-    for b, (queries, rows) in enumerate(indices):
-        if len(queries) == 0:
+    pred = outputs.get("pred_masks")
+    grid = pred.shape[-2:] if pred is not None else outputs["query_masks"].grid
+    images, queries, cells, inside = [], [], [], []
+    for b, (rows_q, rows_t) in enumerate(indices):
+        if len(rows_q) == 0:
             continue
         if "masks" not in targets[b]:
             raise ValueError(f"target {b} has no 'masks': the segmentation model's loss needs "
                              f"them (load the dataset with masks for model.task "
                              f"segmentation / panoptic)")
-        cells, inside = masks_on_grid(targets[b]["masks"][rows.to(targets[b]["masks"].device)],
-                                      grid)
-        src.append(pred_masks[b, queries.to(pred_masks.device)])
-        tgt.append(cells)
-        valid.append(inside.expand_as(cells))
-    if not src:
-        zero = pred_masks.sum() * 0.0
+        masks = targets[b]["masks"]
+        target_cells, target_inside = masks_on_grid(masks[rows_t.to(masks.device)], grid)
+        images.append(torch.full_like(rows_q, b))
+        queries.append(rows_q)
+        cells.append(target_cells)
+        inside.append(target_inside.expand_as(target_cells))
+    if not images:
+        zero = pred.sum() * 0.0 if pred is not None else outputs["query_masks"].zero()
         return {"loss_mask": zero, "loss_dice": zero}
-    logits = torch.cat(src).float().flatten(1)
-    targets_ = torch.cat(tgt).to(logits).flatten(1)
-    weight = torch.cat(valid).to(logits).flatten(1)
-    focal = sigmoid_focal_loss(logits, targets_, alpha=FOCAL_ALPHA, gamma=FOCAL_GAMMA,
+    device = (pred if pred is not None else outputs["query_masks"].inputs.src).device
+    images, queries = torch.cat(images).to(device), torch.cat(queries).to(device)
+    logits = pred[images, queries] if pred is not None else outputs["query_masks"](images,
+                                                                                     queries)
+    logits = logits.float().flatten(1)
+    target = torch.cat(cells).to(logits).flatten(1)
+    weight = torch.cat(inside).to(logits).flatten(1)
+    focal = sigmoid_focal_loss(logits, target, alpha=FOCAL_ALPHA, gamma=FOCAL_GAMMA,
                                reduction="none")
     focal = (focal * weight).sum(1) / weight.sum(1)
     return {"loss_mask": focal.sum() / num_boxes,
-            "loss_dice": dice_loss(logits, targets_, weight).sum() / num_boxes}
+            "loss_dice": dice_loss(logits, target, weight).sum() / num_boxes}
 
 
 def dice_loss(logits: Tensor, targets: Tensor, weight: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,52 @@ from detr.models.backbone import STAGES
 MASK_STRIDE = 4  # input pixels per cell of ``pred_masks`` (the stride of layer1)
 MASK_HEAD_PREFIXES = ("bbox_attention.", "mask_head.")  # what a box checkpoint lacks
 _GROUPS = 8  # GroupNorm groups of the official head (fewer where a narrow layer has < 8 channels)
+
+
+class MaskInputs(NamedTuple):
+    """What the mask head reads of one forward pass: ``queries`` [B, Q, d] (last decoder
+    layer), ``memory`` [B, d, h, w], ``mask`` [B, h, w] or None (no padding), ``src``
+    [B, d, h, w] (projected features), ``fpns`` (the :func:`fpn_stages` features) and
+    ``valid`` (None, or the real cells at each resolution: see :class:`MaskHead`)."""
+
+    queries: Tensor
+    memory: Tensor
+    mask: Tensor | None
+    src: Tensor
+    fpns: list[Tensor]
+    valid: list[Tensor] | None
+
+    def select(self, images: Tensor, queries: Tensor) -> MaskInputs:
+        """The inputs of the (image, query) pairs ``images[i]``, ``queries[i]`` ([P] int64)
+        as P images of one query each."""
+        def rows(x):
+            return None if x is None else x[images]
+        return MaskInputs(self.queries[images, queries][:, None], self.memory[images],
+                          rows(self.mask), self.src[images], [f[images] for f in self.fpns],
+                          None if self.valid is None else [v[images] for v in self.valid])
+
+
+class QueryMasks:
+    """The mask head bound to one forward pass: ``masks(images, queries)`` ([P] int64 each)
+    -> [P, h, w] mask logits, row i = ``pred_masks[images[i], queries[i]]``; :meth:`all` ->
+    the whole ``pred_masks`` [B, Q, h, w]; ``grid`` = (h, w)."""
+
+    def __init__(self, model: DETRsegm, inputs: MaskInputs):
+        self.model, self.inputs = model, inputs
+        self.grid = tuple(inputs.fpns[-1].shape[-2:])
+
+    def __call__(self, images: Tensor, queries: Tensor) -> Tensor:
+        return self.model.masks(self.inputs.select(images, queries))[:, 0]
+
+    def all(self) -> Tensor:
+        return self.model.masks(self.inputs)
+
+    def zero(self) -> Tensor:
+        """A zero that reaches every parameter of the mask head (a loss without matches must
+        still give them a gradient under DDP)."""
+        params = [p for m in (self.model.bbox_attention, self.model.mask_head)
+                  for p in m.parameters()]
+        return sum(p.sum() for p in params) * 0.0
 
 
 def fpn_stages(last_stage: str) -> tuple[str, str, str]:
@@ -131,17 +178,17 @@ def _zero_padding(x: Tensor, valid: Tensor | None) -> Tensor:
 def masked_group_norm(x: Tensor, norm: nn.GroupNorm, valid: Tensor | None) -> Tensor:
     """``norm(x)`` ([N, C, h, w]) with each group's mean and variance taken over the cells
     where ``valid`` ([N, 1, h, w] bool, at least one True per sample) is True; None = all
-    cells (plain GroupNorm)."""
+    cells (plain GroupNorm). The statistics are in float32 (as autocast runs GroupNorm)."""
     if valid is None:
         return norm(x)
     n, c, h, w = x.shape
-    groups = x.reshape(n, norm.num_groups, -1, h * w)
-    weight = valid.reshape(n, 1, 1, h * w).to(x.dtype)
+    groups = x.float().reshape(n, norm.num_groups, -1, h * w)
+    weight = valid.reshape(n, 1, 1, h * w).float()
     count = weight.sum(-1, keepdim=True) * groups.shape[2]
     mean = (groups * weight).sum((2, 3), keepdim=True) / count
     var = ((groups - mean).square() * weight).sum((2, 3), keepdim=True) / count
     out = ((groups - mean) * torch.rsqrt(var + norm.eps)).view(n, c, h, w)
-    return out * norm.weight[:, None, None] + norm.bias[:, None, None]
+    return (out * norm.weight[:, None, None] + norm.bias[:, None, None]).to(x.dtype)
 
 
 class DETRsegm(nn.Module):
@@ -151,6 +198,12 @@ class DETRsegm(nn.Module):
     gets masks (``aux_outputs`` carry none); training aids' queries get none, and with query
     groups only the first group (the queries inference uses) does.
 
+    In training (``matched_masks_only``, the default) the output has ``query_masks`` (a
+    :class:`QueryMasks`) instead of ``pred_masks``: the criterion asks it for the masks of the
+    matched queries only. A query's mask depends on nothing but its own decoder state and its
+    image, so they are the same numbers, and the mask head's cost grows with the objects, not
+    with the queries (the loss reads no other mask).
+
     Args:
         detr: a :class:`~detr.models.detr.DETR` whose backbone returns the levels
             :func:`fpn_stages` names (``build_model`` builds it so for ``model.task``
@@ -158,16 +211,19 @@ class DETRsegm(nn.Module):
         freeze_detr: the paper's two-step training: the detector's parameters do not train
             and it stays in eval mode (dropout off, BatchNorm statistics fixed); only
             ``bbox_attention`` and ``mask_head`` learn.
+        matched_masks_only: see above; False gives ``pred_masks`` in training too.
 
     With the backbone's ``mask_padding`` (``model.mask_padding``) the mask head handles a
     padded batch exactly (see :class:`MaskHead`); without it, as the official release, its
     convolutions and GroupNorms also see the padding.
     """
 
-    def __init__(self, detr: nn.Module, *, freeze_detr: bool = False):
+    def __init__(self, detr: nn.Module, *, freeze_detr: bool = False,
+                 matched_masks_only: bool = True):
         super().__init__()
         self.detr = detr
         self.freeze_detr = freeze_detr
+        self.matched_masks_only = matched_masks_only
         if freeze_detr:
             for param in detr.parameters():
                 param.requires_grad_(False)
@@ -186,16 +242,25 @@ class DETRsegm(nn.Module):
 
     def forward(self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None,
                 targets: Sequence[dict] | None = None, *, padded: bool | None = None) -> dict:
-        """As :meth:`DETR.forward <detr.models.detr.DETR.forward>`, plus ``pred_masks``."""
+        """As :meth:`DETR.forward <detr.models.detr.DETR.forward>`, plus ``pred_masks`` (or,
+        in training, ``query_masks``: see the class docstring)."""
         run = self.detr.forward_pass(images, mask, targets, padded=padded)
-        queries = run.hs[-1, :, :self.detr.num_queries]
-        attention = self.bbox_attention(queries, run.memory, run.mask if run.padded else None)
         levels = dict(zip(self.detr.backbone[0].levels, run.levels, strict=True))
-        fpns = [levels[s][0] for s in self.fpn_levels]
         valid = None
         if run.padded and self.detr.backbone[0].mask_padding:
             valid = [~m[:, None] for m in (run.mask, *(levels[s][1] for s in self.fpn_levels))]
-        return {**run.out, "pred_masks": self.mask_head(run.src, attention, fpns, valid)}
+        masks = QueryMasks(self, MaskInputs(
+            run.hs[-1, :, :self.detr.num_queries], run.memory,
+            run.mask if run.padded else None, run.src,
+            [levels[s][0] for s in self.fpn_levels], valid))
+        if self.training and self.matched_masks_only:
+            return {**run.out, "query_masks": masks}
+        return {**run.out, "pred_masks": masks.all()}
+
+    def masks(self, inputs: MaskInputs) -> Tensor:
+        """The mask head on :class:`MaskInputs` of B images and Q queries -> [B, Q, h, w]."""
+        attention = self.bbox_attention(inputs.queries, inputs.memory, inputs.mask)
+        return self.mask_head(inputs.src, attention, inputs.fpns, inputs.valid)
 
     def train(self, mode: bool = True) -> DETRsegm:
         super().train(mode)

@@ -44,8 +44,8 @@ def test_loss_ignores_the_padding_of_the_batch():
     alone = torch.randn(1, 3, 4, 4)
     padded = torch.randn(1, 3, 7, 9) * 10
     padded[..., :4, :4] = alone
-    a = mask_losses(alone, target, indices, torch.tensor(1.0))
-    b = mask_losses(padded, target, indices, torch.tensor(1.0))
+    a = mask_losses({"pred_masks": alone}, target, indices, torch.tensor(1.0))
+    b = mask_losses({"pred_masks": padded}, target, indices, torch.tensor(1.0))
     for key in ("loss_mask", "loss_dice"):
         torch.testing.assert_close(a[key], b[key])
 

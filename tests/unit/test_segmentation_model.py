@@ -96,7 +96,8 @@ def test_training_aids_get_no_masks_and_the_loss_runs():
     criterion = build_criterion(5, LossConfig(), model.aids)
     targets = _targets([(64, 64), (48, 64)])
     out = model([torch.randn(3, 64, 64), torch.randn(3, 48, 64)], targets=targets)
-    assert out["pred_logits"].shape[1] == 16 and out["pred_masks"].shape[:2] == (2, 8)
+    assert out["pred_logits"].shape[1] == 16 and "pred_masks" not in out
+    assert out["query_masks"].all().shape[:2] == (2, 8)
     losses = criterion(out, targets)
     assert {"loss_mask", "loss_dice", "loss_ce_dn", "loss_ce_dense"} <= set(losses)
     criterion.total(losses).backward()
@@ -116,3 +117,21 @@ def test_task_is_validated_by_name():
     with pytest.raises(ConfigError, match="model.mask_head_only"):
         ModelConfig(mask_head_only=True)
     assert ModelConfig().task == "detection"
+
+
+def test_training_computes_the_matched_masks_only_and_the_same_numbers():
+    torch.manual_seed(0)
+    model = build_model(SEGM).train()
+    criterion = build_criterion(5, LossConfig(), model.aids)
+    images = [torch.randn(3, 64, 64), torch.randn(3, 48, 64)]
+    targets = _targets([(64, 64), (48, 64)])
+    lazy = model(images)
+    full = lazy["query_masks"].all()
+    pairs = (torch.tensor([1, 0, 1]), torch.tensor([3, 5, 0]))
+    torch.testing.assert_close(lazy["query_masks"](*pairs), full[pairs], atol=1e-5, rtol=1e-5)
+    model.matched_masks_only = False
+    dense = model(images)
+    assert torch.equal(dense["pred_masks"], full)
+    a, b = criterion(lazy, targets), criterion(dense, targets)
+    for key in ("loss_mask", "loss_dice"):
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
