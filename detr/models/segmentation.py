@@ -57,12 +57,21 @@ class QueryMasks:
     def __init__(self, model: DETRsegm, inputs: MaskInputs):
         self.model, self.inputs = model, inputs
         self.grid = tuple(inputs.fpns[-1].shape[-2:])
+        # The criterion calls it outside the forward pass's autocast: keep the pass's precision.
+        self.device_type = inputs.src.device.type
+        self.autocast = (torch.is_autocast_enabled(self.device_type),
+                         torch.get_autocast_dtype(self.device_type))
 
     def __call__(self, images: Tensor, queries: Tensor) -> Tensor:
-        return self.model.masks(self.inputs.select(images, queries))[:, 0]
+        return self._run(self.inputs.select(images, queries))[:, 0]
 
     def all(self) -> Tensor:
-        return self.model.masks(self.inputs)
+        return self._run(self.inputs)
+
+    def _run(self, inputs: MaskInputs) -> Tensor:
+        enabled, dtype = self.autocast
+        with torch.autocast(self.device_type, dtype=dtype, enabled=enabled):
+            return self.model.masks(inputs)
 
     def zero(self) -> Tensor:
         """A zero that reaches every parameter of the mask head (a loss without matches must
@@ -241,9 +250,12 @@ class DETRsegm(nn.Module):
         self.mask_head = MaskHead(d + heads, [channels[s] for s in self.fpn_levels], d)
 
     def forward(self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None,
-                targets: Sequence[dict] | None = None, *, padded: bool | None = None) -> dict:
-        """As :meth:`DETR.forward <detr.models.detr.DETR.forward>`, plus ``pred_masks`` (or,
-        in training, ``query_masks``: see the class docstring)."""
+                targets: Sequence[dict] | None = None, *, padded: bool | None = None,
+                lazy_masks: bool | None = None) -> dict:
+        """As :meth:`DETR.forward <detr.models.detr.DETR.forward>`, plus ``pred_masks``, or
+        with ``lazy_masks`` ``query_masks`` (a :class:`QueryMasks`, e.g. for a predictor that
+        wants the masks of its kept detections only); None = lazy in training with
+        ``matched_masks_only`` (see the class docstring)."""
         run = self.detr.forward_pass(images, mask, targets, padded=padded)
         levels = dict(zip(self.detr.backbone[0].levels, run.levels, strict=True))
         valid = None
@@ -253,7 +265,9 @@ class DETRsegm(nn.Module):
             run.hs[-1, :, :self.detr.num_queries], run.memory,
             run.mask if run.padded else None, run.src,
             [levels[s][0] for s in self.fpn_levels], valid))
-        if self.training and self.matched_masks_only:
+        if lazy_masks is None:
+            lazy_masks = self.training and self.matched_masks_only
+        if lazy_masks:
             return {**run.out, "query_masks": masks}
         return {**run.out, "pred_masks": masks.all()}
 

@@ -32,6 +32,8 @@ def test_outputs_masks_per_object_query_at_stride_4():
     assert out["pred_logits"].shape == (2, 8, 6) and out["pred_boxes"].shape == (2, 8, 4)
     assert out["pred_masks"].shape == (2, 8, 16, 20)
     assert all(set(aux) == {"pred_logits", "pred_boxes"} for aux in out["aux_outputs"])
+    lazy = model([torch.randn(3, 64, 80)], lazy_masks=True)["query_masks"]
+    assert lazy.grid == (16, 20) and lazy(torch.tensor([0]), torch.tensor([2])).shape == (1, 16, 20)
 
 
 @pytest.mark.parametrize("last_stage", ["layer2", "layer3"])
@@ -135,3 +137,15 @@ def test_training_computes_the_matched_masks_only_and_the_same_numbers():
     a, b = criterion(lazy, targets), criterion(dense, targets)
     for key in ("loss_mask", "loss_dice"):
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def test_lazy_masks_keep_the_precision_of_their_forward_pass():
+    model = build_model(SEGM).train()
+    criterion = build_criterion(5, LossConfig(), model.aids)
+    images, targets = [torch.randn(3, 64, 64)], _targets([(64, 64)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images)
+        inside = out["query_masks"].all()
+    outside = out["query_masks"].all()  # as the criterion calls it: after the autocast
+    assert inside.dtype == outside.dtype == torch.bfloat16 and torch.equal(inside, outside)
+    criterion.total(criterion(out, targets)).backward()
