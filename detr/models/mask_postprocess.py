@@ -17,6 +17,8 @@ from torch.nn import functional as F
 
 from detr.models.segmentation import MASK_STRIDE
 
+_NUDGE = 1 + 1e-6
+
 
 def mask_logits_at_size(mask_logits: Tensor, input_size: Sequence[int],
                         orig_size: Sequence[int]) -> Tensor:
@@ -29,8 +31,9 @@ def mask_logits_at_size(mask_logits: Tensor, input_size: Sequence[int],
         return mask_logits.new_zeros((0, height, width), dtype=torch.float32)
     cells = mask_logits[:, :rows, :cols].float()[:, None]
     # One resampling with the true scale (output pixels per cell), then the image's part:
-    # the last row/column of cells may reach past the image.
-    scale = (MASK_STRIDE * height / h_in, MASK_STRIDE * width / w_in)
+    # the last row/column of cells may reach past the image. The scale is nudged up by 1e-6
+    # (a thousandth of a pixel over 1000 px) so that rounding never leaves the output short.
+    scale = (MASK_STRIDE * height / h_in * _NUDGE, MASK_STRIDE * width / w_in * _NUDGE)
     out = F.interpolate(cells, scale_factor=scale, mode="bilinear", align_corners=False,
                         recompute_scale_factor=False)
     return out[:, 0, :height, :width]

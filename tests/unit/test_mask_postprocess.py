@@ -25,6 +25,10 @@ def test_mask_logits_at_size_keeps_the_geometry_of_odd_sizes():
     logits = torch.randn(3, 9, 9)
     out = mask_logits_at_size(logits, (33, 30), (50, 41))
     assert out.shape == (3, 50, 41)
+    cells = torch.zeros(1, 40, 40)
+    for h_in in range(1, 160):  # every input size against many original sizes: never short
+        for height in range(1, 400, 7):
+            assert mask_logits_at_size(cells, (h_in, 16), (height, 16)).shape[1] == height
     assert mask_logits_at_size(logits[:0], (33, 30), (50, 41)).shape == (0, 50, 41)
 
 
