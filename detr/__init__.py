@@ -19,8 +19,10 @@ _EXPORTS = {
     "LossConfig": "detr.config", "ModelConfig": "detr.config",
     "detr_resnet50": "detr.hub", "detr_resnet50_dc5": "detr.hub",
     "detr_resnet101": "detr.hub", "detr_resnet101_dc5": "detr.hub",
+    "detr_resnet50_panoptic": "detr.hub", "detr_resnet50_dc5_panoptic": "detr.hub",
+    "detr_resnet101_panoptic": "detr.hub",
     "model_from_checkpoint": "detr.hub",
-    "DETR": "detr.models", "HungarianMatcher": "detr.models", "PostProcess": "detr.models",
+    "DETR": "detr.models", "DETRsegm": "detr.models", "HungarianMatcher": "detr.models", "PostProcess": "detr.models",
     "SetCriterion": "detr.models", "build_criterion": "detr.models", "build_model": "detr.models",
 }
 

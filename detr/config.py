@@ -23,7 +23,8 @@ from detr.strict import (  # noqa: F401  (ConfigError, check_ranges, load_sectio
     non_negative,
 )
 
-Auto = Literal["auto"]  # resolved from the dataset before training (detr.settings)
+Auto = Literal["auto"]
+TASKS = ("detection", "segmentation", "panoptic")  # model.task  # resolved from the dataset before training (detr.settings)
 
 
 def given(**values: Any) -> dict[str, Any]:
@@ -140,8 +141,22 @@ class ModelConfig:
     # official checkpoints load either way. False = the paper.
     input_pos: bool = False
     value_pos: bool = False
+    # What the model predicts: "detection" (boxes, the default), "segmentation" (boxes and an
+    # instance mask per detection) or "panoptic" (things and stuff, a panoptic map out). The
+    # last two add the paper's mask head (detr.models.segmentation) on top of the detector,
+    # which then sits under ``detr.`` in the state dict, as in the official panoptic models.
+    task: Literal["detection", "segmentation", "panoptic"] = "detection"
+    # The paper's two-step recipe: train only the mask head on a trained detector (from
+    # train.init_weights), whose weights stay frozen and in eval mode (no dropout, fixed
+    # BatchNorm statistics; no training aids). False = train detector and mask head jointly.
+    mask_head_only: bool = False
 
     def __post_init__(self):
+        if self.task not in TASKS:  # load_section checks it too; this covers direct use
+            raise ConfigError(f"model.task: {self.task!r} is not one of {', '.join(TASKS)}")
+        if self.mask_head_only and self.task == "detection":
+            raise ConfigError("model.mask_head_only: true needs a mask head: set model.task to "
+                              "segmentation or panoptic, or mask_head_only to false")
         at_least("model", **given(num_classes=self.num_classes, nheads=self.nheads,
                                   dec_layers=self.dec_layers, dim_feedforward=self.dim_feedforward,
                                   num_queries=self.num_queries))
@@ -181,6 +196,10 @@ class LossConfig:
     # by how well it is placed, which AP at high IoU rewards. The IoU carries no gradient.
     # False = the paper (the class gets all of it).
     iou_aware: bool = False
+    # Mask losses (model.task segmentation / panoptic), on the matched queries' masks of the
+    # last decoder layer: sigmoid focal loss (alpha 0.25, gamma 2) and DICE. Paper: 1 and 1.
+    mask_coef: float = 1.0
+    dice_coef: float = 1.0
 
     def __post_init__(self):
         non_negative("loss", **dataclasses.asdict(self))

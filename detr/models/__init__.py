@@ -4,6 +4,7 @@ from detr.models.criterion import SetCriterion, build_criterion
 from detr.models.detr import DETR, build_model
 from detr.models.matcher import HungarianMatcher
 from detr.models.postprocess import PostProcess
+from detr.models.segmentation import DETRsegm
 
-__all__ = ["DETR", "HungarianMatcher", "PostProcess", "SetCriterion", "build_criterion",
+__all__ = ["DETR", "DETRsegm", "HungarianMatcher", "PostProcess", "SetCriterion", "build_criterion",
            "build_model"]

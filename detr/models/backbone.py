@@ -297,6 +297,15 @@ def _load_resnet_state(resnet: nn.Module, state: dict[str, Tensor]) -> None:
     resnet.load_state_dict(state, strict=False)
 
 
+class JoinerOutput(NamedTuple):
+    """What :class:`Joiner` returns (see its ``forward``)."""
+
+    features: Tensor
+    mask: Tensor
+    pos: Tensor
+    levels: list[tuple[Tensor, Tensor]]
+
+
 class Joiner(nn.Sequential):
     """``backbone.0`` = the ResNet, ``backbone.1`` = the positional encoding (official layout)."""
 
@@ -305,12 +314,15 @@ class Joiner(nn.Sequential):
         self.num_channels = backbone.num_channels
 
     def forward(self, images: Tensor, mask: Tensor,
-                padded: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Return ``(features [B,C,h,w], mask [B,h,w], pos [B,d,h,w])``; ``padded``: see
-        :meth:`Backbone.forward`."""
-        features, mask = self[0](images, mask, padded)
+                padded: bool | None = None) -> JoinerOutput:
+        """Return ``(features [B,C,h,w], mask [B,h,w], pos [B,d,h,w], levels)`` of the last
+        stage, ``levels`` = every level of the backbone as ``[(features, mask), ...]`` in
+        stride order (the last is ``(features, mask)``; the mask head reads the others);
+        ``padded``: see :meth:`Backbone.forward`."""
+        levels = self[0].forward_levels(images, mask, padded)
+        features, mask = levels[-1]
         pos = self[1](mask).to(features.dtype)
-        return features, mask, pos
+        return JoinerOutput(features, mask, pos, levels)
 
     def forward_levels(self, images: Tensor, mask: Tensor, padded: bool | None = None
                        ) -> list[tuple[Tensor, Tensor, Tensor]]:

@@ -13,10 +13,11 @@ from torchvision.ops import box_area, box_convert, generalized_box_iou_loss
 from detr.config import LossConfig
 from detr.distributed import mean_over_processes
 from detr.models.aids.base import TrainingAid
+from detr.models.mask_loss import mask_losses
 from detr.models.matcher import HungarianMatcher, Indices
 
 _AUX_SUFFIX = re.compile(r"_\d+$")  # loss_ce_3 -> loss_ce
-_CORE_OUTPUTS = {"pred_logits", "pred_boxes", "aux_outputs"}
+_CORE_OUTPUTS = {"pred_logits", "pred_boxes", "aux_outputs", "pred_masks", "query_masks"}
 
 
 class SetCriterion(nn.Module):
@@ -29,7 +30,9 @@ class SetCriterion(nn.Module):
     every auxiliary decoder layer with suffix ``_0``, ``_1``...; and, for logging only,
     ``class_error`` (% wrong classes among matched queries, last layer) and
     ``cardinality_error`` (|predicted objects - targets|, last layer). :meth:`total` weights
-    and sums the loss terms.
+    and sums the loss terms. With ``pred_masks`` / ``query_masks`` in the outputs (the
+    segmentation model), ``loss_mask`` and ``loss_dice`` of the last layer's matched masks
+    against the targets' ``masks`` (:func:`detr.models.mask_loss.mask_losses`).
 
     Each training aid (:mod:`detr.models.aids`) may split the object queries into sets
     matched each on its own (Group DETR's query groups: their losses are summed), and adds
@@ -39,6 +42,7 @@ class SetCriterion(nn.Module):
     def __init__(self, num_classes: int, matcher: HungarianMatcher, *, eos_coef: float = 0.1,
                  ce_loss_coef: float = 1.0, bbox_loss_coef: float = 5.0,
                  giou_loss_coef: float = 2.0, iou_aware: bool = False,
+                 mask_coef: float = 1.0, dice_coef: float = 1.0,
                  aids: Sequence[TrainingAid] = ()):
         super().__init__()
         self.num_classes = num_classes
@@ -47,7 +51,7 @@ class SetCriterion(nn.Module):
         self.aids = list(aids)  # the model's: not registered here (their weights are its own)
         matched = {"loss_ce": ce_loss_coef, "loss_bbox": bbox_loss_coef,
                    "loss_giou": giou_loss_coef}
-        self.coefs = dict(matched)
+        self.coefs = {**matched, "loss_mask": mask_coef, "loss_dice": dice_coef}
         for aid in self.aids:
             self.coefs.update(aid.loss_weights(matched))
         empty_weight = torch.ones(num_classes + 1)
@@ -84,6 +88,8 @@ class SetCriterion(nn.Module):
         first_group_of_last = len(layers) - groups
         losses.update(self._logged(logits[first_group_of_last], target_classes[first_group_of_last],
                                    targets))
+        if "pred_masks" in outputs or "query_masks" in outputs:  # the first query set has masks
+            losses.update(mask_losses(outputs, targets, indices[first_group_of_last], num_boxes))
         for aid in self.aids:
             losses.update(aid.losses(outputs, targets, num_boxes=num_boxes,
                                      empty_weight=self.empty_weight))
@@ -214,4 +220,4 @@ def build_criterion(num_classes: int, cfg: LossConfig,
     return SetCriterion(num_classes, matcher, eos_coef=cfg.eos_coef,
                         ce_loss_coef=cfg.ce_loss_coef, bbox_loss_coef=cfg.bbox_loss_coef,
                         giou_loss_coef=cfg.giou_loss_coef, iou_aware=cfg.iou_aware,
-                        aids=aids)
+                        mask_coef=cfg.mask_coef, dice_coef=cfg.dice_coef, aids=aids)

@@ -2,18 +2,51 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from torch import Tensor, nn
 
-from detr.config import ModelConfig
+from detr.config import AidsConfig, ModelConfig
 from detr.models.aids import AIDS, Denoising, DenseHead, Queries, QueryGroups, TrainingAid
 from detr.models.backbone import Backbone, Joiner, feature_stages
 from detr.models.mlp import MLP
 from detr.models.multiscale import MultiScale, split_levels
 from detr.models.padding import pad_images
 from detr.models.position_encoding import build_position_encoding
+from detr.models.segmentation import DETRsegm, fpn_stages
 from detr.models.transformer import Transformer
+
+
+class DetrPass(NamedTuple):
+    """One forward pass of :class:`DETR`: ``out`` its output dict; ``hs`` [L, B, Q', d] the
+    decoder states of every query (the ``num_queries`` learned object queries first, then the
+    training aids' own); ``memory`` [B, d, h, w] the encoder output; ``src`` [B, d, h, w] the
+    projected backbone features (the encoder's input); ``mask`` [B, h, w] their padding (True
+    = padding); ``levels`` every backbone level's ``(features, mask)`` in stride order;
+    ``padded``: whether the batch has padding."""
+
+    out: dict
+    hs: Tensor
+    memory: Tensor
+    src: Tensor
+    mask: Tensor
+    levels: list[tuple[Tensor, Tensor]]
+    padded: bool
+
+
+class Encoded(NamedTuple):
+    """What :meth:`DETR.encode_decode` gives: ``hs`` [L, B, Q', d] the decoder states; the
+    encoder ``memory`` [B, d, h, w] and its padding ``mask`` [B, h, w] (with multi-scale
+    features, lists of both, one per level, finest first); ``src`` [B, d, h, w] the last
+    level's projected features; ``levels`` every backbone level's ``(features, mask)``."""
+
+    hs: Tensor
+    memory: Tensor | list[Tensor]
+    mask: Tensor | list[Tensor]
+    src: Tensor
+    levels: list[tuple[Tensor, Tensor]]
 
 
 class DETR(nn.Module):
@@ -68,6 +101,13 @@ class DETR(nn.Module):
         """``targets`` (training only) feed the aids that need them (denoising queries).
         ``padded``: whether ``mask`` marks any padding; None looks, a data-dependent branch
         that ``torch.export`` cannot trace (:mod:`detr.export` passes True or False)."""
+        return self.forward_pass(images, mask, targets, padded=padded).out
+
+    def forward_pass(self, images: Tensor | Sequence[Tensor], mask: Tensor | None = None,
+                     targets: Sequence[dict] | None = None, *,
+                     padded: bool | None = None) -> DetrPass:
+        """:meth:`forward`, with what heads on top of DETR (the mask head) read besides its
+        output dict: see :class:`DetrPass`."""
         if mask is None:
             images, mask = pad_images(images)
         if padded is None:
@@ -76,18 +116,18 @@ class DETR(nn.Module):
         queries = Queries(self.query_embed.weight, num_object=self.num_queries)
         for aid in aids:
             queries = aid.extend_queries(queries, targets)
-        hs, memory, mask = self.encode_decode(images, mask, padded, queries)
-        out = self.heads(hs[:, :, :queries.num_object] if aids else hs)
+        enc = self.encode_decode(images, mask, padded, queries)
+        out = self.heads(enc.hs[:, :, :queries.num_object] if aids else enc.hs)
         for aid in aids:
-            out.update(aid.outputs(queries, hs, memory, mask, self.heads))
-        return out
+            out.update(aid.outputs(queries, enc.hs, enc.memory, enc.mask, self.heads))
+        memory, mask = enc.memory, enc.mask
+        if self.multiscale is not None:  # the mask head reads the last level's
+            memory, mask = memory[-1], mask[-1]
+        return DetrPass(out, enc.hs, memory, enc.src, mask, enc.levels, padded)
 
     def encode_decode(self, images: Tensor, mask: Tensor, padded: bool,
-                      queries: Queries) -> tuple[Tensor, Tensor | list[Tensor],
-                                                 Tensor | list[Tensor]]:
-        """Backbone, projection, transformer: ``hs`` [L, B, Q, d], the encoder ``memory``
-        [B, d, h, w] and its padding ``mask`` [B, h, w]; with ``multiscale``, lists of both,
-        one per level (finest first)."""
+                      queries: Queries) -> Encoded:
+        """Backbone, projection, transformer (see :class:`Encoded`)."""
         if self.multiscale is not None:
             levels = self.backbone.forward_levels(images, mask, padded)
             tokens = self.multiscale(dict(zip(self.backbone[0].levels, levels, strict=True)),
@@ -95,12 +135,15 @@ class DETR(nn.Module):
             hs, memory = self.transformer.forward_tokens(
                 tokens.src, tokens.mask if padded else None, queries.pos, tokens.pos,
                 queries.attend, queries.content)
-            return hs, split_levels(memory, tokens.shapes), tokens.masks
-        features, mask, pos = self.backbone(images, mask, padded)
+            return Encoded(hs, split_levels(memory, tokens.shapes), tokens.masks,
+                           split_levels(tokens.src, tokens.shapes)[-1],
+                           [(f, m) for f, m, _ in levels])
+        features, mask, pos, levels = self.backbone(images, mask, padded)
+        src = self.input_proj(features)
         # Without padding the attention needs no mask, which lets SDPA use its fastest kernels.
-        hs, memory = self.transformer(self.input_proj(features), mask if padded else None,
+        hs, memory = self.transformer(src, mask if padded else None,
                                       queries.pos, pos, queries.attend, queries.content)
-        return hs, memory, mask
+        return Encoded(hs, memory, mask, src, levels)
 
     @property
     def feature_stride(self) -> int:
@@ -132,10 +175,18 @@ class DETR(nn.Module):
         return out
 
 
-def build_model(cfg: ModelConfig, *, backbone_state: dict[str, Tensor] | None = None) -> DETR:
+def build_model(cfg: ModelConfig, *,
+                backbone_state: dict[str, Tensor] | None = None) -> DETR | DETRsegm:
     """Build a DETR from the ``model:`` config section. ``cfg.backbone_weights``: None or
     "imagenet" (torchvision's download); a file's weights come in ``backbone_state`` (a
-    torchvision ResNet state dict: :func:`detr.hub.build` reads the file)."""
+    torchvision ResNet state dict: :func:`detr.hub.build` reads the file).
+
+    With ``cfg.task`` segmentation or panoptic: a :class:`DETRsegm` (the DETR under
+    ``detr``, its backbone returning the levels the mask head reads); with
+    ``cfg.mask_head_only`` its detector is frozen and has no training aids."""
+    masks = cfg.task != "detection"
+    if cfg.mask_head_only:  # aids would train the frozen detector: nothing
+        cfg = dataclasses.replace(cfg, aids=AidsConfig())
     weights = cfg.backbone_weights
     if weights not in (None, "imagenet") and backbone_state is None:
         raise ValueError(f"model.backbone_weights: {weights!r} is a file: build the model with "
@@ -144,7 +195,8 @@ def build_model(cfg: ModelConfig, *, backbone_state: dict[str, Tensor] | None = 
                         weights=backbone_state if backbone_state is not None else weights,
                         freeze_stem=cfg.freeze_stem,
                         mask_padding=cfg.mask_padding, last_stage=cfg.last_stage,
-                        levels=feature_stages(cfg.last_stage, cfg.feature_levels)[:-1])
+                        levels=(*feature_stages(cfg.last_stage, cfg.feature_levels)[:-1],
+                                *(fpn_stages(cfg.last_stage) if masks else ())))
     joiner = Joiner(backbone, build_position_encoding(cfg.position_embedding, cfg.hidden_dim))
     transformer = Transformer(
         d_model=cfg.hidden_dim, nhead=cfg.nheads, num_encoder_layers=cfg.enc_layers,
@@ -165,7 +217,7 @@ def build_model(cfg: ModelConfig, *, backbone_state: dict[str, Tensor] | None = 
         model.attach(denoising)
     if aids.dense:
         model.attach(DenseHead(aids.dense, num_classes=classes, dim=d))
-    return model
+    return DETRsegm(model, freeze_detr=cfg.mask_head_only) if masks else model
 
 
 def _multiscale(cfg: ModelConfig, backbone: Backbone) -> MultiScale | None:

@@ -196,6 +196,7 @@ class Transformer(nn.Module):
         self.encoder = Encoder(enc, num_encoder_layers, nn.LayerNorm(d_model) if pre_norm else None)
         self.decoder = Decoder(dec, num_decoder_layers, nn.LayerNorm(d_model))
         self.d_model = d_model
+        self.nhead = nhead
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
