@@ -29,6 +29,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from detr.data.layout import is_unsafe_file_name
+from detr.data.masks import MaskError, decode_segmentation, segmentation_problem
 
 Target = dict[str, Any]
 Transforms = Callable[[tv_tensors.Image, Target], tuple[Any, Target]]
@@ -57,7 +58,9 @@ def load_coco(ann_file: str | Path) -> COCO:
     ``file_name`` relative to the image folder (no ``..``, not absolute) and, if given, int
     ``width``/``height`` > 0; categories a unique int ``id`` and a string ``name``;
     annotations a unique int ``id``, an ``image_id`` and a ``category_id`` that exist, a
-    ``bbox`` of four finite numbers and, if given, ``iscrowd`` 0/1 and a finite ``area``.
+    ``bbox`` of four finite numbers and, if given, ``iscrowd`` 0/1, a finite ``area`` and a
+    ``segmentation`` of the right structure (polygons or RLE, see :mod:`detr.data.masks`; an
+    empty list, as box-only exports write it, counts as none).
     Box geometry (zero size, outside the image) is not an error here: such boxes are dropped
     or clamped when an item is read; the pipeline's validate stage reports them.
 
@@ -158,6 +161,14 @@ def _check_annotation(ann: dict, path: Path, index: int, image_ids: set[int],
     if "area" in ann and not _is_finite(ann["area"]):
         raise AnnotationError(f"{where}: area must be a finite number, got "
                               f"{_short(ann['area'])}")
+    problem = segmentation_problem(ann["segmentation"]) if has_segmentation(ann) else None
+    if problem is not None:
+        raise AnnotationError(f"{where}: segmentation: {problem}")
+
+
+def has_segmentation(ann: dict) -> bool:
+    """Whether the annotation carries a segmentation (an empty list is none)."""
+    return ann.get("segmentation") not in (None, [], {})
 
 
 def _is_int(value: Any) -> bool:
@@ -207,21 +218,31 @@ class CocoDetection(Dataset):
     - ``target["labels"]``: int64 [N], contiguous labels ``0..C-1`` (see ``label_to_category``).
     - ``target["image_id"]``: int, the json's image id.
     - ``target["orig_size"]``: int64 [2], ``(H, W)`` of the image file.
+    - ``target["masks"]`` (only with ``masks=True``): ``tv_tensors.Mask`` uint8 [N, H, W], row
+      i the mask of box i (decoded from the annotation's ``segmentation`` as pycocotools'
+      ``annToMask`` does; the same crowd and degenerate-box filtering).
 
     Raises:
         FileNotFoundError, AnnotationError: (constructor) the json is missing or malformed,
             see :func:`load_coco`; the message names the file, the record and the field.
         ImageLoadError: (``__getitem__``) the image file is missing, unreadable, or its size
             differs from the json's ``width``/``height``; the message names the path and id.
+        AnnotationError: (constructor, ``masks=True``) a non-crowd annotation has no
+            ``segmentation``; (``__getitem__``) one does not decode on its image (an RLE of
+            another size, bad counts); the message names the file, annotation id and field.
     """
 
     def __init__(
-        self, image_dir: str | Path, ann_file: str | Path, transforms: Transforms | None = None
+        self, image_dir: str | Path, ann_file: str | Path, transforms: Transforms | None = None,
+        *, masks: bool = False,
     ) -> None:
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
         self.transforms = transforms
+        self.masks = masks
         self.coco = load_coco(self.ann_file)
+        if masks:
+            self._check_segmentations()
         self.ids: list[int] = sorted(self.coco.imgs)
         cats = sorted(self.coco.cats.values(), key=lambda c: int(c["id"]))
         self.categories: list[dict[str, Any]] = [
@@ -234,11 +255,21 @@ class CocoDetection(Dataset):
 
     @classmethod
     def from_root(
-        cls, root: str | Path, split: str, transforms: Transforms | None = None
+        cls, root: str | Path, split: str, transforms: Transforms | None = None,
+        *, masks: bool = False,
     ) -> CocoDetection:
         """The ``split`` ("train" or "val") of a dataset in the canonical layout under ``root``."""
         root = Path(root)
-        return cls(root / "images" / split, root / "annotations" / f"{split}.json", transforms)
+        return cls(root / "images" / split, root / "annotations" / f"{split}.json", transforms,
+                   masks=masks)
+
+    def _check_segmentations(self) -> None:
+        for ann in self.coco.dataset["annotations"]:
+            if not ann.get("iscrowd", 0) and not has_segmentation(ann):
+                raise AnnotationError(
+                    f"{self.ann_file}: annotation {ann['id']} of image {ann['image_id']}: no "
+                    f"segmentation; masks need one per non-crowd annotation (a box-only "
+                    f"dataset trains with model.task: detection)")
 
     @property
     def num_classes(self) -> int:
@@ -282,18 +313,39 @@ class CocoDetection(Dataset):
 
     def _load_target(self, image_id: int, canvas_size: tuple[int, int]) -> Target:
         anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
-        boxes, labels = self._boxes_and_labels(anns, image_id, canvas_size)
-        return {
+        boxes, labels, keep = self._boxes_and_labels(anns, canvas_size)
+        target = {
             "boxes": boxes,
             "labels": labels,
             "image_id": int(image_id),
             "orig_size": torch.tensor(canvas_size, dtype=torch.int64),
         }
+        if self.masks:
+            kept = [a for a, k in zip(anns, keep.tolist(), strict=True) if k]
+            target["masks"] = self._load_masks(kept, canvas_size)
+        return target
+
+    def _load_masks(self, anns: list[dict[str, Any]], canvas_size: tuple[int, int]
+                    ) -> tv_tensors.Mask:
+        """uint8 [N, H, W], one decoded segmentation per annotation."""
+        height, width = canvas_size
+        rows = []
+        for ann in anns:
+            where = f"{self.ann_file}: annotation {ann['id']} of image {ann['image_id']}"
+            try:
+                rows.append(torch.from_numpy(
+                    decode_segmentation(ann["segmentation"], height, width, where=where)))
+            except MaskError as err:
+                raise AnnotationError(str(err)) from None
+        if not rows:
+            return tv_tensors.Mask(torch.zeros((0, height, width), dtype=torch.uint8))
+        return tv_tensors.Mask(torch.stack(rows))
 
     def _boxes_and_labels(
-        self, anns: list[dict[str, Any]], image_id: int, canvas_size: tuple[int, int]
-    ) -> tuple[tv_tensors.BoundingBoxes, torch.Tensor]:
-        """XYXY boxes clamped to the image, without degenerate ones, and their labels."""
+        self, anns: list[dict[str, Any]], canvas_size: tuple[int, int]
+    ) -> tuple[tv_tensors.BoundingBoxes, torch.Tensor, torch.Tensor]:
+        """XYXY boxes clamped to the image, without degenerate ones, their labels, and which
+        of ``anns`` were kept (bool [len(anns)])."""
         # load_coco checked every category id and bbox (four finite numbers).
         labels = torch.tensor([self.category_to_label[a["category_id"]] for a in anns],
                               dtype=torch.int64)
@@ -302,4 +354,4 @@ class CocoDetection(Dataset):
         boxes = tv_tensors.BoundingBoxes(xywh, format="XYWH", canvas_size=canvas_size)
         boxes = F.clamp_bounding_boxes(F.convert_bounding_box_format(boxes, new_format="XYXY"))
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        return tv_tensors.wrap(boxes[keep], like=boxes), labels[keep]
+        return tv_tensors.wrap(boxes[keep], like=boxes), labels[keep], keep
