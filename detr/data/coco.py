@@ -29,7 +29,12 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from detr.data.layout import is_unsafe_file_name
-from detr.data.masks import MaskError, decode_segmentation, segmentation_problem
+from detr.data.masks import (
+    MaskError,
+    decode_segmentation,
+    has_segmentation,
+    segmentation_problem,
+)
 
 Target = dict[str, Any]
 Transforms = Callable[[tv_tensors.Image, Target], tuple[Any, Target]]
@@ -164,11 +169,6 @@ def _check_annotation(ann: dict, path: Path, index: int, image_ids: set[int],
     problem = segmentation_problem(ann["segmentation"]) if has_segmentation(ann) else None
     if problem is not None:
         raise AnnotationError(f"{where}: segmentation: {problem}")
-
-
-def has_segmentation(ann: dict) -> bool:
-    """Whether the annotation carries a segmentation (an empty list is none)."""
-    return ann.get("segmentation") not in (None, [], {})
 
 
 def _is_int(value: Any) -> bool:

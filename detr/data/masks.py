@@ -28,6 +28,12 @@ class MaskError(ValueError):
     """A ``segmentation`` that cannot be decoded; the message names the file, record, field."""
 
 
+def has_segmentation(ann: dict) -> bool:
+    """Whether a COCO annotation carries a segmentation (an empty list, as box-only exports
+    write it, is none)."""
+    return ann.get("segmentation") not in (None, [], {})
+
+
 def segmentation_problem(segm: Any) -> str | None:
     """Why ``segm`` is not a COCO segmentation by its structure (types, polygon lengths), or
     None. Does not decode: RLE strings and sizes are checked by :func:`decode_segmentation`."""
