@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from detr.data.masks import (
     MaskError,
     decode_segmentation,
     has_segmentation,
+    is_finite_number,
     segmentation_problem,
 )
 
@@ -158,12 +158,12 @@ def _check_annotation(ann: dict, path: Path, index: int, image_ids: set[int],
             raise AnnotationError(f"{where}: {key} {_short(value)} is not in '{table}'")
     where = f"{path}: annotation {ann['id']} of image {ann['image_id']} (annotations[{index}])"
     bbox = ann.get("bbox")
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_finite, bbox))):
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(is_finite_number, bbox))):
         raise AnnotationError(f"{where}: bbox must be [x, y, w, h], four finite numbers, got "
                               f"{_short(bbox)}")
     if "iscrowd" in ann and ann["iscrowd"] not in (0, 1):
         raise AnnotationError(f"{where}: iscrowd must be 0 or 1, got {_short(ann['iscrowd'])}")
-    if "area" in ann and not _is_finite(ann["area"]):
+    if "area" in ann and not is_finite_number(ann["area"]):
         raise AnnotationError(f"{where}: area must be a finite number, got "
                               f"{_short(ann['area'])}")
     problem = segmentation_problem(ann["segmentation"]) if has_segmentation(ann) else None
@@ -173,15 +173,6 @@ def _check_annotation(ann: dict, path: Path, index: int, image_ids: set[int],
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_finite(value: Any) -> bool:
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:  # an int too large for a float
-        return False
 
 
 def _short(value: Any, limit: int = 60) -> str:

@@ -41,7 +41,7 @@ def segmentation_problem(segm: Any) -> str | None:
         if not segm:
             return "no polygon (an empty list)"
         for i, poly in enumerate(segm):
-            if not isinstance(poly, list) or not all(map(_is_finite, poly)):
+            if not isinstance(poly, list) or not all(map(is_finite_number, poly)):
                 return f"polygon {i} must be a list of finite numbers, got {_short(poly)}"
             if len(poly) % 2 or len(poly) < 6:
                 return (f"polygon {i} has {len(poly)} coordinates: it needs an even number, "
@@ -169,7 +169,8 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _is_finite(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
+    """A finite int or float (not a bool, not an int too large for a float)."""
     if not isinstance(value, int | float) or isinstance(value, bool):
         return False
     try:

@@ -25,7 +25,6 @@ decodes them.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -33,7 +32,13 @@ import pandas as pd
 from pycocotools import mask as mask_utils
 
 from detr.data.layout import SPLITS
-from detr.data.masks import has_segmentation, rle_counts, segmentation_problem
+from detr.data.masks import (
+    MaskError,
+    has_segmentation,
+    is_finite_number,
+    segmentation_problem,
+    segmentation_to_rle,
+)
 
 AREA_SLACK_PX = 4  # |mask area - area| up to this many px is no mismatch (tiny objects)
 BOX_SLACK_FRACTION = 0.1  # bbox edges may lie this fraction of the box's longer side off
@@ -101,17 +106,10 @@ def _rle(segm: dict) -> dict | None:
     if segmentation_problem(segm) is not None:
         return None
     height, width = (int(v) for v in segm["size"])
-    counts = segm["counts"]
     try:
-        runs = counts if isinstance(counts, list) else rle_counts(counts)
-    except ValueError:
+        return segmentation_to_rle(segm, height, width)
+    except MaskError:
         return None
-    if any(not isinstance(r, int) or r < 0 for r in runs) or sum(runs) != height * width:
-        return None
-    if isinstance(counts, list):
-        return mask_utils.frPyObjects(segm, height, width)
-    return {"size": [height, width],
-            "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
 
 
 def _outside(polygons: list[list[float]], height: int, width: int) -> float:
@@ -124,10 +122,10 @@ def _compare(rle: dict, area: Any, bbox: Any) -> dict[str, Any]:
     """mask_area, mask_area_error and mask_box_gap_px of a mask against ``area``, ``bbox``."""
     mask_area = int(mask_utils.area(rle))
     out: dict[str, Any] = {"mask_area": mask_area}
-    if _is_number(area) and area > 0:
+    if is_finite_number(area) and area > 0:
         mismatch = max(0.0, abs(mask_area - area) - AREA_SLACK_PX)
         out["mask_area_error"] = mismatch / max(mask_area, area)
-    numbers = isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))
+    numbers = isinstance(bbox, list) and len(bbox) == 4 and all(map(is_finite_number, bbox))
     if numbers and mask_area > 0:
         x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))
         bx, by, bw, bh = (float(v) for v in bbox)
@@ -149,12 +147,3 @@ def _overlaps(frame: pd.DataFrame, rles: list[dict | None]) -> list[float | None
         for k, i in enumerate(rows):
             result[i] = float(np.count_nonzero(shared & (masks[..., k] > 0)))
     return result
-
-
-def _is_number(value: Any) -> bool:
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int too large for a float
-        return False

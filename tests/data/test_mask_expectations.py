@@ -50,20 +50,21 @@ def _panoptic(data: dict) -> None:
         category["isthing"] = int(category["id"] != 3)
 
 
+def _dataset(root: Path, change: Callable[[dict], None]) -> Path:
+    write_coco_dataset(root)
+    for split in ("train", "val"):
+        edit(root, split, change)
+    return root
+
+
 @pytest.fixture
 def masked(tmp_path: Path) -> Path:
-    root = write_coco_dataset(tmp_path / "masked")
-    for split in ("train", "val"):
-        edit(root, split, _with_polygons)
-    return root
+    return _dataset(tmp_path / "masked", _with_polygons)
 
 
 @pytest.fixture
 def panoptic(tmp_path: Path) -> Path:
-    root = write_coco_dataset(tmp_path / "panoptic")
-    for split in ("train", "val"):
-        edit(root, split, _panoptic)
-    return root
+    return _dataset(tmp_path / "panoptic", _panoptic)
 
 
 def _first(change: Callable[[dict], None]) -> Callable[[Path], None]:
