@@ -60,8 +60,8 @@ def segmentation_problem(segm: Any) -> str | None:
 def decode_segmentation(segm: Any, height: int, width: int, *, where: str = "") -> np.ndarray:
     """The mask of ``segm`` on an image of ``height`` x ``width``: uint8 [H, W], C order.
 
-    Polygons are rasterised as pycocotools does (``annToMask``); an RLE must have
-    ``size == [height, width]``.
+    Polygons are rasterised as pycocotools does (``annToMask``); their vertices may lie at
+    most max(H, W) px outside the image. An RLE must have ``size == [height, width]``.
 
     Raises:
         MaskError: ``segm`` is malformed, its RLE does not decode or is of another size;
@@ -77,6 +77,8 @@ def segmentation_to_rle(segm: Any, height: int, width: int, *, where: str = "") 
     problem = segmentation_problem(segm)
     if problem is None and isinstance(segm, dict):
         problem = _rle_problem(segm, height, width)
+    elif problem is None:
+        problem = _far_outside(segm, height, width)
     if problem is not None:
         raise MaskError(f"{where}: segmentation: {problem}" if where else problem)
     if isinstance(segm, list):
@@ -114,6 +116,18 @@ def polygons_bbox(polygons: list[list[float]]) -> list[float]:
     xs = [v for poly in polygons for v in poly[0::2]]
     ys = [v for poly in polygons for v in poly[1::2]]
     return [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
+
+
+def _far_outside(polygons: list[list[float]], height: int, width: int) -> str | None:
+    """A vertex more than max(H, W) px outside the image: refused, as pycocotools would
+    allocate along an outline of that length (and crash on a huge one)."""
+    reach = max(height, width)
+    for i, poly in enumerate(polygons):
+        for x, y in zip(poly[0::2], poly[1::2], strict=True):
+            if not (-reach <= x <= width + reach and -reach <= y <= height + reach):
+                return (f"polygon {i} has the vertex ({x:g}, {y:g}) far outside the "
+                        f"{width}x{height} (WxH) image")
+    return None
 
 
 def _rle_problem(segm: dict, height: int, width: int) -> str | None:

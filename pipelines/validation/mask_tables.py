@@ -95,7 +95,10 @@ def _measure(ann: dict, height: int | None,
         row["polygon_well_formed"] = segmentation_problem(segm) is None
         if row["polygon_well_formed"] and height is not None:
             row["polygon_outside_px"] = _outside(segm, height, width)
-            rle, on_image = mask_utils.merge(mask_utils.frPyObjects(segm, height, width)), True
+            # pycocotools allocates along the outline: far-away vertices are only reported
+            if row["polygon_outside_px"] <= max(height, width):
+                rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
+                on_image = True
     if rle is not None:
         row.update(_compare(rle, ann.get("area"), ann.get("bbox")))
     return row, rle if on_image else None

@@ -8,12 +8,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from detr.data.masks import mask_to_rle, segmentation_area
 from pipelines.validation.dataset_tables import load_tables
+from pipelines.validation.mask_tables import mask_frame
 from tests.data.conftest import HEIGHT, WIDTH, write_coco_dataset
 from tests.data.test_expectations import edit, validate
+from tests.unit.test_masks import SEGMENTATIONS
 
 MASK_CHECKS = {"segmentation_polygon_well_formed", "segmentation_polygon_inside_image",
                "segmentation_rle_decodes", "segmentation_rle_size_matches_image",
@@ -152,3 +157,18 @@ def test_box_only_dataset_gets_no_mask_checks(pristine_dataset: Path, masked: Pa
     start = time.perf_counter()
     load_tables(masked, workers=1)
     assert time.perf_counter() - start < box_only * 3 + 1.0  # the masks' measures are cheap
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(segm=SEGMENTATIONS, area=st.one_of(st.none(), st.floats(), st.integers(-5, 900)),
+       size=st.sampled_from([(HEIGHT, WIDTH), (None, WIDTH), (0, 5)]))
+def test_mask_table_measures_any_segmentation(segm, area, size) -> None:
+    """Whatever the segmentation, area or image size, the table is built (no crash)."""
+    anns = [{"id": 1, "image_id": 1, "bbox": [1, 2, 3, 4], "area": area, "segmentation": segm},
+            {"id": 2, "image_id": 1, "bbox": [0, 0, 9, 9], "segmentation": _rle(0, 0, 9, 9)}]
+    raw = {"train": {"annotations": anns, "categories": [{"id": 1, "isthing": 0}]},
+           "val": {"annotations": [], "categories": []}}
+    images = pd.DataFrame({"split": ["train"], "id": [1], "file_name": ["a.png"],
+                           "height": [size[0]], "width": [size[1]]})
+    frame = mask_frame(raw, images)
+    assert frame is not None and list(frame["id"])[-1] == 2

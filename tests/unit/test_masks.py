@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
@@ -261,3 +263,28 @@ def test_val_preset_resizes_masks_nearest() -> None:
     _, out = t(*_sample())
     assert out["masks"].shape == (3, 120, 160)
     assert torch.equal(out["masks"][0].nonzero().min(0).values, torch.tensor([20, 10]))
+
+
+# --- fuzz: any segmentation value is decoded or refused with MaskError, never a crash -------
+
+_NUMBER = st.one_of(st.integers(-50, 80), st.floats(allow_nan=True, allow_infinity=True),
+                    st.integers(-2**70, 2**70), st.booleans())
+SEGMENTATIONS = st.one_of(
+    st.lists(st.lists(_NUMBER, max_size=10), max_size=3),
+    st.fixed_dictionaries({"size": st.lists(st.integers(-2, 40), max_size=3),
+                           "counts": st.one_of(st.text(max_size=12),
+                                               st.lists(st.integers(-3, 1300), max_size=6),
+                                               st.binary(max_size=8))}),
+    st.none(), st.integers(), st.text(max_size=5),
+)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(segm=SEGMENTATIONS)
+def test_any_segmentation_decodes_or_raises_mask_error(segm) -> None:
+    try:
+        mask = decode_segmentation(segm, H, W, where="f.json: annotation 1")
+    except MaskError as err:
+        assert str(err).startswith("f.json: annotation 1: segmentation: ")
+    else:
+        assert mask.shape == (H, W) and mask.dtype == np.uint8
