@@ -63,9 +63,9 @@ def load_coco(ann_file: str | Path) -> COCO:
     ``file_name`` relative to the image folder (no ``..``, not absolute) and, if given, int
     ``width``/``height`` > 0; categories a unique int ``id`` and a string ``name``;
     annotations a unique int ``id``, an ``image_id`` and a ``category_id`` that exist, a
-    ``bbox`` of four finite numbers and, if given, ``iscrowd`` 0/1, a finite ``area`` and a
-    ``segmentation`` of the right structure (polygons or RLE, see :mod:`detr.data.masks`; an
-    empty list, as box-only exports write it, counts as none).
+    ``bbox`` of four finite numbers and, if given, ``iscrowd`` 0/1 and a finite ``area``.
+    ``segmentation`` is not looked at (boxes do not need it; real datasets hold a few
+    degenerate polygons): ``CocoDetection(masks=True)`` checks it.
     Box geometry (zero size, outside the image) is not an error here: such boxes are dropped
     or clamped when an item is read; the pipeline's validate stage reports them.
 
@@ -166,9 +166,6 @@ def _check_annotation(ann: dict, path: Path, index: int, image_ids: set[int],
     if "area" in ann and not is_finite_number(ann["area"]):
         raise AnnotationError(f"{where}: area must be a finite number, got "
                               f"{_short(ann['area'])}")
-    problem = segmentation_problem(ann["segmentation"]) if has_segmentation(ann) else None
-    if problem is not None:
-        raise AnnotationError(f"{where}: segmentation: {problem}")
 
 
 def _is_int(value: Any) -> bool:
@@ -219,7 +216,7 @@ class CocoDetection(Dataset):
         ImageLoadError: (``__getitem__``) the image file is missing, unreadable, or its size
             differs from the json's ``width``/``height``; the message names the path and id.
         AnnotationError: (constructor, ``masks=True``) a non-crowd annotation has no
-            ``segmentation``; (``__getitem__``) one does not decode on its image (an RLE of
+            ``segmentation``, or a malformed one (a polygon of < 3 points); (``__getitem__``) one does not decode on its image (an RLE of
             another size, bad counts); the message names the file, annotation id and field.
     """
 
@@ -255,12 +252,18 @@ class CocoDetection(Dataset):
                    masks=masks)
 
     def _check_segmentations(self) -> None:
+        """Every non-crowd annotation has a segmentation of the right structure."""
         for ann in self.coco.dataset["annotations"]:
-            if not ann.get("iscrowd", 0) and not has_segmentation(ann):
+            if ann.get("iscrowd", 0):
+                continue
+            where = f"{self.ann_file}: annotation {ann['id']} of image {ann['image_id']}"
+            if not has_segmentation(ann):
                 raise AnnotationError(
-                    f"{self.ann_file}: annotation {ann['id']} of image {ann['image_id']}: no "
-                    f"segmentation; masks need one per non-crowd annotation (a box-only "
-                    f"dataset trains with model.task: detection)")
+                    f"{where}: no segmentation; masks need one per non-crowd annotation (a "
+                    f"box-only dataset trains with model.task: detection)")
+            problem = segmentation_problem(ann["segmentation"])
+            if problem is not None:
+                raise AnnotationError(f"{where}: segmentation: {problem}")
 
     @property
     def num_classes(self) -> int:

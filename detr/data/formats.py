@@ -10,8 +10,9 @@ category_id, bbox, area, iscrowd}, and ``segmentation`` where the source has one
 = [x, y, w, h] in absolute pixels (continuous coordinates, origin at the top-left corner of the
 image) and ``categories`` [{id, name, supercategory}, and ``isthing`` (1 thing, 0 stuff) where
 the source has it]. ``segmentation`` is COCO's: polygons ``[[x1, y1, x2, y2, ...], ...]`` or
-an RLE ``{"size": [h, w], "counts": ...}`` (see :mod:`detr.data.masks`); an empty one (``[]``,
-box-only exports) is dropped. Other keys of a COCO source (info, licenses) are not kept, nor
+an RLE ``{"size": [h, w], "counts": ...}`` (see :mod:`detr.data.masks`), copied as it is (the
+validate stage names malformed ones; boxes do not need them); an empty one (``[]``, box-only
+exports) is dropped. Other keys of a COCO source (info, licenses) are not kept, nor
 is a category that only groups the others (an unused supercategory of all of them, as
 labelling tools export it).
 
@@ -40,7 +41,7 @@ from typing import Any, Literal
 from PIL import Image
 
 from detr.data.layout import SPLITS
-from detr.data.masks import has_segmentation, segmentation_problem
+from detr.data.masks import has_segmentation
 
 Link = Literal["symlink", "hardlink", "copy"]
 PathLike = str | os.PathLike
@@ -228,10 +229,7 @@ def _coco_object(path: Path, ann: Any, categories: set[int]) -> tuple[dict, int]
            "iscrowd": int(ann.get("iscrowd", 0))}
     if "area" in ann:
         obj["area"] = ann["area"]
-    if has_segmentation(ann):
-        problem = segmentation_problem(ann["segmentation"])
-        if problem is not None:
-            raise FormatError(f"{where}: segmentation: {problem}")
+    if has_segmentation(ann):  # kept as it is: validate reports a malformed one by name
         obj["segmentation"] = ann["segmentation"]
     return obj, ann["image_id"]
 

@@ -36,6 +36,7 @@ def mask_checks(cfg: ValidateConfig) -> list:
     """The expectations on the masks table, each named by ``meta["name"]``."""
     area_tolerance, box_tolerance = mask_bounds(cfg)
     return [
+        is_true("annotation_has_segmentation", "has_segmentation"),
         is_true("segmentation_polygon_well_formed", "polygon_well_formed"),
         between("segmentation_polygon_inside_image", "polygon_outside_px",
                 max_value=cfg.box_tolerance_px),
@@ -67,6 +68,9 @@ MASK_PARAM_FIXES: dict[str, Any] = {
 }
 
 MASK_DATA_FIXES = {
+    "annotation_has_segmentation": (
+        "give the listed annotations a segmentation (polygons or RLE), or remove them; or train "
+        "boxes only (model.task: detection)"),
     "segmentation_polygon_well_formed": (
         "give the listed annotations' segmentation polygons of an even number (>= 6) of "
         "finite coordinates [[x1, y1, x2, y2, x3, y3, ...], ...], or an RLE "

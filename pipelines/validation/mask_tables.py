@@ -1,11 +1,12 @@
-"""The ``masks`` table: one row per annotation that carries a ``segmentation``, measured.
+"""The ``masks`` table: one row per annotation, its ``segmentation`` measured.
 
 Built by :func:`mask_frame` from the raw split jsons and the ``images`` table
 (:mod:`pipelines.validation.dataset_tables`); None when no annotation has a segmentation, so a
-box-only dataset gets no mask checks and pays nothing. Columns:
+box-only dataset gets no mask checks and pays nothing. Columns (null where they do not apply):
 
 - split, id, image_id, file_name (the image's; the record keys in the report), kind
-  (``polygon``, ``rle`` or ``other``);
+  (``polygon``, ``rle``, ``other`` or ``none``);
+- has_segmentation: non-crowd rows: the annotation has a (non-empty) segmentation;
 - polygon_well_formed: polygons only: a list of polygons, each an even number >= 6 of finite
   coordinates (an ``other`` segmentation is False here too);
 - polygon_outside_px: polygons only: how far (px) the furthest vertex lies outside the image;
@@ -42,29 +43,32 @@ from detr.data.masks import (
 
 AREA_SLACK_PX = 4  # |mask area - area| up to this many px is no mismatch (tiny objects)
 BOX_SLACK_FRACTION = 0.1  # bbox edges may lie this fraction of the box's longer side off
-COLUMNS = ["split", "id", "image_id", "file_name", "kind", "polygon_well_formed",
-           "polygon_outside_px", "rle_decodes", "rle_size_matches_image", "mask_area",
-           "mask_area_error", "mask_box_gap_px", "overlap_px"]
+COLUMNS = ["split", "id", "image_id", "file_name", "kind", "has_segmentation",
+           "polygon_well_formed", "polygon_outside_px", "rle_decodes", "rle_size_matches_image",
+           "mask_area", "mask_area_error", "mask_box_gap_px", "overlap_px"]
 
 
 def mask_frame(raw: dict[str, dict], images: pd.DataFrame) -> pd.DataFrame | None:
     """The masks table (module docstring) of the raw split jsons; None when no annotation of
     any split has a segmentation."""
+    if not any(isinstance(a, dict) and has_segmentation(a)
+               for split in SPLITS for a in raw[split]["annotations"]):
+        return None
     sizes = _image_sizes(images)
     rows, rles = [], []
     for split in SPLITS:
         panoptic = any(isinstance(c, dict) and "isthing" in c for c in raw[split]["categories"])
         for ann in raw[split]["annotations"]:
-            if not isinstance(ann, dict) or not has_segmentation(ann):
+            if not isinstance(ann, dict):
                 continue
             size = sizes.get((split, ann.get("image_id")), (None, None, None))
             row, rle = _measure(ann, *size[:2])
+            if not ann.get("iscrowd", 0):
+                row["has_segmentation"] = row["kind"] != "none"
             row.update(split=split, id=ann.get("id"), image_id=ann.get("image_id"),
                        file_name=size[2])
             rows.append(row)
             rles.append(rle if panoptic and not ann.get("iscrowd", 0) else None)
-    if not rows:
-        return None
     frame = pd.DataFrame(rows, columns=COLUMNS)
     frame["overlap_px"] = pd.Series(_overlaps(frame, rles), index=frame.index, dtype="float64")
     return frame
@@ -82,6 +86,8 @@ def _image_sizes(images: pd.DataFrame) -> dict[tuple, tuple]:
 def _measure(ann: dict, height: int | None,
              width: int | None) -> tuple[dict[str, Any], dict | None]:
     """The row's measures, and the annotation's RLE if it decodes on its image's grid."""
+    if not has_segmentation(ann):
+        return {"kind": "none"}, None
     segm = ann["segmentation"]
     row: dict[str, Any] = {"kind": "rle" if isinstance(segm, dict) else
                            "polygon" if isinstance(segm, list) else "other"}

@@ -20,7 +20,7 @@ from tests.data.conftest import HEIGHT, WIDTH, write_coco_dataset
 from tests.data.test_expectations import edit, validate
 from tests.unit.test_masks import SEGMENTATIONS
 
-MASK_CHECKS = {"segmentation_polygon_well_formed", "segmentation_polygon_inside_image",
+MASK_CHECKS = {"annotation_has_segmentation", "segmentation_polygon_well_formed", "segmentation_polygon_inside_image",
                "segmentation_rle_decodes", "segmentation_rle_size_matches_image",
                "mask_not_empty", "mask_area_matches_area", "mask_box_matches_bbox",
                "segments_do_not_overlap"}
@@ -89,6 +89,8 @@ def _overlap(data: dict) -> None:
 
 # name -> (dataset fixture, mutate, failed expectations, a record they name)
 DEFECTS = {
+    "annotation without segmentation": ("masked", _first(lambda a: a.pop("segmentation")),
+                                        {"annotation_has_segmentation"}, {"id": 1}),
     "polygon of two points": ("masked", _first(lambda a: a.update(segmentation=[[1, 1, 5, 1]])),
                               {"segmentation_polygon_well_formed"}, {"id": 1}),
     "odd coordinate count": ("masked", _first(lambda a: a["segmentation"][0].append(3)),
@@ -155,8 +157,9 @@ def test_box_only_dataset_gets_no_mask_checks(pristine_dataset: Path, masked: Pa
     assert not MASK_CHECKS & set(outcomes)
     assert {o.table for o in outcomes.values()} == {"images", "annotations", "categories"}
     start = time.perf_counter()
-    load_tables(masked, workers=1)
+    assert load_tables(masked, workers=1).masks is not None
     assert time.perf_counter() - start < box_only * 3 + 1.0  # the masks' measures are cheap
+    assert load_tables(masked, workers=1, masks=False).masks is None  # task: detection
 
 
 @settings(max_examples=200, derandomize=True, deadline=None)

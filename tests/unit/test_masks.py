@@ -139,10 +139,12 @@ def test_undecodable_rle_names_file_annotation_and_field(tmp_path: Path) -> None
         dataset[0]
 
 
-def test_load_coco_checks_the_segmentation_structure(tmp_path: Path) -> None:
+def test_malformed_segmentation_only_matters_with_masks(tmp_path: Path) -> None:
     _write(tmp_path, [_ann(8, [1, 1, 4, 4], [[1, 1, 5, 1]]), _ann(9, [1, 1, 4, 4], [])])
-    with pytest.raises(AnnotationError, match="annotation 8 of image 1.*segmentation: polygon 0"):
-        load_coco(tmp_path / "annotations" / "train.json")
+    load_coco(tmp_path / "annotations" / "train.json")  # boxes do not need it
+    assert len(CocoDetection.from_root(tmp_path, "train")[0][1]["boxes"]) == 2
+    with pytest.raises(AnnotationError, match="annotation 8 of image 1: segmentation: polygon 0"):
+        CocoDetection.from_root(tmp_path, "train", masks=True)
 
 
 # --- transforms ---------------------------------------------------------------------------

@@ -176,10 +176,12 @@ def test_coco_import_keeps_segmentation_and_isthing(tmp_path: Path) -> None:
     out = json.loads((tmp_path / "out/annotations/train.json").read_text())
     assert [a.get("segmentation") for a in out["annotations"]] == [polygon, rle, None]
     assert [c.get("isthing") for c in out["categories"]] == [1, 0]
-    anns[0]["segmentation"] = [[1, 1, 9, 1]]
+    anns[0]["segmentation"] = [[1, 1, 9, 1]]  # malformed: copied, for validate to name
     (tmp_path / "all.json").write_text(json.dumps(data))
-    with pytest.raises(FormatError, match=r"all.json: annotation id 1: segmentation: polygon 0"):
-        import_coco(tmp_path / "out2", {"all": (tmp_path / "all.json", tmp_path / "img")})
+    import_coco(tmp_path / "out2", {"all": (tmp_path / "all.json", tmp_path / "img")},
+                val_fraction=0.0)
+    out = json.loads((tmp_path / "out2/annotations/train.json").read_text())
+    assert out["annotations"][0]["segmentation"] == [[1, 1, 9, 1]]
 
 
 def test_yolo_segmentation_polygons(tmp_path: Path) -> None:
