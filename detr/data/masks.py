@@ -101,6 +101,16 @@ def mask_to_rle(mask: np.ndarray) -> dict:
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
+def crop_segmentation(segm: Any, height: int, width: int, region: tuple[int, int, int, int],
+                      *, where: str = "") -> tuple[dict, int]:
+    """The part of ``segm``'s mask (on a ``height`` x ``width`` image) inside ``region`` =
+    ``(x0, y0, w, h)`` whole pixels (a tile): its JSON-ready RLE on the region's grid and its
+    pixel count. Raises MaskError as :func:`decode_segmentation`."""
+    x0, y0, w, h = region
+    crop = decode_segmentation(segm, height, width, where=where)[y0:y0 + h, x0:x0 + w]
+    return mask_to_rle(crop), int(np.count_nonzero(crop))
+
+
 def mask_bbox(mask: np.ndarray) -> list[float] | None:
     """Tight ``[x, y, w, h]`` box of the mask's pixels (pixel edges, COCO's convention), or None
     for an empty mask."""

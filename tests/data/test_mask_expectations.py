@@ -13,12 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from detr.data.detect_layout import detect_layout, import_layout
 from detr.data.masks import mask_to_rle, segmentation_area
 from pipelines.validation.dataset_tables import load_tables
 from pipelines.validation.mask_tables import mask_frame
 from tests.data.conftest import HEIGHT, WIDTH, write_coco_dataset
 from tests.data.test_expectations import edit, validate
 from tests.unit.test_masks import SEGMENTATIONS
+from tests.unit.test_panoptic_import import write_panoptic_release
 
 MASK_CHECKS = {"annotation_has_segmentation", "segmentation_polygon_well_formed", "segmentation_polygon_inside_image",
                "segmentation_rle_decodes", "segmentation_rle_size_matches_image",
@@ -175,3 +177,11 @@ def test_mask_table_measures_any_segmentation(segm, area, size) -> None:
                            "height": [size[0]], "width": [size[1]]})
     frame = mask_frame(raw, images)
     assert frame is not None and list(frame["id"])[-1] == 2
+
+
+def test_imported_panoptic_release_passes(tmp_path: Path) -> None:
+    root = write_panoptic_release(tmp_path / "src")
+    import_layout(detect_layout(root), tmp_path / "out")
+    outcomes = validate(tmp_path / "out")
+    assert [n for n, o in outcomes.items() if not o.success] == []
+    assert outcomes["segments_do_not_overlap"].element_count == 15

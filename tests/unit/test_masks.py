@@ -19,6 +19,7 @@ from torchvision.transforms import v2
 from detr.data.coco import AnnotationError, CocoDetection, load_coco
 from detr.data.masks import (
     MaskError,
+    crop_segmentation,
     decode_segmentation,
     mask_bbox,
     mask_to_rle,
@@ -57,6 +58,15 @@ def test_three_forms_decode_to_the_same_mask() -> None:
         assert np.array_equal(decoded, expected)
     assert segmentation_area(polygon, H, W) == int(expected.sum())
     assert mask_bbox(np.zeros((3, 3), np.uint8)) is None
+
+
+def test_crop_segmentation_cuts_the_mask_to_a_tile() -> None:
+    polygon = [[5, 4, 15, 4, 15, 12, 5, 12]]
+    rle, area = crop_segmentation(polygon, H, W, (10, 8, 20, 10))
+    expected = decode_segmentation(polygon, H, W)[8:18, 10:30]
+    assert rle["size"] == [10, 20] and isinstance(rle["counts"], str)
+    assert np.array_equal(decode_segmentation(rle, 10, 20), expected)
+    assert area == int(expected.sum()) == 5 * 4
 
 
 def test_rle_counts_reads_what_pycocotools_writes() -> None:
