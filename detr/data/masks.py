@@ -96,7 +96,10 @@ def segmentation_area(segm: Any, height: int, width: int, *, where: str = "") ->
 
 
 def mask_to_rle(mask: np.ndarray) -> dict:
-    """Compressed RLE of a [H, W] mask, JSON-ready: ``{"size": [h, w], "counts": str}``."""
+    """Compressed RLE of a [H, W] mask (bool or 0/1 ints), JSON-ready: ``{"size": [h, w],
+    "counts": str}``."""
+    if mask.dtype == np.bool_:
+        mask = mask.view(np.uint8)  # no copy: a Fortran-ordered mask is encoded as it is
     rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 

@@ -83,28 +83,33 @@ def _read_panoptic(ann_file: PathLike, png_dir: PathLike,
 def _segments(path: Path, png: Path, ann: dict, record: Record, known: set[int]) -> list[dict]:
     """One object per ``segments_info`` entry, measured on the PNG."""
     where = f"{path}: image id {record.id} ({png.name})"
-    ids = segment_ids(png)
+    ids = np.asfortranarray(segment_ids(png))  # masks come out in RLE's (column) order
     if ids.shape != (record.height, record.width):
         raise FormatError(f"{where}: the PNG is {ids.shape[1]}x{ids.shape[0]} (WxH), the image "
                           f"{record.width}x{record.height}")
-    present, inverse = np.unique(ids, return_inverse=True)
-    inverse = inverse.reshape(ids.shape)
     infos = ann.get("segments_info")
-    if not isinstance(infos, list) or not all(isinstance(i, dict) and "id" in i for i in infos):
-        raise FormatError(f"{where}: segments_info must be a list of {{id, category_id, ...}}")
+    if not (isinstance(infos, list)
+            and all(isinstance(i, dict) and _is_int(i.get("id")) for i in infos)):
+        raise FormatError(f"{where}: segments_info must be a list of {{id (an int), "
+                          "category_id, ...}}")
     listed = [i["id"] for i in infos]
-    unlisted = sorted(set(present.tolist()) - set(listed) - {0})
-    if unlisted or len(set(listed)) != len(listed):
-        raise FormatError(f"{where}: segment ids in the PNG {unlisted[:10]} are not in "
-                          f"segments_info, or segments_info lists an id twice: {listed}")
-    index = {int(v): k for k, v in enumerate(present)}
-    objects = []
-    for info in infos:
-        if info["id"] not in index:
+    if len(set(listed)) != len(listed):
+        raise FormatError(f"{where}: segments_info lists a segment id twice: {listed}")
+    masks = [ids == seg_id for seg_id in listed]
+    claimed = np.logical_or.reduce([ids == 0, *masks])  # void or listed
+    unlisted = np.unique(ids[~claimed])  # no sort of the whole map: usually empty
+    if unlisted.size:
+        raise FormatError(f"{where}: segment ids in the PNG {unlisted[:10].tolist()} are not in "
+                          "segments_info")
+    for info, mask in zip(infos, masks, strict=True):
+        if not mask.any():
             raise FormatError(f"{where}: segment {info['id']} of segments_info has no pixels in "
                               f"the PNG (its colour: R + 256 G + 256^2 B = {info['id']})")
-        objects.append(_segment(where, info, inverse == index[info["id"]], known))
-    return objects
+    return [_segment(where, info, mask, known) for info, mask in zip(infos, masks, strict=True)]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _segment(where: str, info: dict, mask: np.ndarray, known: set[int]) -> dict:
