@@ -17,7 +17,7 @@ box-only dataset gets no mask checks and pays nothing. Columns (null where they 
   forgiven for tiny objects);
 - mask_box_gap_px: how far (px) the bbox's furthest edge lies from the mask's tight box, less
   :data:`BOX_SLACK_FRACTION` of the bbox's longer side; null for an empty mask;
-- overlap_px: non-crowd rows of splits whose categories carry ``isthing`` (panoptic data):
+- overlap_px: non-crowd rows of splits with a stuff category (``isthing: 0``; panoptic data):
   pixels this segment shares with another non-crowd segment of its image.
 
 Masks are measured on pycocotools' RLEs (area, box) without decoding; only the overlap check
@@ -57,7 +57,10 @@ def mask_frame(raw: dict[str, dict], images: pd.DataFrame) -> pd.DataFrame | Non
     sizes = _image_sizes(images)
     rows, rles = [], []
     for split in SPLITS:
-        panoptic = any(isinstance(c, dict) and "isthing" in c for c in raw[split]["categories"])
+        # stuff (isthing 0): panoptic data, where each pixel has one segment; instances of
+        # things alone may overlap (occlusion)
+        panoptic = any(isinstance(c, dict) and c.get("isthing") == 0
+                       for c in raw[split]["categories"])
         for ann in raw[split]["annotations"]:
             if not isinstance(ann, dict):
                 continue

@@ -185,3 +185,16 @@ def test_imported_panoptic_release_passes(tmp_path: Path) -> None:
     outcomes = validate(tmp_path / "out")
     assert [n for n, o in outcomes.items() if not o.success] == []
     assert outcomes["segments_do_not_overlap"].element_count == 15
+
+
+def test_instances_of_things_may_overlap(masked: Path) -> None:
+    def things_overlap(data: dict) -> None:
+        _overlap(data)
+        for category in data["categories"]:
+            category["isthing"] = 1
+
+    edit(masked, "train", things_overlap)
+    edit(masked, "val", lambda d: [c.update(isthing=1) for c in d["categories"]])
+    outcomes = validate(masked)
+    assert [n for n, o in outcomes.items() if not o.success] == []
+    assert load_tables(masked, workers=1).masks["overlap_px"].isna().all()
