@@ -216,8 +216,9 @@ class CocoDetection(Dataset):
         ImageLoadError: (``__getitem__``) the image file is missing, unreadable, or its size
             differs from the json's ``width``/``height``; the message names the path and id.
         AnnotationError: (constructor, ``masks=True``) a non-crowd annotation has no
-            ``segmentation``, or a malformed one (a polygon of < 3 points); (``__getitem__``) one does not decode on its image (an RLE of
-            another size, bad counts); the message names the file, annotation id and field.
+            ``segmentation``, or a malformed one (a polygon of < 3 points); (``__getitem__``)
+            one does not decode on its image (an RLE of another size, bad counts); the message
+            names the file, annotation id and field.
     """
 
     def __init__(

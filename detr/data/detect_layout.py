@@ -303,7 +303,8 @@ def _none_found(source: Path, format: str) -> str:
     holds = ", ".join(entries[:12]) + (", ..." if len(entries) > 12 else "") or "nothing"
     which = "dataset layout" if format == "auto" else f"{format} layout (prepare.format: {format})"
     advice = ("Move the data into one of these layouts, or set prepare.format "
-              f"({', '.join(FORMATS)}) and prepare.source to the folder that holds it" if format == "auto" else
+              f"({', '.join(FORMATS)}) and prepare.source to the folder that holds it"
+              if format == "auto" else
               "Set prepare.format: auto to recognise any layout, or prepare.source to the "
               f"folder that holds the {format} data")
     return (f"{source}: no {which} recognised (it holds: {holds}). Looked for:\n"

@@ -17,13 +17,13 @@ is a category that only groups the others (an unused supercategory of all of the
 labelling tools export it).
 
 The importers (:func:`import_coco` here, :func:`detr.data.voc.import_voc`,
-:func:`detr.data.yolo.import_yolo`, :func:`detr.data.panoptic.import_coco_panoptic`) read their source into :class:`Record` objects and write
-them with :func:`write_canonical`. Images are linked, not copied: ``link="symlink"`` (default;
-absolute links, so the dataset folder may move but the source may not), ``"hardlink"`` (same
-file system) or ``"copy"``. Existing targets are replaced, unless one already is the source file
-(an in-place import). Sources without a train/val split are split by :func:`split_by_ratio`
-(seeded, deterministic). Malformed input raises :class:`FormatError` naming the file and the
-record.
+:func:`detr.data.yolo.import_yolo`, :func:`detr.data.panoptic.import_coco_panoptic`) read their
+source into :class:`Record` objects and write them with :func:`write_canonical`. Images are
+linked, not copied: ``link="symlink"`` (default; absolute links, so the dataset folder may move
+but the source may not), ``"hardlink"`` (same file system) or ``"copy"``. Existing targets are
+replaced, unless one already is the source file (an in-place import). Sources without a
+train/val split are split by :func:`split_by_ratio` (seeded, deterministic). Malformed input
+raises :class:`FormatError` naming the file and the record.
 """
 
 from __future__ import annotations

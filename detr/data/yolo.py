@@ -29,15 +29,15 @@ def import_yolo(out_dir: PathLike, yolo_root: PathLike, *,
                 seed: int = 0, link: Link = "symlink") -> ImportedDataset:
     """Import a YOLO folder: ``images/`` and ``labels/`` with one ``.txt`` per image.
 
-    Label lines are ``class cx cy w h``, normalised to [0, 1], or (YOLO segmentation) ``class
-    x1 y1 x2 y2 x3 y3 ...``, a normalised polygon of >= 3 points: it becomes a COCO polygon
+    Label lines are ``class cx cy w h``, normalised to [0, 1], or (YOLO segmentation) ``class x1 y1
+    x2 y2 x3 y3 ...``, a normalised polygon of >= 3 points: it becomes a COCO polygon
     ``segmentation`` in pixels, with the polygon's enclosing ``bbox`` and its rasterised pixel
-    count as ``area``. Class k becomes category id k + 1. Class names: ``class_names``, else ``names`` in ``data.yaml``/``dataset.yaml``
-    (list or {index: name}), else ``classes.txt``. Splits: ``images/{train,val}`` (``valid``
-    counts as val) when present, else all of ``images/`` split by ratio. An image without a
-    label file has no objects; a label file without an image is an error. Image sizes come
-    from the image headers. (A ``data.yaml`` naming split folders: :func:`read_data_yaml`
-    and :func:`import_yolo_splits`.)
+    count as ``area``. Class k becomes category id k + 1. Class names: ``class_names``, else
+    ``names`` in ``data.yaml``/``dataset.yaml`` (list or {index: name}), else ``classes.txt``.
+    Splits: ``images/{train,val}`` (``valid`` counts as val) when present, else all of
+    ``images/`` split by ratio. An image without a label file has no objects; a label file
+    without an image is an error. Image sizes come from the image headers. (A ``data.yaml``
+    naming split folders: :func:`read_data_yaml` and :func:`import_yolo_splits`.)
     """
     root = Path(yolo_root)
     names = list(class_names) if class_names is not None else class_names_in(root)

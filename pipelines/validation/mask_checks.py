@@ -60,8 +60,8 @@ MASK_PARAM_FIXES: dict[str, Any] = {
         f"{round_up(_most(tables, 'polygon_outside_px'))}"),
     "mask_area_matches_area": lambda tables, cfg: (
         f"set the listed annotations' area to their mask's pixel count, or set "
-        f"validate.mask_area_tolerance >= {round_up(_most(tables, 'mask_area_error'))} (the largest "
-        f"mismatch is {_most(tables, 'mask_area_error'):.4g} x area)"),
+        f"validate.mask_area_tolerance >= {round_up(_most(tables, 'mask_area_error'))} (the "
+        f"largest mismatch is {_most(tables, 'mask_area_error'):.4g} x area)"),
     "mask_box_matches_bbox": lambda tables, cfg: (
         f"set the listed annotations' bbox to their mask's box, or set "
         f"validate.mask_box_tolerance_px >= {round_up(_most(tables, 'mask_box_gap_px'))}"),

@@ -22,10 +22,10 @@ from tests.data.test_expectations import edit, validate
 from tests.unit.test_masks import SEGMENTATIONS
 from tests.unit.test_panoptic_import import write_panoptic_release
 
-MASK_CHECKS = {"annotation_has_segmentation", "segmentation_polygon_well_formed", "segmentation_polygon_inside_image",
-               "segmentation_rle_decodes", "segmentation_rle_size_matches_image",
-               "mask_not_empty", "mask_area_matches_area", "mask_box_matches_bbox",
-               "segments_do_not_overlap"}
+MASK_CHECKS = {"annotation_has_segmentation", "segmentation_polygon_well_formed",
+               "segmentation_polygon_inside_image", "segmentation_rle_decodes",
+               "segmentation_rle_size_matches_image", "mask_not_empty", "mask_area_matches_area",
+               "mask_box_matches_bbox", "segments_do_not_overlap"}
 
 
 def _rectangle(x: float, y: float, w: float, h: float) -> list[list[float]]:

@@ -67,8 +67,8 @@ def write_panoptic_release(root: Path) -> Path:
 
 
 def _sources(root: Path) -> dict:
-    return {s: (root / f"annotations/panoptic_{s}2017.json",
-                root / f"annotations/panoptic_{s}2017", root / f"{s}2017") for s in ("train", "val")}
+    return {s: (root / f"annotations/panoptic_{s}2017.json", root / f"annotations/panoptic_{s}2017",
+                root / f"{s}2017") for s in ("train", "val")}
 
 
 def test_panoptic_segments_become_rle_annotations(tmp_path: Path) -> None:
