@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,13 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from detr.data.layout import is_unsafe_file_name
+from detr.data.masks import (
+    MaskError,
+    decode_segmentation,
+    has_segmentation,
+    is_finite_number,
+    segmentation_problem,
+)
 
 Target = dict[str, Any]
 Transforms = Callable[[tv_tensors.Image, Target], tuple[Any, Target]]
@@ -58,6 +64,8 @@ def load_coco(ann_file: str | Path) -> COCO:
     ``width``/``height`` > 0; categories a unique int ``id`` and a string ``name``;
     annotations a unique int ``id``, an ``image_id`` and a ``category_id`` that exist, a
     ``bbox`` of four finite numbers and, if given, ``iscrowd`` 0/1 and a finite ``area``.
+    ``segmentation`` is not looked at (boxes do not need it; real datasets hold a few
+    degenerate polygons): ``CocoDetection(masks=True)`` checks it.
     Box geometry (zero size, outside the image) is not an error here: such boxes are dropped
     or clamped when an item is read; the pipeline's validate stage reports them.
 
@@ -150,27 +158,18 @@ def _check_annotation(ann: dict, path: Path, index: int, image_ids: set[int],
             raise AnnotationError(f"{where}: {key} {_short(value)} is not in '{table}'")
     where = f"{path}: annotation {ann['id']} of image {ann['image_id']} (annotations[{index}])"
     bbox = ann.get("bbox")
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_finite, bbox))):
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(is_finite_number, bbox))):
         raise AnnotationError(f"{where}: bbox must be [x, y, w, h], four finite numbers, got "
                               f"{_short(bbox)}")
     if "iscrowd" in ann and ann["iscrowd"] not in (0, 1):
         raise AnnotationError(f"{where}: iscrowd must be 0 or 1, got {_short(ann['iscrowd'])}")
-    if "area" in ann and not _is_finite(ann["area"]):
+    if "area" in ann and not is_finite_number(ann["area"]):
         raise AnnotationError(f"{where}: area must be a finite number, got "
                               f"{_short(ann['area'])}")
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_finite(value: Any) -> bool:
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:  # an int too large for a float
-        return False
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -207,21 +206,32 @@ class CocoDetection(Dataset):
     - ``target["labels"]``: int64 [N], contiguous labels ``0..C-1`` (see ``label_to_category``).
     - ``target["image_id"]``: int, the json's image id.
     - ``target["orig_size"]``: int64 [2], ``(H, W)`` of the image file.
+    - ``target["masks"]`` (only with ``masks=True``): ``tv_tensors.Mask`` uint8 [N, H, W], row
+      i the mask of box i (decoded from the annotation's ``segmentation`` as pycocotools'
+      ``annToMask`` does; the same crowd and degenerate-box filtering).
 
     Raises:
         FileNotFoundError, AnnotationError: (constructor) the json is missing or malformed,
             see :func:`load_coco`; the message names the file, the record and the field.
         ImageLoadError: (``__getitem__``) the image file is missing, unreadable, or its size
             differs from the json's ``width``/``height``; the message names the path and id.
+        AnnotationError: (constructor, ``masks=True``) a non-crowd annotation has no
+            ``segmentation``, or a malformed one (a polygon of < 3 points); (``__getitem__``)
+            one does not decode on its image (an RLE of another size, bad counts); the message
+            names the file, annotation id and field.
     """
 
     def __init__(
-        self, image_dir: str | Path, ann_file: str | Path, transforms: Transforms | None = None
+        self, image_dir: str | Path, ann_file: str | Path, transforms: Transforms | None = None,
+        *, masks: bool = False,
     ) -> None:
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
         self.transforms = transforms
+        self.masks = masks
         self.coco = load_coco(self.ann_file)
+        if masks:
+            self._check_segmentations()
         self.ids: list[int] = sorted(self.coco.imgs)
         cats = sorted(self.coco.cats.values(), key=lambda c: int(c["id"]))
         self.categories: list[dict[str, Any]] = [
@@ -234,11 +244,27 @@ class CocoDetection(Dataset):
 
     @classmethod
     def from_root(
-        cls, root: str | Path, split: str, transforms: Transforms | None = None
+        cls, root: str | Path, split: str, transforms: Transforms | None = None,
+        *, masks: bool = False,
     ) -> CocoDetection:
         """The ``split`` ("train" or "val") of a dataset in the canonical layout under ``root``."""
         root = Path(root)
-        return cls(root / "images" / split, root / "annotations" / f"{split}.json", transforms)
+        return cls(root / "images" / split, root / "annotations" / f"{split}.json", transforms,
+                   masks=masks)
+
+    def _check_segmentations(self) -> None:
+        """Every non-crowd annotation has a segmentation of the right structure."""
+        for ann in self.coco.dataset["annotations"]:
+            if ann.get("iscrowd", 0):
+                continue
+            where = f"{self.ann_file}: annotation {ann['id']} of image {ann['image_id']}"
+            if not has_segmentation(ann):
+                raise AnnotationError(
+                    f"{where}: no segmentation; masks need one per non-crowd annotation (a "
+                    f"box-only dataset trains with model.task: detection)")
+            problem = segmentation_problem(ann["segmentation"])
+            if problem is not None:
+                raise AnnotationError(f"{where}: segmentation: {problem}")
 
     @property
     def num_classes(self) -> int:
@@ -282,18 +308,39 @@ class CocoDetection(Dataset):
 
     def _load_target(self, image_id: int, canvas_size: tuple[int, int]) -> Target:
         anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
-        boxes, labels = self._boxes_and_labels(anns, image_id, canvas_size)
-        return {
+        boxes, labels, keep = self._boxes_and_labels(anns, canvas_size)
+        target = {
             "boxes": boxes,
             "labels": labels,
             "image_id": int(image_id),
             "orig_size": torch.tensor(canvas_size, dtype=torch.int64),
         }
+        if self.masks:
+            kept = [a for a, k in zip(anns, keep.tolist(), strict=True) if k]
+            target["masks"] = self._load_masks(kept, canvas_size)
+        return target
+
+    def _load_masks(self, anns: list[dict[str, Any]], canvas_size: tuple[int, int]
+                    ) -> tv_tensors.Mask:
+        """uint8 [N, H, W], one decoded segmentation per annotation."""
+        height, width = canvas_size
+        rows = []
+        for ann in anns:
+            where = f"{self.ann_file}: annotation {ann['id']} of image {ann['image_id']}"
+            try:
+                rows.append(torch.from_numpy(
+                    decode_segmentation(ann["segmentation"], height, width, where=where)))
+            except MaskError as err:
+                raise AnnotationError(str(err)) from None
+        if not rows:
+            return tv_tensors.Mask(torch.zeros((0, height, width), dtype=torch.uint8))
+        return tv_tensors.Mask(torch.stack(rows))
 
     def _boxes_and_labels(
-        self, anns: list[dict[str, Any]], image_id: int, canvas_size: tuple[int, int]
-    ) -> tuple[tv_tensors.BoundingBoxes, torch.Tensor]:
-        """XYXY boxes clamped to the image, without degenerate ones, and their labels."""
+        self, anns: list[dict[str, Any]], canvas_size: tuple[int, int]
+    ) -> tuple[tv_tensors.BoundingBoxes, torch.Tensor, torch.Tensor]:
+        """XYXY boxes clamped to the image, without degenerate ones, their labels, and which
+        of ``anns`` were kept (bool [len(anns)])."""
         # load_coco checked every category id and bbox (four finite numbers).
         labels = torch.tensor([self.category_to_label[a["category_id"]] for a in anns],
                               dtype=torch.int64)
@@ -302,4 +349,4 @@ class CocoDetection(Dataset):
         boxes = tv_tensors.BoundingBoxes(xywh, format="XYWH", canvas_size=canvas_size)
         boxes = F.clamp_bounding_boxes(F.convert_bounding_box_format(boxes, new_format="XYXY"))
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        return tv_tensors.wrap(boxes[keep], like=boxes), labels[keep]
+        return tv_tensors.wrap(boxes[keep], like=boxes), labels[keep], keep

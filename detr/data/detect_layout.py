@@ -10,6 +10,12 @@ only for its own):
 - coco, canonical: ``annotations/{train,val}.json`` + ``images/{train,val}/``;
 - coco, the COCO release: ``annotations/instances_{train,val}2017.json`` + ``train2017/``,
   ``val2017/`` (or ``images/train2017/``, ...; any year);
+- coco_panoptic, the COCO panoptic release: ``annotations/panoptic_{train,val}2017.json`` +
+  their PNG folders ``annotations/panoptic_{train,val}2017/`` + ``train2017/``, ``val2017/``
+  (or ``images/train2017/``, ...; any year); imported by
+  :func:`detr.data.panoptic.import_coco_panoptic`, one annotation per segment. A COCO folder
+  holding both the instances and the panoptic release is two layouts: ``prepare.format``
+  (``coco`` or ``coco_panoptic``) picks one;
 - coco, labelling tools' export (Roboflow): ``train/``, ``valid/``, ``test/``, each with
   ``_annotations.coco.json`` beside its images;
 - coco, one json file as the source, its images in ``image_dir``;
@@ -34,15 +40,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from detr.data import voc, yolo
+from detr.data import panoptic, voc, yolo
 from detr.data.formats import FormatError, ImportedDataset, Link, PathLike, import_coco
 
-FORMATS = ("coco", "voc", "yolo")
+FORMATS = ("coco", "coco_panoptic", "voc", "yolo")
 _SPLIT_NAME = re.compile(r"^(train|val|valid|validation|test)(\d{4})?$", re.IGNORECASE)
 LOOKED_FOR = {
     "coco": ("annotations/{train,val}.json + images/{train,val}/ (the canonical layout)",
              "annotations/instances_{train,val}2017.json + train2017/, val2017/ (COCO release)",
              "train/, valid/, test/ each with _annotations.coco.json (Roboflow's COCO export)"),
+    "coco_panoptic": ("annotations/panoptic_{train,val}2017.json + their PNG folders "
+                      "annotations/panoptic_{train,val}2017/ + train2017/, val2017/ "
+                      "(COCO panoptic release)",),
     "yolo": ("data.yaml or dataset.yaml naming train:/val: image folders (Ultralytics)",
              "images/ + labels/ with classes.txt (YOLO without a data.yaml)"),
     "voc": ("Annotations/ + JPEGImages/, here or one folder down (Pascal VOC)",),
@@ -61,8 +70,9 @@ def split_of(name: str) -> str | None:
 
 @dataclass(frozen=True)
 class SplitFiles:
-    """One split of a source. ``annotations``: the COCO json (coco), the split list or the
-    ``Annotations/`` folder (voc), None (yolo); ``labels``: the label folder (yolo)."""
+    """One split of a source. ``annotations``: the COCO json (coco, coco_panoptic), the split
+    list or the ``Annotations/`` folder (voc), None (yolo); ``labels``: the label folder
+    (yolo), the PNG segment maps' folder (coco_panoptic)."""
 
     images: Path
     annotations: Path | None = None
@@ -129,6 +139,9 @@ def import_layout(layout: Layout, out_dir: PathLike, *, val_fraction: float = 0.
     if layout.format == "yolo":
         splits = {s: (f.images, f.labels) for s, f in layout.splits.items()}
         return yolo.import_yolo_splits(out_dir, splits, layout.class_names, **common)
+    if layout.format == "coco_panoptic":
+        splits = {s: (f.annotations, f.labels, f.images) for s, f in layout.splits.items()}
+        return panoptic.import_coco_panoptic(out_dir, splits, **common)
     return import_coco(out_dir, {s: (f.annotations, f.images) for s, f in layout.splits.items()},
                        **common)
 
@@ -156,6 +169,22 @@ def _coco_release(root: Path) -> list[Layout]:
     notes = [f"{_short(root, d)} has no annotations/instances_{d.name}.json: not imported"
              for d in others if split_of(d.name) != "test"]
     return [_layout("coco", "the COCO release layout", root, items + tests, notes)]
+
+
+def _coco_panoptic(root: Path) -> list[Layout]:
+    items = []
+    for file in sorted((root / "annotations").glob("panoptic_*.json")):
+        name = file.stem.removeprefix("panoptic_")
+        if split_of(name) is None:
+            continue
+        pngs = file.with_suffix("")
+        if not pngs.is_dir():
+            raise FormatError(f"{file}: found, but not its PNG folder {pngs}/ (unzip "
+                              f"{file.stem}.zip there)")
+        items.append((name, SplitFiles(_image_folder(root, file, [name, f"images/{name}"]),
+                                       file, labels=pngs)))
+    return [_layout("coco_panoptic", "the COCO panoptic release layout", root, items)
+            ] if items else []
 
 
 def _coco_export(root: Path) -> list[Layout]:
@@ -273,8 +302,9 @@ def _none_found(source: Path, format: str) -> str:
     entries = sorted(p.name + ("/" if p.is_dir() else "") for p in source.iterdir())
     holds = ", ".join(entries[:12]) + (", ..." if len(entries) > 12 else "") or "nothing"
     which = "dataset layout" if format == "auto" else f"{format} layout (prepare.format: {format})"
-    advice = ("Move the data into one of these layouts, or set prepare.format (coco, voc or "
-              "yolo) and prepare.source to the folder that holds it" if format == "auto" else
+    advice = ("Move the data into one of these layouts, or set prepare.format "
+              f"({', '.join(FORMATS)}) and prepare.source to the folder that holds it"
+              if format == "auto" else
               "Set prepare.format: auto to recognise any layout, or prepare.source to the "
               f"folder that holds the {format} data")
     return (f"{source}: no {which} recognised (it holds: {holds}). Looked for:\n"
@@ -285,7 +315,8 @@ def _none_found(source: Path, format: str) -> str:
 def _ambiguous(source: Path, layouts: Sequence[Layout]) -> str:
     found = "\n".join(f"  - {x.format}: {x.describe()}" for x in layouts)
     if len({x.format for x in layouts}) > 1:
-        advice = "Set prepare.format (coco, voc or yolo) to the one to import."
+        formats = ", ".join(sorted({x.format for x in layouts}))
+        advice = f"Set prepare.format ({formats}) to the one to import."
     else:
         advice = "Point prepare.source at the one to import."
     return f"{source}: found more than one dataset:\n{found}\n{advice}"
@@ -305,5 +336,6 @@ def _short(root: Path, path: Path) -> str:
 
 
 _DETECTORS: tuple[tuple[str, Callable[[Path], list[Layout]]], ...] = (
-    ("coco", _canonical), ("coco", _coco_release), ("coco", _coco_export),
+    ("coco", _canonical), ("coco", _coco_release), ("coco_panoptic", _coco_panoptic),
+    ("coco", _coco_export),
     ("yolo", _yolo_data_yaml), ("yolo", _yolo_plain), ("voc", _voc))

@@ -6,20 +6,24 @@ Canonical layout (written here, read by ``validate`` and :mod:`detr.data.coco`):
     <out>/images/{train,val}/<file_name>   file_name relative to images/<split>/
 
 Each json holds ``images`` [{id, file_name, width, height}], ``annotations`` [{id, image_id,
-category_id, bbox, area, iscrowd}] with ``bbox`` = [x, y, w, h] in absolute pixels (continuous
-coordinates, origin at the top-left corner of the image) and ``categories`` [{id, name,
-supercategory}]. Other keys of a COCO source (segmentation, info, licenses) are not kept, nor
+category_id, bbox, area, iscrowd}, and ``segmentation`` where the source has one] with ``bbox``
+= [x, y, w, h] in absolute pixels (continuous coordinates, origin at the top-left corner of the
+image) and ``categories`` [{id, name, supercategory}, and ``isthing`` (1 thing, 0 stuff) where
+the source has it]. ``segmentation`` is COCO's: polygons ``[[x1, y1, x2, y2, ...], ...]`` or
+an RLE ``{"size": [h, w], "counts": ...}`` (see :mod:`detr.data.masks`), copied as it is (the
+validate stage names malformed ones; boxes do not need them); an empty one (``[]``, box-only
+exports) is dropped. Other keys of a COCO source (info, licenses) are not kept, nor
 is a category that only groups the others (an unused supercategory of all of them, as
 labelling tools export it).
 
 The importers (:func:`import_coco` here, :func:`detr.data.voc.import_voc`,
-:func:`detr.data.yolo.import_yolo`) read their source into :class:`Record` objects and write
-them with :func:`write_canonical`. Images are linked, not copied: ``link="symlink"`` (default;
-absolute links, so the dataset folder may move but the source may not), ``"hardlink"`` (same
-file system) or ``"copy"``. Existing targets are replaced, unless one already is the source file
-(an in-place import). Sources without a train/val split are split by :func:`split_by_ratio`
-(seeded, deterministic). Malformed input raises :class:`FormatError` naming the file and the
-record.
+:func:`detr.data.yolo.import_yolo`, :func:`detr.data.panoptic.import_coco_panoptic`) read their
+source into :class:`Record` objects and write them with :func:`write_canonical`. Images are
+linked, not copied: ``link="symlink"`` (default; absolute links, so the dataset folder may move
+but the source may not), ``"hardlink"`` (same file system) or ``"copy"``. Existing targets are
+replaced, unless one already is the source file (an in-place import). Sources without a
+train/val split are split by :func:`split_by_ratio` (seeded, deterministic). Malformed input
+raises :class:`FormatError` naming the file and the record.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import math
 import os
 import random
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +41,7 @@ from typing import Any, Literal
 from PIL import Image
 
 from detr.data.layout import SPLITS
+from detr.data.masks import has_segmentation
 
 Link = Literal["symlink", "hardlink", "copy"]
 PathLike = str | os.PathLike
@@ -59,7 +64,8 @@ class ImportedDataset:
 @dataclass
 class Record:
     """One image to write. ``objects``: dicts with ``category_id``, ``bbox`` [x, y, w, h] in
-    absolute pixels, ``iscrowd`` and, when the source gives them, ``id`` and ``area``."""
+    absolute pixels, ``iscrowd`` and, when the source gives them, ``id``, ``area`` and
+    ``segmentation`` (COCO polygons or RLE)."""
 
     source: Path
     file_name: str
@@ -103,22 +109,29 @@ def import_coco(out_dir: PathLike, sources: Mapping[str, tuple[PathLike, PathLik
     to ``image_dir``: either ``"train"`` and ``"val"``, kept as they are (their categories must
     be equal), or a single ``"all"``, split by ratio.
     """
+    splits, categories = read_splits(sources, _read_coco, val_fraction=val_fraction, seed=seed)
+    return write_canonical(Path(out_dir), splits, _without_umbrella(categories, splits), link)
+
+
+def read_splits(sources: Mapping[str, tuple], read: Callable[..., tuple[list[Record], list]],
+                *, val_fraction: float, seed: int) -> tuple[dict[str, list[Record]], list]:
+    """Records per split and the categories of a COCO-like source: ``read(*sources[split])``
+    gives one split's records (with json ids) and categories. ``sources``: ``"train"`` and
+    ``"val"`` (categories must be equal), or only ``"all"``, split by ratio on image ids."""
     if set(sources) == {"all"}:
-        records, categories = _read_coco(*sources["all"])
+        records, categories = read(*sources["all"])
         by_id = {r.id: r for r in records}
         parts = split_by_ratio(list(by_id), val_fraction=val_fraction, seed=seed)
-        splits = {s: [by_id[i] for i in ids] for s, ids in parts.items()}
-    elif set(sources) == set(SPLITS):
-        splits, categories = {}, None
-        for split in SPLITS:
-            splits[split], cats = _read_coco(*sources[split])
-            if categories is not None and cats != categories:
-                raise FormatError(f"{sources[split][0]}: categories differ from the train "
-                                  "split's")
-            categories = cats
-    else:
+        return {s: [by_id[i] for i in ids] for s, ids in parts.items()}, categories
+    if set(sources) != set(SPLITS):
         raise ValueError(f"sources: keys 'train' and 'val', or only 'all'; got {sorted(sources)}")
-    return write_canonical(Path(out_dir), splits, _without_umbrella(categories, splits), link)
+    splits, categories = {}, None
+    for split in SPLITS:
+        splits[split], cats = read(*sources[split])
+        if categories is not None and cats != categories:
+            raise FormatError(f"{sources[split][0]}: categories differ from the train split's")
+        categories = cats
+    return splits, categories
 
 
 def _without_umbrella(categories: list[dict], splits: Mapping[str, list[Record]]) -> list[dict]:
@@ -136,16 +149,9 @@ def _without_umbrella(categories: list[dict], splits: Mapping[str, list[Record]]
 
 def _read_coco(ann_file: PathLike, image_dir: PathLike) -> tuple[list[Record], list[dict]]:
     """Records (one per json image, objects attached) and categories of one COCO json."""
-    path, image_dir = Path(ann_file), Path(image_dir)
-    data = _load_json(path)
-    categories = [_coco_category(path, c) for c in data.get("categories", [])]
+    path = Path(ann_file)
+    data, records, categories = read_coco_images(path, Path(image_dir))
     known = {c["id"] for c in categories}
-    records = {}
-    for im in data.get("images", []):
-        record = _coco_image(path, image_dir, im)
-        if record.id in records:
-            raise FormatError(f"{path}: image id {record.id} appears twice")
-        records[record.id] = record
     for ann in data.get("annotations", []):
         obj, image_id = _coco_object(path, ann, known)
         if image_id not in records:
@@ -155,7 +161,22 @@ def _read_coco(ann_file: PathLike, image_dir: PathLike) -> tuple[list[Record], l
     return list(records.values()), categories
 
 
-def _load_json(path: Path) -> dict:
+def read_coco_images(path: Path, image_dir: Path) -> tuple[dict, dict[int, Record], list[dict]]:
+    """The json object of a COCO-like file, its images as Records by id (no objects yet; the
+    files must exist in ``image_dir``) and its categories."""
+    data = load_json(path)
+    categories = [_coco_category(path, c) for c in data.get("categories", [])]
+    records: dict[int, Record] = {}
+    for im in data.get("images", []):
+        record = _coco_image(path, image_dir, im)
+        if record.id in records:
+            raise FormatError(f"{path}: image id {record.id} appears twice")
+        records[record.id] = record
+    return data, records, categories
+
+
+def load_json(path: Path) -> dict:
+    """The JSON object in ``path``; FormatError naming the file when it is not one."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError as exc:
@@ -168,13 +189,21 @@ def _load_json(path: Path) -> dict:
 
 
 def _coco_category(path: Path, cat: dict) -> dict:
+    """A COCO category of ``path`` as written: id, name, supercategory (and isthing)."""
     if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
         raise FormatError(f"{path}: category {cat!r} needs an id and a name")
-    return {"id": int(cat["id"]), "name": str(cat["name"]),
-            "supercategory": str(cat.get("supercategory", "object"))}
+    out = {"id": int(cat["id"]), "name": str(cat["name"]),
+           "supercategory": str(cat.get("supercategory", "object"))}
+    if "isthing" in cat:
+        if cat["isthing"] not in (0, 1):
+            raise FormatError(f"{path}: category {cat['id']}: isthing must be 0 or 1, got "
+                              f"{cat['isthing']!r}")
+        out["isthing"] = int(cat["isthing"])
+    return out
 
 
 def _coco_image(path: Path, image_dir: Path, im: dict) -> Record:
+    """The Record of a COCO ``images`` entry of ``path`` (no objects yet); the file must exist."""
     if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
         raise FormatError(f"{path}: image {im!r} needs an id and a file_name")
     source = image_dir / im["file_name"]
@@ -200,6 +229,8 @@ def _coco_object(path: Path, ann: Any, categories: set[int]) -> tuple[dict, int]
            "iscrowd": int(ann.get("iscrowd", 0))}
     if "area" in ann:
         obj["area"] = ann["area"]
+    if has_segmentation(ann):  # kept as it is: validate reports a malformed one by name
+        obj["segmentation"] = ann["segmentation"]
     return obj, ann["image_id"]
 
 
@@ -242,9 +273,12 @@ def _coco_json(records, categories, next_image: int, next_ann: int) -> tuple[dic
             ann_id = obj.get("id", next_ann)
             next_ann = max(next_ann, ann_id) + 1
             x, y, w, h = obj["bbox"]
-            annotations.append({"id": ann_id, "image_id": image_id,
-                                "category_id": obj["category_id"], "bbox": [x, y, w, h],
-                                "area": obj.get("area", w * h), "iscrowd": obj["iscrowd"]})
+            ann = {"id": ann_id, "image_id": image_id, "category_id": obj["category_id"],
+                   "bbox": [x, y, w, h], "area": obj.get("area", w * h),
+                   "iscrowd": obj["iscrowd"]}
+            if "segmentation" in obj:
+                ann["segmentation"] = obj["segmentation"]
+            annotations.append(ann)
     coco = {"images": images, "annotations": annotations, "categories": categories}
     return coco, next_image, next_ann
 

@@ -9,6 +9,12 @@ tensor); ``target["boxes"]`` float32 [N', 4] normalised cxcywh in [0, 1] (divide
 ``target["labels"]`` int64 [N'] (boxes left with no area are dropped along with their labels);
 ``target["size"]`` int64 [2] = ``(H', W')``; other keys (``image_id``, ``orig_size``) unchanged.
 
+Masks: a ``target["masks"]`` (``tv_tensors.Mask`` uint8 [N, H, W], row i = box i, as
+``CocoDetection(masks=True)`` gives it) goes through the same flip, resize (nearest) and crop
+as the boxes, and ``SanitizeBoundingBoxes`` drops the rows of the boxes it drops; the output
+has ``target["masks"]`` bool [N', H', W'] (a plain tensor), row i = box i. Without masks the
+output is as before, to the byte.
+
 Scales are parameters, so small demo images can use small scales; :func:`paper_defaults` gives
 the paper's values.
 """
@@ -76,7 +82,8 @@ class RandomSizeCrop(v2.Transform):
 class NormalizeBoxes:
     """Last step: CXCYWH pixel boxes -> plain float tensor in [0, 1]; sets ``target["size"]``.
 
-    Also unwraps the image to a plain tensor, so batching and the model see ordinary tensors.
+    Also unwraps the image (and ``masks``, as bool) to plain tensors, so batching and the model
+    see ordinary tensors.
     """
 
     def __call__(self, image: Tensor, target: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
@@ -88,6 +95,8 @@ class NormalizeBoxes:
         out = dict(target)
         out["boxes"] = boxes.as_subclass(Tensor).to(torch.float32) / scale
         out["size"] = torch.tensor([height, width], dtype=torch.int64)
+        if "masks" in target:
+            out["masks"] = target["masks"].as_subclass(Tensor).to(torch.bool)
         return image.as_subclass(Tensor), out
 
 

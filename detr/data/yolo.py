@@ -21,6 +21,7 @@ from detr.data.formats import (
     split_by_ratio,
     write_canonical,
 )
+from detr.data.masks import MaskError, polygons_bbox, segmentation_area
 
 
 def import_yolo(out_dir: PathLike, yolo_root: PathLike, *,
@@ -28,13 +29,15 @@ def import_yolo(out_dir: PathLike, yolo_root: PathLike, *,
                 seed: int = 0, link: Link = "symlink") -> ImportedDataset:
     """Import a YOLO folder: ``images/`` and ``labels/`` with one ``.txt`` per image.
 
-    Label lines are ``class cx cy w h``, normalised to [0, 1]; class k becomes category id
-    k + 1. Class names: ``class_names``, else ``names`` in ``data.yaml``/``dataset.yaml``
-    (list or {index: name}), else ``classes.txt``. Splits: ``images/{train,val}`` (``valid``
-    counts as val) when present, else all of ``images/`` split by ratio. An image without a
-    label file has no objects; a label file without an image is an error. Image sizes come
-    from the image headers. (A ``data.yaml`` naming split folders: :func:`read_data_yaml`
-    and :func:`import_yolo_splits`.)
+    Label lines are ``class cx cy w h``, normalised to [0, 1], or (YOLO segmentation) ``class x1 y1
+    x2 y2 x3 y3 ...``, a normalised polygon of >= 3 points: it becomes a COCO polygon
+    ``segmentation`` in pixels, with the polygon's enclosing ``bbox`` and its rasterised pixel
+    count as ``area``. Class k becomes category id k + 1. Class names: ``class_names``, else
+    ``names`` in ``data.yaml``/``dataset.yaml`` (list or {index: name}), else ``classes.txt``.
+    Splits: ``images/{train,val}`` (``valid`` counts as val) when present, else all of
+    ``images/`` split by ratio. An image without a label file has no objects; a label file
+    without an image is an error. Image sizes come from the image headers. (A ``data.yaml``
+    naming split folders: :func:`read_data_yaml` and :func:`import_yolo_splits`.)
     """
     root = Path(yolo_root)
     names = list(class_names) if class_names is not None else class_names_in(root)
@@ -163,17 +166,39 @@ def _yolo_objects(label: Path, num_classes: int, width: int, height: int) -> lis
         if not fields:
             continue
         where = f"{label}:{lineno}"
-        if len(fields) != 5:
-            msg = f"{where}: expected 5 fields 'class cx cy w h', got {len(fields)}: {line!r}"
+        if len(fields) != 5 and (len(fields) < 7 or len(fields) % 2 == 0):
+            msg = (f"{where}: expected 5 fields 'class cx cy w h' or a polygon 'class x1 y1 x2 "
+                   f"y2 x3 y3 ...' (an odd number >= 7), got {len(fields)}: {line!r}")
             raise FormatError(msg)
         try:
             cls = int(fields[0])
-            cx, cy, w, h = (float(v) for v in fields[1:])
+            values = [float(v) for v in fields[1:]]
         except ValueError:
-            raise FormatError(f"{where}: not an integer class and 4 numbers: {line!r}") from None
+            raise FormatError(f"{where}: not an integer class and numbers: {line!r}") from None
         if not 0 <= cls < num_classes:
             raise FormatError(f"{where}: class index {cls} out of range 0..{num_classes - 1}")
-        bbox = [(cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height]
-        bbox = [round(v, 3) for v in bbox]
-        objects.append({"category_id": cls + 1, "bbox": bbox, "iscrowd": 0})
+        if len(values) == 4:
+            objects.append({"category_id": cls + 1, "bbox": _box(values, width, height),
+                            "iscrowd": 0})
+        else:
+            objects.append({"category_id": cls + 1, "iscrowd": 0,
+                            **_polygon(values, width, height, where)})
     return objects
+
+
+def _box(values: list[float], width: int, height: int) -> list[float]:
+    cx, cy, w, h = values
+    bbox = [(cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height]
+    return [round(v, 3) for v in bbox]
+
+
+def _polygon(values: list[float], width: int, height: int, where: str) -> dict:
+    """A normalised YOLO polygon as COCO ``segmentation``, ``bbox`` and ``area`` in pixels."""
+    scale = [width, height] * (len(values) // 2)
+    polygon = [round(v * s, 3) for v, s in zip(values, scale, strict=True)]
+    try:
+        area = segmentation_area([polygon], height, width, where=where)
+    except MaskError as err:  # NaN or infinite coordinates
+        raise FormatError(str(err)) from None
+    return {"segmentation": [polygon], "bbox": [round(v, 3) for v in polygons_bbox([polygon])],
+            "area": area}

@@ -13,6 +13,8 @@ per json record of every split:
 - ``categories``: split, id, name, supercategory; derived: matches_train ((id, name) is in the
   train split's list), train_boxes (non-crowd train boxes), train_fraction, imbalance (largest
   class's train_boxes / this one's).
+- ``masks`` (None when no annotation has a ``segmentation``, or ``masks=False``): one row per
+  annotation, its mask measured (columns in :mod:`pipelines.validation.mask_tables`).
 
 The Great Expectations suite over these columns is
 :mod:`pipelines.validation.expectations`. This module
@@ -35,6 +37,7 @@ import pandas as pd
 from PIL import Image
 
 from detr.data.layout import SPLITS, is_unsafe_file_name
+from pipelines.validation.mask_tables import mask_frame
 
 TRAIN = "train"
 _MIN_PARALLEL = 256  # fewer images than this: checking them in-process beats starting workers
@@ -51,10 +54,13 @@ class DatasetTables:
     images: pd.DataFrame
     annotations: pd.DataFrame
     categories: pd.DataFrame
+    masks: pd.DataFrame | None = None  # None: no annotation has a segmentation
 
 
-def load_tables(dataset_dir: str | Path, *, workers: int = 2) -> DatasetTables:
-    """Flatten ``dataset_dir``'s train and val jsons and check every image file.
+def load_tables(dataset_dir: str | Path, *, workers: int = 2, masks: bool = True
+                ) -> DatasetTables:
+    """Flatten ``dataset_dir``'s train and val jsons and check every image file; with
+    ``masks`` (a task that trains on masks), measure the segmentations too.
 
     Raises:
         DatasetLayoutError: an annotation file is missing, not JSON, or lacks a list of
@@ -73,7 +79,8 @@ def load_tables(dataset_dir: str | Path, *, workers: int = 2) -> DatasetTables:
     _link_annotations(annotations, images, categories)
     images["num_boxes"] = _boxes_per_image(images, annotations)
     _add_category_stats(categories, annotations)
-    return DatasetTables(images, annotations, categories)
+    return DatasetTables(images, annotations, categories,
+                         mask_frame(raw, images) if masks else None)
 
 
 def _read_split(root: Path, split: str) -> dict[str, list]:

@@ -1,8 +1,11 @@
 """The Great Expectations suite over the tables of a canonical COCO dataset.
 
 The tables (``images``, ``annotations``, ``categories``: one row per json record of every
-split; columns in :mod:`pipelines.validation.dataset_tables`) come from
-:func:`pipelines.validation.dataset_tables.load_tables`.
+split; columns in :mod:`pipelines.validation.dataset_tables`; and ``masks``, one row per
+annotation with a ``segmentation``, when there is one) come from
+:func:`pipelines.validation.dataset_tables.load_tables`. The masks' checks are in
+:mod:`pipelines.validation.mask_checks`; a box-only dataset has no masks table and no mask
+checks.
 
 Every check is one GE expectation on these columns (:func:`build_expectations`), named by its
 ``meta["name"]``; :func:`run_suites` validates the tables in an ephemeral context and returns one
@@ -23,14 +26,29 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from detr.data.layout import SPLITS, UNSAFE_FILE_NAME
+from pipelines.validation.checks import (
+    between,
+    expect,
+    is_true,
+    required,
+    round_up,
+    same,
+    unique,
+)
 from pipelines.validation.dataset_tables import DatasetTables
+from pipelines.validation.mask_checks import (
+    MASK_DATA_FIXES,
+    MASK_PARAM_FIXES,
+    mask_checks,
+)
+from pipelines.validation.mask_checks import RECORD_KEYS as MASK_RECORD_KEYS
 
 if TYPE_CHECKING:
     from pipelines.params import ValidateConfig
 
 # Columns that identify an offending record in the report.
 RECORD_KEYS = {"images": ["split", "id", "file_name"], "annotations": ["split", "id", "image_id"],
-               "categories": ["split", "id", "name"]}
+               "categories": ["split", "id", "name"], "masks": MASK_RECORD_KEYS}
 _DOCS_SITE = "validation"
 _Fix = Callable[[DatasetTables, "ValidateConfig"], str]  # tables, params -> how to fix
 
@@ -52,98 +70,71 @@ class ExpectationOutcome:
     fix: str | None = None  # failed: the params key and a value that passes, or what to fix
 
 
-def build_expectations(cfg: ValidateConfig) -> dict[str, list]:
-    """The suite: table name -> GE expectations, each named by ``meta["name"]``."""
-    return {"images": _image_checks(cfg), "annotations": _annotation_checks(cfg),
-            "categories": _category_checks(cfg)}
+def build_expectations(cfg: ValidateConfig, *, masks: bool = False) -> dict[str, list]:
+    """The suite: table name -> GE expectations, each named by ``meta["name"]``; with
+    ``masks``, the masks table's too."""
+    suite = {"images": _image_checks(cfg), "annotations": _annotation_checks(cfg),
+             "categories": _category_checks(cfg)}
+    return {**suite, "masks": mask_checks(cfg)} if masks else suite
 
 
 def _image_checks(cfg: ValidateConfig) -> list:
     return [
-        *(_required("image", c) for c in ("id", "file_name", "width", "height")),
-        _expect("every_split_has_images", "ExpectColumnDistinctValuesToContainSet",
+        *(required("image", c) for c in ("id", "file_name", "width", "height")),
+        expect("every_split_has_images", "ExpectColumnDistinctValuesToContainSet",
                 column="split", value_set=list(SPLITS)),
-        _unique("image_ids_unique", "id"),
-        _unique("image_file_names_unique", "file_name"),
-        _expect("image_file_name_relative", "ExpectColumnValuesToNotMatchRegex",
+        unique("image_ids_unique", "id"),
+        unique("image_file_names_unique", "file_name"),
+        expect("image_file_name_relative", "ExpectColumnValuesToNotMatchRegex",
                 column="file_name", regex=UNSAFE_FILE_NAME),
-        _between("image_width_positive", "width", min_value=1),
-        _between("image_height_positive", "height", min_value=1),
-        _is_true("image_file_exists", "exists"),
-        _is_true("image_file_decodes", "decodes"),
-        _same("image_width_matches_file", "width", "real_width"),
-        _same("image_height_matches_file", "height", "real_height"),
-        _expect("image_not_in_two_splits", "ExpectColumnValuesToBeNull", column="duplicate_in"),
-        _between("boxes_per_image_in_bounds", "num_boxes",
+        between("image_width_positive", "width", min_value=1),
+        between("image_height_positive", "height", min_value=1),
+        is_true("image_file_exists", "exists"),
+        is_true("image_file_decodes", "decodes"),
+        same("image_width_matches_file", "width", "real_width"),
+        same("image_height_matches_file", "height", "real_height"),
+        expect("image_not_in_two_splits", "ExpectColumnValuesToBeNull", column="duplicate_in"),
+        between("boxes_per_image_in_bounds", "num_boxes",
                  min_value=cfg.min_boxes_per_image, max_value=cfg.max_boxes_per_image),
     ] + ([] if cfg.num_queries is None else [  # None: resolved from the data at training
-        _between("boxes_per_image_below_num_queries", "num_boxes",
+        between("boxes_per_image_below_num_queries", "num_boxes",
                  max_value=cfg.num_queries, strict_max=True)])
 
 
 def _annotation_checks(cfg: ValidateConfig) -> list:
     tol, side = cfg.box_tolerance_px, cfg.min_box_side_px
     return [
-        *(_required("annotation", c) for c in ("id", "image_id", "category_id", "area", "iscrowd")),
-        _expect("annotation_bbox_is_4_numbers", "ExpectColumnValuesToNotBeNull", column="w"),
-        _unique("annotation_ids_unique", "id"),
-        _is_true("annotation_image_exists", "image_found"),
-        _is_true("annotation_category_exists", "category_found"),
-        _between("box_width_positive", "w", min_value=side, strict_min=True),
-        _between("box_height_positive", "h", min_value=side, strict_min=True),
-        _between("box_left_inside_image", "x", min_value=-tol),
-        _between("box_top_inside_image", "y", min_value=-tol),
-        _between("box_right_inside_image", "right_overflow", max_value=tol),
-        _between("box_bottom_inside_image", "bottom_overflow", max_value=tol),
-        _between("annotation_area_positive", "area", min_value=0, strict_min=True),
-        _between("annotation_area_within_box", "area_ratio", max_value=1 + cfg.area_tolerance),
-        _expect("annotation_iscrowd_0_or_1", "ExpectColumnValuesToBeInSet",
+        *(required("annotation", c) for c in ("id", "image_id", "category_id", "area", "iscrowd")),
+        expect("annotation_bbox_is_4_numbers", "ExpectColumnValuesToNotBeNull", column="w"),
+        unique("annotation_ids_unique", "id"),
+        is_true("annotation_image_exists", "image_found"),
+        is_true("annotation_category_exists", "category_found"),
+        between("box_width_positive", "w", min_value=side, strict_min=True),
+        between("box_height_positive", "h", min_value=side, strict_min=True),
+        between("box_left_inside_image", "x", min_value=-tol),
+        between("box_top_inside_image", "y", min_value=-tol),
+        between("box_right_inside_image", "right_overflow", max_value=tol),
+        between("box_bottom_inside_image", "bottom_overflow", max_value=tol),
+        between("annotation_area_positive", "area", min_value=0, strict_min=True),
+        between("annotation_area_within_box", "area_ratio", max_value=1 + cfg.area_tolerance),
+        expect("annotation_iscrowd_0_or_1", "ExpectColumnValuesToBeInSet",
                 column="iscrowd", value_set=[0, 1]),
     ]
 
 
 def _category_checks(cfg: ValidateConfig) -> list:
     return [
-        _expect("categories_not_empty", "ExpectTableRowCountToBeBetween", min_value=1),
-        *(_required("category", c) for c in ("id", "name")),
-        _unique("category_ids_unique", "id"),
-        _unique("category_names_unique", "name"),
-        _is_true("categories_match_train", "matches_train"),
-        _between("category_has_train_boxes", "train_boxes",
+        expect("categories_not_empty", "ExpectTableRowCountToBeBetween", min_value=1),
+        *(required("category", c) for c in ("id", "name")),
+        unique("category_ids_unique", "id"),
+        unique("category_names_unique", "name"),
+        is_true("categories_match_train", "matches_train"),
+        between("category_has_train_boxes", "train_boxes",
                  min_value=cfg.min_train_boxes_per_class),
-        _between("category_fraction_above_min", "train_fraction",
+        between("category_fraction_above_min", "train_fraction",
                  min_value=cfg.min_class_fraction),
-        _between("category_imbalance_below_max", "imbalance", max_value=cfg.max_class_imbalance),
+        between("category_imbalance_below_max", "imbalance", max_value=cfg.max_class_imbalance),
     ]
-
-
-def _expect(name: str, kind: str, **kwargs: Any) -> Any:
-    """GE expectation ``kind`` (a class name in ``gx.expectations``), named ``name``."""
-    import great_expectations.expectations as gxe
-
-    # meta names the check in our report; notes show the name in the Data Docs suite pages.
-    return getattr(gxe, kind)(meta={"name": name}, notes=f"check: {name}", **kwargs)
-
-
-def _between(name: str, column: str, **bounds: Any) -> Any:
-    return _expect(name, "ExpectColumnValuesToBeBetween", column=column, **bounds)
-
-
-def _is_true(name: str, column: str) -> Any:
-    return _expect(name, "ExpectColumnValuesToBeInSet", column=column, value_set=[True])
-
-
-def _required(table: str, column: str) -> Any:
-    return _expect(f"{table}_{column}_present", "ExpectColumnValuesToNotBeNull", column=column)
-
-
-def _unique(name: str, *columns: str) -> Any:
-    return _expect(name, "ExpectCompoundColumnsToBeUnique", column_list=["split", *columns])
-
-
-def _same(name: str, column_a: str, column_b: str) -> Any:
-    return _expect(name, "ExpectColumnPairValuesToBeEqual", column_A=column_a,
-                   column_B=column_b, ignore_row_if="either_value_is_missing")
 
 
 def run_suites(tables: DatasetTables, cfg: ValidateConfig,
@@ -154,7 +145,7 @@ def run_suites(tables: DatasetTables, cfg: ValidateConfig,
     context = _ephemeral_context(docs_dir)
     source = context.data_sources.add_pandas("dataset")
     outcomes = []
-    for table, expectations in build_expectations(cfg).items():
+    for table, expectations in build_expectations(cfg, masks=tables.masks is not None).items():
         batch = source.add_dataframe_asset(table).add_batch_definition_whole_dataframe(table)
         suite = context.suites.add(gx.ExpectationSuite(name=table, expectations=expectations))
         definition = context.validation_definitions.add(
@@ -186,11 +177,6 @@ def how_to_fix(name: str, tables: DatasetTables, cfg: ValidateConfig) -> str:
         column = name.removesuffix("_present").split("_", 1)[1]
         return f"fix the data: give the listed records a valid '{column}'"
     return "fix the data: " + _DATA_FIXES.get(name, "correct or remove the listed records")
-
-
-def _up(value: float) -> str:
-    """``value`` rounded up to 3 decimals (a bound at least this large passes)."""
-    return f"{math.ceil(value * 1000) / 1000:g}"
 
 
 def _down(value: float) -> str:
@@ -231,14 +217,14 @@ def _overflow(column: str, sign: float, where: str) -> _Fix:
     def fix(tables: DatasetTables, cfg: ValidateConfig) -> str:
         most = float((sign * tables.annotations[column]).max())
         return (f"fix the listed boxes (up to {most:g} px {where} the image), or set "
-                f"validate.box_tolerance_px >= {_up(most)}")
+                f"validate.box_tolerance_px >= {round_up(most)}")
     return fix
 
 
 def _area_within_box(tables: DatasetTables, cfg: ValidateConfig) -> str:
     excess = float(tables.annotations["area_ratio"].max()) - 1
     return (f"fix the listed areas (at most w * h), or set validate.area_tolerance >= "
-            f"{_up(excess)} (the largest area is {excess + 1:.4g} x w * h)")
+            f"{round_up(excess)} (the largest area is {excess + 1:.4g} x w * h)")
 
 
 def _category_bound(key: str, column: str, what: str,
@@ -246,7 +232,7 @@ def _category_bound(key: str, column: str, what: str,
     def fix(tables: DatasetTables, cfg: ValidateConfig) -> str:
         values = tables.categories[column]  # per category id; the same in every split
         value = float(values.max() if larger else values.min())
-        bound = f">= {_up(value)}" if larger else f"<= {_down(value)}"
+        bound = f">= {round_up(value)}" if larger else f"<= {_down(value)}"
         return (f"add train boxes of the listed categories (or drop the categories), or set "
                 f"validate.{key} {bound} ({what} {value:.4g})")
     return fix
@@ -268,6 +254,7 @@ _PARAM_FIXES: dict[str, _Fix] = {
         "min_class_fraction", "train_fraction", "the rarest class's share of train boxes:", False),
     "category_imbalance_below_max": _category_bound(
         "max_class_imbalance", "imbalance", "largest class / smallest:", True),
+    **MASK_PARAM_FIXES,
     "every_split_has_images": lambda tables, cfg: (
         "both splits need images: give the source a train and a val split, or one split and "
         "prepare.val_fraction > 0 (e.g. 0.2) to divide it"),
@@ -302,6 +289,7 @@ _DATA_FIXES = {
     "category_ids_unique": "give the listed categories ids unique within their split",
     "category_names_unique": "give the listed categories names unique within their split",
     "categories_match_train": "give the listed categories the same id and name as in train",
+    **MASK_DATA_FIXES,
 }
 
 

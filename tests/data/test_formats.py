@@ -235,7 +235,7 @@ FORMAT_ERRORS = {
     "yolo wrong field count": (
         "yolo",
         lambda r: _bad(r / "labels/a2.txt", "2 0.5 0.5 0.2 0.2\n0 0.5 0.5\n"),
-        r"a2.txt:2: expected 5 fields 'class cx cy w h', got 3",
+        r"a2.txt:2: expected 5 fields 'class cx cy w h' or a polygon .*, got 3",
     ),
     "yolo class out of range": (
         "yolo",
