@@ -90,8 +90,10 @@ def cross_attention(model: nn.Module, images: Tensor | Sequence[Tensor],
     batch, a list of [3,H_i,W_i] images, or a padded batch with its ``mask``) without
     gradients; return its outputs with the cross-attention of every query (module doc).
 
-    Precision and mode are the caller's: put the model in eval mode for inference maps.
+    Precision and mode are the caller's: put the model in eval mode for inference maps. A
+    segmentation model's maps are its detector's (``model.detr``; outputs without masks).
     """
+    model = getattr(model, "detr", model)
     recorder = _Recorder()
     multiscale = getattr(model, "multiscale", None)
     hooks = [model.backbone.register_forward_hook(recorder.backbone_hook)]

@@ -68,11 +68,23 @@ def count_duplicates(predictions: Mapping[int, Mapping[str, Tensor]], *,
 def class_wise_nms(detections: Mapping[str, Tensor], iou_threshold: float) -> dict[str, Tensor]:
     """One image's detections without those that a higher-scoring detection of the same label
     overlaps with IoU > ``iou_threshold`` (``torchvision.ops.batched_nms``), best first.
-    Other keys (per-detection rows, e.g. a segmentation model's query index) are kept along."""
+    Other keys (per-detection rows, e.g. a segmentation model's query index or masks) are
+    kept along."""
     boxes = torch.as_tensor(detections["boxes"]).float()
     scores = torch.as_tensor(detections["scores"]).float()
     labels = torch.as_tensor(detections["labels"])
     keep = batched_nms(boxes, scores, labels, iou_threshold)
-    rows = {key: torch.as_tensor(value)[keep.to(torch.as_tensor(value).device)]
-            for key, value in detections.items() if key not in ("boxes", "scores", "labels")}
+    rows = {key: _rows(value, keep) for key, value in detections.items()
+            if key not in ("boxes", "scores", "labels")}
     return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep], **rows}
+
+
+def _rows(value, keep: Tensor):
+    """``value``'s rows ``keep``: a tensor's or a list's (masks as RLE); a dict (a panoptic
+    map, made apart from the detections) is not per detection and stays as it is."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, list):
+        return [value[i] for i in keep.tolist()]
+    value = torch.as_tensor(value)
+    return value[keep.to(value.device)]

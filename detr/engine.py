@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from detr.device import autocast
 from detr.distributed import mean_over_processes
+from detr.masks_out import MaskOutputs, segment_batch
 from detr.models.criterion import SetCriterion
 from detr.models.postprocess import PostProcess
 
@@ -142,28 +143,32 @@ def _learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 
 def evaluate(model: nn.Module, postprocess: PostProcess, loader: Iterable, *,
              device: torch.device, precision: str = "fp32", channels_last: bool = False,
-             progress: bool = True) -> dict[int, dict[str, Tensor]]:
+             progress: bool = True, masks: MaskOutputs | None = None
+             ) -> dict[int, dict[str, Tensor]]:
     """Detections for every image of ``loader``, keyed by ``image_id``: ``boxes`` absolute
     xyxy in the original image's pixels (``orig_size``), ``scores``, ``labels`` (category ids
-    if ``postprocess`` has a mapping); on the CPU."""
+    if ``postprocess`` has a mapping); on the CPU. ``masks`` (a segmentation model): also
+    each query's mask as COCO RLE (``masks``, a list) and the ``panoptic`` map if asked
+    (:func:`detr.masks_out.segment_batch`)."""
     return _detect(model, postprocess, loader, device, precision, channels_last, progress,
-                   layers=False)[-1]
+                   layers=False, masks=masks)[-1]
 
 
 def evaluate_layers(model: nn.Module, postprocess: PostProcess, loader: Iterable, *,
                     device: torch.device, precision: str = "fp32", channels_last: bool = False,
-                    progress: bool = True) -> list[dict[int, dict[str, Tensor]]]:
+                    progress: bool = True, masks: MaskOutputs | None = None
+                    ) -> list[dict[int, dict[str, Tensor]]]:
     """:func:`evaluate` for every decoder layer from one forward pass per batch: one dict of
     detections by image id per layer, the first decoder layer first; the last is the model's
     output (what :func:`evaluate` returns). A model without ``aux_outputs`` gives one."""
     return _detect(model, postprocess, loader, device, precision, channels_last, progress,
-                   layers=True)
+                   layers=True, masks=masks)
 
 
 @torch.inference_mode()
 def _detect(model: nn.Module, postprocess: PostProcess, loader: Iterable, device: torch.device,
-            precision: str, channels_last: bool, progress: bool,
-            layers: bool) -> list[dict[int, dict[str, Tensor]]]:
+            precision: str, channels_last: bool, progress: bool, layers: bool,
+            masks: MaskOutputs | None = None) -> list[dict[int, dict[str, Tensor]]]:
     model.eval()
     predictions: list[dict[int, dict[str, Tensor]]] = []
     for batch in tqdm(loader, desc="evaluate", disable=not progress, dynamic_ncols=True):
@@ -176,4 +181,13 @@ def _detect(model: nn.Module, postprocess: PostProcess, loader: Iterable, device
         for found, head in zip(predictions, heads, strict=True):
             for target, det in zip(targets, postprocess(head, sizes), strict=True):
                 found[int(target["image_id"])] = {k: v.cpu() for k, v in det.items()}
+        if masks is not None and "pred_masks" in outputs:  # the last layer's queries only
+            extra = segment_batch(outputs, targets, masks, _category_ids(postprocess))
+            for target, more in zip(targets, extra, strict=True):
+                predictions[-1][int(target["image_id"])].update(more)
     return predictions or [{}]
+
+
+def _category_ids(postprocess: PostProcess) -> list[int] | None:
+    ids = postprocess.label_to_category
+    return None if ids is None else ids.tolist()

@@ -131,6 +131,7 @@ class Predictor:
         net = fold_batchnorm(self.model) if fold_bn else self.model
         self._net = net.to(memory_format=torch.channels_last) if channels_last else net
         self.postprocess = PostProcess(ids).to(self.device)
+        self._ids = list(ids)
         self.category_names: dict[int, str] = dict(zip(ids, names, strict=True))
         self.scale, self.max_size = int(scale), int(max_size)
         self.transform = make_transforms("val", scales=(self.scale,), max_size=self.max_size)
@@ -250,8 +251,8 @@ class Predictor:
         chosen = [self._select(det, size, threshold, top_k)
                   for det, size in zip(found, orig, strict=True)]
         masks = masks_for(outputs, keep, sizes, orig)
-        maps = (panoptic_for(outputs, keep, sizes, orig, [d.labels for d in chosen],
-                             [d.scores for d in chosen], stuff_ids=self.stuff_ids)
+        maps = (panoptic_for(outputs, sizes, orig, threshold=threshold,
+                             stuff_ids=self.stuff_ids, label_to_category=self._ids)
                 if panoptic else [None] * len(chosen))
         return [dataclasses.replace(det, masks=m.cpu(), panoptic=p)
                 for det, m, p in zip(chosen, masks, maps, strict=True)]

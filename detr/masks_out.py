@@ -12,27 +12,30 @@ queries' logits (cell (i, j) covers input pixels [4i, 4i+4) x [4j, 4j+4)) are re
 pixels per cell), and thresholded at sigmoid > 0.5 (logit > 0). Masks are computed a few
 queries at a time, so memory stays bounded for large images.
 
-Panoptic maps (:func:`panoptic_for`): each pixel goes to the kept detection with the highest
-mask logit there, among those whose mask covers it (logit > 0; no cover: void, id 0); the
-segments of one *stuff* category merge into one (score = their best); a segment smaller than
-``min_area`` pixels becomes void. Segment ids are 1..K in order of score. Output per image:
-``{"segments": int32 [H, W], "segments_info": [{"id", "category_id", "isthing", "score",
-"area"}]}``.
+Panoptic maps (:func:`panoptic_for`): the paper's, from
+:func:`detr.models.mask_postprocess.panoptic_segments`: the queries scoring over a threshold
+compete for every pixel (the highest mask logit wins), the segments of one *stuff* category
+merge, segments under ``min_area`` pixels are dropped. Output per image: ``{"segments": int32
+[H, W], "segments_info": [{"id", "category_id", "isthing", "score", "area"}]}``.
+
+:func:`segment_batch`: what the evaluation adds to each image's detections (every query's
+mask as COCO RLE, the panoptic map).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 from pycocotools import mask as coco_mask
 from torch import Tensor, nn
-from torch.nn import functional as F
 
-MASK_STRIDE = 4  # pixels of the padded input per cell of ``pred_masks``
+from detr.models.mask_postprocess import mask_logits_at_size, panoptic_segments
+from detr.models.segmentation import MASK_STRIDE
+from detr.segm_evaluation import encode_masks
+
 CHUNK = 16  # masks upsampled per step: [16, H, W] float at a time
-_NUDGE = 1 + 1e-9
 MIN_AREA = 4  # px: smaller panoptic segments become void (as the official postprocess)
 
 
@@ -56,15 +59,8 @@ def mask_logit_chunks(pred_masks: Tensor, keep: Tensor, size: Sequence[int],
     if grid[0] < rows or grid[1] < cols:
         raise ValueError(f"pred_masks grid {tuple(grid)} does not cover the input size "
                          f"{height} x {width} at stride {MASK_STRIDE}")
-    orig_h, orig_w = (int(v) for v in orig_size)
-    # The true scale, nudged up by 1e-9: interpolate's output size is floor(cells * scale),
-    # which float rounding can make one pixel short of the original size.
-    scale = (MASK_STRIDE * orig_h / height * _NUDGE, MASK_STRIDE * orig_w / width * _NUDGE)
     for start in range(0, len(keep), chunk):
-        cells = pred_masks[keep[start:start + chunk], :rows, :cols].float()[:, None]
-        out = F.interpolate(cells, scale_factor=scale, mode="bilinear", align_corners=False,
-                            recompute_scale_factor=False)  # the last cells may reach past
-        yield out[:, 0, :orig_h, :orig_w]
+        yield mask_logits_at_size(pred_masks[keep[start:start + chunk]], size, orig_size)
 
 
 @torch.inference_mode()
@@ -82,70 +78,60 @@ def masks_for(outputs: dict, keep_indices: Sequence[Tensor], sizes: Sequence[Seq
 
 
 @torch.inference_mode()
-def panoptic_for(outputs: dict, keep_indices: Sequence[Tensor], sizes: Sequence[Sequence[int]],
-                 orig_sizes: Sequence[Sequence[int]], labels: Sequence[Tensor],
-                 scores: Sequence[Tensor], *, stuff_ids: Iterable[int] = (),
+def panoptic_for(outputs: dict, sizes: Sequence[Sequence[int]],
+                 orig_sizes: Sequence[Sequence[int]], *, threshold: float,
+                 stuff_ids: Iterable[int] = (), label_to_category: Sequence[int] | None = None,
                  min_area: int = MIN_AREA) -> list[dict]:
-    """Panoptic maps (module doc), one per image, of the kept queries ``keep_indices[i]``
-    whose category ids are ``labels[i]`` and scores ``scores[i]`` (best first).
-    ``stuff_ids``: the category ids that are stuff (``isthing`` 0); others are things."""
-    stuff = {int(c) for c in stuff_ids}
-    maps = []
-    for pred, keep, size, orig, lab, score in zip(outputs["pred_masks"], keep_indices, sizes,
-                                                  orig_sizes, labels, scores, strict=True):
-        owner = _owners(mask_logit_chunks(pred, keep, size, orig), orig, pred.device)
-        maps.append(_segments(owner.cpu(), lab.cpu().tolist(), score.cpu().tolist(), stuff,
-                              min_area))
-    return maps
+    """Panoptic maps, one per image, as the paper makes them
+    (:func:`detr.models.mask_postprocess.panoptic_segments`): the queries scoring over
+    ``threshold`` compete for the pixels. ``stuff_ids``: category ids of the stuff classes
+    (``isthing`` 0); ``label_to_category``: the category id of each label (None: labels are
+    the ids)."""
+    is_thing = {int(c): False for c in stuff_ids}  # a missing id is a thing
+    return [panoptic_segments(logits, pred, size, orig, is_thing=is_thing,
+                              label_to_category=label_to_category, threshold=threshold,
+                              min_area=min_area)
+            for logits, pred, size, orig in zip(outputs["pred_logits"], outputs["pred_masks"],
+                                                sizes, orig_sizes, strict=True)]
 
 
-def _owners(chunks: Iterable[Tensor], orig_size: Sequence[int], device) -> Tensor:
-    """int64 [H, W]: index of the detection with the highest positive logit, -1 for none."""
-    best = torch.zeros([int(v) for v in orig_size], device=device)
-    owner = torch.full_like(best, -1, dtype=torch.int64)
-    offset = 0
-    for logits in chunks:
-        value, index = logits.max(dim=0)
-        better = value > best
-        best = torch.where(better, value, best)
-        owner = torch.where(better, index + offset, owner)
-        offset += len(logits)
-    return owner
+@dataclass(frozen=True)
+class MaskOutputs:
+    """What :func:`segment_batch` adds to each image's detections: ``masks`` (every query's,
+    as COCO RLE) and, with ``panoptic``, the panoptic map of the queries scoring over
+    ``threshold``; ``stuff_ids``: the stuff classes' category ids."""
+
+    panoptic: bool = False
+    threshold: float = 0.5
+    stuff_ids: frozenset[int] = frozenset()
 
 
-def _segments(owner: Tensor, labels: list[int], scores: list[float], stuff: set[int],
-              min_area: int) -> dict:
-    """Detections' pixels (``owner``) -> segment map and info; stuff merged per category."""
-    keys: list[tuple] = []  # segment key of each detection: ("stuff", cat) or ("thing", j)
-    for j, category in enumerate(labels):
-        keys.append(("stuff", category) if category in stuff else ("thing", j))
-    order = list(dict.fromkeys(keys))  # first seen = best score first
-    segment_of = torch.tensor([order.index(k) for k in keys] + [-1], dtype=torch.int64)
-    index = segment_of[owner]  # owner -1 picks the trailing -1
-    areas = torch.bincount(index[index >= 0], minlength=len(order)).tolist()
-    segments = torch.zeros(owner.shape, dtype=torch.int32)
-    info = []
-    for k, key in enumerate(order):
-        if areas[k] < max(min_area, 1):
-            continue
-        seg_id = len(info) + 1
-        segments[index == k] = seg_id
-        members = [j for j, other in enumerate(keys) if other == key]
-        info.append({"id": seg_id, "category_id": int(labels[members[0]]),
-                     "isthing": int(key[0] == "thing"),
-                     "score": float(max(scores[j] for j in members)), "area": int(areas[k])})
-    return {"segments": segments, "segments_info": info}
+def segment_batch(outputs: dict, targets: Sequence[dict], spec: MaskOutputs,
+                  label_to_category: Sequence[int] | None) -> list[dict]:
+    """One batch of a segmentation model -> per image ``{"masks": [RLE of every query, in
+    query order], "panoptic"?: {...}}`` at the image's ``orig_size`` (``targets``: ``size``
+    the resized input, ``orig_size``). Masks are made a few at a time and encoded at once,
+    so memory stays at a few masks of the original size."""
+    sizes = [t["size"].tolist() for t in targets]
+    origs = [t["orig_size"].tolist() for t in targets]
+    found = []
+    for pred, size, orig in zip(outputs["pred_masks"], sizes, origs, strict=True):
+        every = torch.arange(len(pred), device=pred.device)
+        found.append({"masks": [rle for logits in mask_logit_chunks(pred, every, size, orig)
+                                for rle in encode_masks(logits > 0)]})
+    if spec.panoptic:
+        maps = panoptic_for(outputs, sizes, origs, threshold=spec.threshold,
+                            stuff_ids=spec.stuff_ids, label_to_category=label_to_category)
+        for item, panoptic in zip(found, maps, strict=True):
+            item["panoptic"] = {"segments": panoptic["segments"].cpu(),
+                                "segments_info": panoptic["segments_info"]}
+    return found
 
 
 def rle_encode(masks: Tensor) -> list[dict]:
     """bool [N, H, W] -> N COCO RLEs ``{"size": [H, W], "counts": str}`` (pycocotools'
     compressed form, as COCO results and annotations carry it)."""
-    if len(masks) == 0:
-        return []
-    fortran = np.asfortranarray(masks.detach().cpu().numpy().astype(np.uint8).transpose(1, 2, 0))
-    encoded = coco_mask.encode(fortran)
-    return [{"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-            for rle in encoded]
+    return encode_masks(masks)
 
 
 def rle_decode(rle: dict) -> Tensor:

@@ -17,7 +17,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """
     backbone, main = [], []
     for name, param in model.named_parameters():
-        if name.startswith("backbone."):
+        if name.startswith(("backbone.", "detr.backbone.")):  # the segmentation model's too
             if cfg.lr_backbone <= 0:
                 param.requires_grad_(False)
             elif param.requires_grad:

@@ -31,7 +31,6 @@ from detr.checkpoint import (
     CheckpointError,
     load_file,
     load_state_dict_file,
-    load_weights,
     save_file,
 )
 from detr.config import (
@@ -110,7 +109,8 @@ def fit(*, model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig,
             world_size=info.world_size)
         if info.is_main:
             print(resolution.table(), file=sys.stderr)
-    train_ds, val_ds = _datasets(Path(data_root), data_cfg)
+    train_ds, val_ds = _datasets(Path(data_root), data_cfg,
+                                 masks=model_cfg.task != "detection")
     model_cfg = dataclasses.replace(model_cfg, num_classes=train_ds.num_classes)
     params = {"model": to_dict(model_cfg), "loss": to_dict(loss_cfg), "data": to_dict(data_cfg),
               "train": to_dict(train_cfg)}
@@ -200,7 +200,9 @@ def fit(*, model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig,
 
 def _load_init_weights(model: DETR, init_weights: str | Path) -> None:
     try:
-        report = load_weights(model, load_state_dict_file(init_weights), finetune=True)
+        # a box checkpoint seeds a segmentation model too (the mask head starts fresh)
+        report = hub.load_detector_weights(model, load_state_dict_file(init_weights),
+                                           finetune=True)
     except CheckpointError as exc:  # name the file (load_weights does not know it)
         if str(init_weights) in str(exc):
             raise
@@ -208,10 +210,14 @@ def _load_init_weights(model: DETR, init_weights: str | Path) -> None:
     print(report, file=sys.stderr)
 
 
-def _datasets(root: Path, cfg: DataConfig) -> tuple[CocoDetection, CocoDetection]:
+def _datasets(root: Path, cfg: DataConfig, *,
+              masks: bool = False) -> tuple[CocoDetection, CocoDetection]:
+    """Train (with ``masks`` for a segmentation model's loss) and val (boxes: the mask
+    evaluation reads the json's own masks) splits."""
     kw = {"scales": cfg.scales, "max_size": cfg.max_size, "crop_scales": cfg.crop_scales,
           "crop_size": tuple(cfg.crop_size), "hflip": cfg.hflip}
-    train = CocoDetection.from_root(root, "train", transforms=make_transforms("train", **kw))
+    train = CocoDetection.from_root(root, "train", transforms=make_transforms("train", **kw),
+                                    masks=masks)
     val = CocoDetection.from_root(root, "val", transforms=make_transforms("val", **kw))
     if train.label_to_category != val.label_to_category:
         raise ValueError(f"{root}: train and val annotation files list different categories")

@@ -36,6 +36,7 @@ from detr.engine import evaluate, evaluate_layers
 from detr.evaluation import CocoEvaluation, evaluate_detections
 from detr.hub import model_from_checkpoint, val_resize
 from detr.inference import Predictor
+from detr.masks_out import MaskOutputs, has_mask_head
 from detr.models.postprocess import PostProcess
 from pipelines.params import EvaluateConfig, EvaluateTileConfig
 
@@ -100,8 +101,13 @@ def measure(checkpoint: Path, dataset_dir: Path, *, cfg: EvaluateConfig, data_cf
         val = CocoDetection.from_root(dataset_dir, "val", transforms=transforms)
     category_ids = _category_ids(label_map, val, checkpoint)
     raw = None
+    if cfg.tile is not None and has_mask_head(model):
+        raise ValueError("evaluate.tile: tiled prediction of a segmentation model "
+                         f"(model.task: {model_cfg.task}) is not supported; set evaluate.tile: "
+                         "null")
     if cfg.tile is None:
-        found = _predict(model, val, category_ids, cfg, data_cfg, train_cfg, layers)
+        found = _predict(model, val, category_ids, cfg, data_cfg, train_cfg, layers,
+                         _mask_outputs(model, model_cfg, val, cfg))
         raw = found[-1]
         if cfg.nms is not None:
             found = [{i: class_wise_nms(d, cfg.nms) for i, d in p.items()} for p in found]
@@ -165,11 +171,23 @@ def _category_ids(label_map: dict | None, val: CocoDetection, checkpoint: Path) 
     return ids
 
 
+def _mask_outputs(model, model_cfg: ModelConfig, val: CocoDetection,
+                  cfg: EvaluateConfig) -> MaskOutputs | None:
+    """What a segmentation model's evaluation adds (masks; the panoptic map for
+    ``model.task: panoptic``, its queries over ``evaluate.panoptic_threshold``), else None."""
+    if not has_mask_head(model):
+        return None
+    stuff = frozenset(int(c["id"]) for c in val.coco.cats.values() if c.get("isthing", 1) == 0)
+    return MaskOutputs(panoptic=model_cfg.task == "panoptic", threshold=cfg.panoptic_threshold,
+                       stuff_ids=stuff)
+
+
 def _predict(model, val: CocoDetection, category_ids: list | None, cfg: EvaluateConfig,
-             data_cfg: DataConfig, train_cfg: TrainConfig,
-             layers: bool) -> list[dict[int, dict]]:
+             data_cfg: DataConfig, train_cfg: TrainConfig, layers: bool,
+             masks: MaskOutputs | None = None) -> list[dict[int, dict]]:
     """Detections by image id (``detr.engine.evaluate``'s contract), every query kept: of
-    every decoder layer with ``layers``, else of the last only (a list of one)."""
+    every decoder layer with ``layers``, else of the last only (a list of one); ``masks``:
+    see :func:`detr.engine.evaluate`."""
     device = select_device(train_cfg.device)
     precision = resolve_precision(train_cfg.precision, device)
     model = model.to(device)
@@ -180,7 +198,7 @@ def _predict(model, val: CocoDetection, category_ids: list | None, cfg: Evaluate
     run = evaluate_layers if layers else lambda *a, **kw: [evaluate(*a, **kw)]
     return run(model, PostProcess(category_ids).to(device), loader, device=device,
                precision=precision, channels_last=train_cfg.channels_last,
-               progress=sys.stderr.isatty())
+               progress=sys.stderr.isatty(), masks=masks)
 
 
 def _predict_tiled(model, val: CocoDetection, category_ids: list | None, cfg: EvaluateConfig,

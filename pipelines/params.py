@@ -68,7 +68,7 @@ class PrepareConfig:
     # layouts, or one COCO json (its images in ``image_dir``); voc = a VOC year folder
     # (Annotations/, JPEGImages/); yolo = a data.yaml, or a folder with images/ and labels/.
     source: str = "demo"
-    format: Literal["auto", "coco", "voc", "yolo"] = "auto"
+    format: Literal["auto", "coco", "coco_panoptic", "voc", "yolo"] = "auto"
     image_dir: str | None = None
     val_fraction: float = 0.2  # when the source has no train/val split
     seed: int = 0
@@ -79,7 +79,7 @@ class PrepareConfig:
     tile: TileConfig | Literal["auto"] | None = None
 
     def __post_init__(self) -> None:
-        choices = {"format": ("auto", "coco", "voc", "yolo"),
+        choices = {"format": ("auto", "coco", "coco_panoptic", "voc", "yolo"),
                    "link": ("symlink", "hardlink", "copy")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -126,10 +126,13 @@ class EvaluateConfig:
     # class-wise NMS at this IoU on the model's detections (None = off, DETR as it is): what
     # is measured here, re-measured on the champion and served by the registered model
     nms: float | None = None
+    # model.task: panoptic: the queries scoring over it make the panoptic map (paper: 0.85)
+    panoptic_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         checks = {"batch_size": self.batch_size >= 1, "num_examples": self.num_examples >= 0,
                   "nms": self.nms is None or 0 < self.nms <= 1,
+                  "panoptic_threshold": 0 <= self.panoptic_threshold < 1,
                   "score_threshold": 0 <= self.score_threshold <= 1,
                   "attention_images": self.attention_images >= 0,
                   "attention_queries": self.attention_queries >= 1}
@@ -217,9 +220,15 @@ class ValidateConfig:
     max_class_imbalance: float = 1000.0  # largest class's train boxes / smallest class's
     workers: int = 2  # processes for the per-image file checks (read, hash, decode)
     max_examples: int = 20  # offending records kept per expectation
+    # check the annotations' masks (segmentation); default: model.task is not detection
+    masks: bool = False
+    mask_area_tolerance: float = 0.1  # a mask's pixels may differ from `area` by this fraction
+    mask_box_tolerance_px: float = 2.0  # ...and its box from `bbox` by this (+10% of the side)
 
     def __post_init__(self) -> None:
         checks = {
+            "mask_area_tolerance": self.mask_area_tolerance >= 0,
+            "mask_box_tolerance_px": self.mask_box_tolerance_px >= 0,
             "box_tolerance_px": self.box_tolerance_px >= 0,
             "min_box_side_px": self.min_box_side_px >= 0,
             "area_tolerance": self.area_tolerance >= 0,
@@ -305,7 +314,8 @@ PIPELINE_SECTIONS: dict[str, type] = {"prepare": PrepareConfig, "validate": Vali
 def load(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     """All sections of ``path`` as their dataclasses (missing sections take defaults).
 
-    ``validate.num_queries`` defaults to ``model.num_queries`` (None when that is ``auto``), ``register.model_name`` to
+    ``validate.num_queries`` defaults to ``model.num_queries`` (None when that is ``auto``),
+    ``validate.masks`` to whether ``model.task`` needs masks, ``register.model_name`` to
     :func:`model_name_for` ``prepare.source``.
     """
     data = read_params(path)
@@ -318,4 +328,7 @@ def load(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
         queries = out["model"].num_queries
         out["validate"] = dataclasses.replace(
             out["validate"], num_queries=None if queries == "auto" else queries)
+    if "masks" not in (data.get("validate") or {}):
+        out["validate"] = dataclasses.replace(out["validate"],
+                                              masks=out["model"].task != "detection")
     return out

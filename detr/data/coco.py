@@ -234,8 +234,10 @@ class CocoDetection(Dataset):
             self._check_segmentations()
         self.ids: list[int] = sorted(self.coco.imgs)
         cats = sorted(self.coco.cats.values(), key=lambda c: int(c["id"]))
+        # isthing (0: a stuff class, for panoptic maps) is kept where the json has it
         self.categories: list[dict[str, Any]] = [
-            {"id": int(c["id"]), "name": str(c["name"])} for c in cats
+            {"id": int(c["id"]), "name": str(c["name"]),
+             **({"isthing": int(c["isthing"])} if "isthing" in c else {})} for c in cats
         ]
         self.label_to_category: list[int] = [c["id"] for c in self.categories]
         self.category_to_label: dict[int, int] = {

@@ -295,6 +295,11 @@ class DETRsegm(nn.Module):
     def num_classes(self) -> int:
         return self.detr.num_classes
 
+    @property
+    def feature_stride(self) -> int:
+        """The detector's (:attr:`detr.models.detr.DETR.feature_stride`)."""
+        return self.detr.feature_stride
+
     def training_only_prefixes(self) -> tuple[str, ...]:
         """The detector's training-only state-dict prefixes, under ``detr.``."""
         return tuple(f"detr.{p}" for p in self.detr.training_only_prefixes())

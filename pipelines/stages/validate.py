@@ -81,7 +81,7 @@ def run(dataset_dir: str | Path, params: ValidateConfig,
         DatasetLayoutError: an annotation file is missing or not a COCO json object.
     """
     report_dir = Path(report_dir).resolve()  # GE's Data Docs site needs an absolute path
-    tables = load_tables(dataset_dir, workers=params.workers)
+    tables = load_tables(dataset_dir, workers=params.workers, masks=params.masks)
     docs_dir = report_dir / "data_docs"
     if (docs_dir / "index.html").is_file():  # our previous site: drop its stale pages
         shutil.rmtree(docs_dir)

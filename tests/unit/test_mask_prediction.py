@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from detr.inference import Detections, Predictor
-from detr.masks_out import _segments, masks_for, panoptic_for, rle_decode, rle_encode
+from detr.masks_out import masks_for, rle_decode, rle_encode
 from tests.fake_segmentation import fake_segmentation
 
 
@@ -107,28 +107,6 @@ def test_panoptic_map_matches_its_segments_info(predictor, images):
         assert (segments == s["id"]).sum() == s["area"] > 0
         assert s["isthing"] == int(s["category_id"] != 3)
     assert set(segments.unique().tolist()) <= {0, *(s["id"] for s in info)}
-    covered = det.masks.any(dim=0)
-    assert ((segments > 0) == covered).all()  # void exactly where no mask covers
-
-
-def test_stuff_segments_merge_per_category_and_small_ones_turn_void():
-    owner = torch.tensor([[0, 0, 1, 1], [2, 2, 3, -1], [0, 1, 2, -1]])
-    labels, scores = [7, 9, 7, 5], [0.9, 0.8, 0.7, 0.6]
-    out = _segments(owner, labels, scores, stuff={7}, min_area=2)
-    # detections 0 and 2 (stuff 7) merge: 6 px; 1 (thing 9): 3 px; 3 (thing 5): 1 px -> void
-    assert out["segments_info"] == [
-        {"id": 1, "category_id": 7, "isthing": 0, "score": 0.9, "area": 6},
-        {"id": 2, "category_id": 9, "isthing": 1, "score": 0.8, "area": 3}]
-    assert out["segments"].tolist() == [[1, 1, 2, 2], [1, 1, 0, 0], [1, 2, 1, 0]]
-
-
-def test_panoptic_pixels_go_to_the_highest_logit():
-    logits = torch.full((1, 2, 6, 8), -10.0)
-    logits[0, 0, :, :4] = 5.0
-    logits[0, 1, :, 2:] = 8.0  # overlaps query 0 on columns 2-3, higher there
-    out = panoptic_for({"pred_masks": logits}, [torch.tensor([0, 1])], [(24, 32)], [(24, 32)],
-                       [torch.tensor([1, 2])], [torch.tensor([0.9, 0.8])])[0]
-    assert (out["segments"][:, :6] == 1).all() and (out["segments"][:, 10:] == 2).all()
 
 
 def test_rle_round_trip_and_serialisations():

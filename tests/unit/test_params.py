@@ -140,7 +140,7 @@ def test_prepare_format_is_auto_by_default_and_checked(tmp_path):
     assert load(path)["prepare"].format == "coco"  # explicit formats keep working
     path.write_text("prepare:\n  format: yolov8\n")
     with pytest.raises(ConfigError, match=r"prepare.format: 'yolov8' is not one of 'auto', "
-                                          r"'coco', 'voc', 'yolo'"):
+                                          r"'coco', 'coco_panoptic', 'voc', 'yolo'"):
         load(path)
     from pipelines.params import PrepareConfig
 
