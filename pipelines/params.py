@@ -34,6 +34,12 @@ class DemoConfig:
     image_size: int = 256
     max_objects: int = 6
     seed: int = 0
+    stuff: int = 3  # stuff classes painted as background regions when model.task is panoptic
+
+    def __post_init__(self) -> None:
+        # 6 = detr.data.synthetic_stuff.MAX_STUFF (not imported: the stages would depend on
+        # the generator's code; tests/unit/test_synthetic_masks.py checks they agree)
+        check_ranges("prepare.demo", self, {"stuff": 0 <= self.stuff <= 6})
 
 
 @dataclass(frozen=True)

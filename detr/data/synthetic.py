@@ -16,6 +16,15 @@ would hide more than ``max_occlusion`` of an earlier object is redrawn elsewhere
 times, then left out: the summary counts them as ``skipped``); boxes are the full (amodal)
 pixel extent of each shape, which always lies inside the image.
 
+Segmentation (``masks=True``): every object annotation also gets ``segmentation``, the COCO RLE
+of exactly the pixels the object shows in the image (the pixels its own mask drew that no later
+object covers); its ``bbox`` and ``area`` are then those of these visible pixels, as in COCO
+(without masks the box is the whole shape, hidden parts included, and ``area`` its w x h).
+The images are the same with or without masks. ``stuff=k`` (panoptic segmentation) paints the
+background as regions of k stuff classes (:mod:`detr.data.synthetic_stuff`; categories with
+``isthing: 0``, things then carry ``isthing: 1``); each stuff class in an image is one
+annotation of its visible pixels (with masks), so things and stuff tile the image.
+
 Everything is a function of ``seed``: image ``i`` of a split draws from its own generator seeded
 by ``(seed, split, i)``, so the bytes written do not depend on ``num_workers``.
 """
@@ -23,188 +32,111 @@ by ``(seed, split, i)``, so the bytes written do not depend on ``num_workers``.
 from __future__ import annotations
 
 import argparse
-import colorsys
 import json
-import math
 import multiprocessing
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from detr.data.layout import SPLITS
 from detr.data.synthetic_backgrounds import BACKGROUNDS
-from detr.data.synthetic_shapes import draw_mask, extent, pixel_box, shape_outline
-from detr.data.synthetic_summary import AREA_RANGES, split_summary
-from detr.data.synthetic_summary import size_class as area_class
-
-CATEGORIES: tuple[dict[str, Any], ...] = tuple(
-    {"id": i + 1, "name": name, "supercategory": "shape"}  # ids start at 1, as COCO's
-    for i, name in enumerate(["circle", "square", "triangle", "star", "cross", "ring"])
+from detr.data.synthetic_scene import CATEGORIES, Job, place_objects
+from detr.data.synthetic_shapes import pixel_box
+from detr.data.synthetic_stuff import (
+    MAX_STUFF,
+    STUFF_CLASSES,
+    paint_stuff,
+    stuff_regions,
+    stuff_segments,
 )
+from detr.data.synthetic_summary import split_summary
+
 DESCRIPTION = "detr-ops synthetic shapes"  # the json's info.description: marks a generated set
-# Range of sqrt(box area) drawn per size class; small objects are at least ~14 px across.
-_SIDE_RANGES = {"small": (14.0, 31.0), "medium": (32.0, 95.0), "large": (96.0, 176.0)}
-_SIZE_WEIGHTS = {"small": 0.3, "medium": 0.45, "large": 0.25}
-_TRIES = 25  # placement attempts per object before it is skipped
 
 
-@dataclass(frozen=True)
-class _Job:
-    """Everything one worker needs to draw and save one image (picklable)."""
-
-    path: str
-    seed: int
-    split_index: int
-    index: int
-    height: int
-    width: int
-    objects: tuple[int, int]  # fewest, most objects in the image
-    max_occlusion: float
-    jpeg_quality: int
-    object_sizes: tuple[float, float] | None  # sqrt(box area) range in px; None: the demo's mix
-    background: str  # a key of BACKGROUNDS
-    classes: int  # labels are the first ``classes`` of CATEGORIES
-
-
-def _side(rng: np.random.Generator, size_class: str | None, job: _Job) -> float:
-    """sqrt(box area) to draw: uniform in ``size_class``'s range (the demo), else
-    log-uniform in ``job.object_sizes``."""
-    if size_class is None:
-        low, high = job.object_sizes
-        return math.exp(rng.uniform(math.log(low), math.log(high)))
-    low, high = _SIDE_RANGES[size_class]
-    return rng.uniform(low, min(high, 0.8 * min(job.height, job.width)))
-
-
-def _size_ok(box: list[float], size_class: str | None, job: _Job) -> bool:
-    """Is the drawn (rasterised) box in ``size_class``, or in ``job.object_sizes``?"""
-    if size_class is None:
-        low, high = job.object_sizes
-        return low <= math.sqrt(box[2] * box[3]) <= high
-    return area_class(box[2] * box[3]) == size_class
-
-
-def _candidate(
-    rng: np.random.Generator, size_class: str | None, job: _Job
-) -> tuple[int, np.ndarray, list[float]] | None:
-    """One random shape inside the image, of ``size_class`` (None: of ``job.object_sizes``):
-    ``(label, mask, box)``, or None when the drawn shape missed its size."""
-    height, width = job.height, job.width
-    label = int(rng.integers(job.classes))
-    name = CATEGORIES[label]["name"]
-    side = _side(rng, size_class, job)
-    outline = shape_outline(rng, name, side)
-    x0, y0, x1, y1 = extent(outline)
-    if x1 - x0 > width - 2 or y1 - y0 > height - 2:
-        return None
-    centre = (rng.uniform(1 - x0, width - 1 - x1), rng.uniform(1 - y0, height - 1 - y1))
-    mask = draw_mask(name, outline, centre, (height, width))
-    if not mask.any():
-        return None
-    box = pixel_box(mask)
-    if not _size_ok(box, size_class, job):
-        return None
-    return label, mask, box
-
-
-def _size_classes(height: int, width: int) -> list[str]:
-    """The size classes that fit: "large" needs a short side of at least ~120 px."""
-    return [k for k in AREA_RANGES if _SIDE_RANGES[k][0] < 0.8 * min(height, width)]
-
-
-def _object_colour(rng: np.random.Generator, under: np.ndarray) -> tuple[int, int, int]:
-    """A saturated colour that stands out from ``under`` (mean RGB of what it covers)."""
-    for _ in range(10):
-        rgb = np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.6, 1.0),
-                                           rng.uniform(0.55, 1.0))) * 255
-        if np.linalg.norm(rgb - under) > 80:
-            break
-    return tuple(int(c) for c in rgb)
-
-
-class _Scene:
-    """Objects placed so far: which object owns each pixel and how much of each is visible."""
-
-    def __init__(self, height: int, width: int, max_occlusion: float) -> None:
-        self.owner = np.full((height, width), -1, dtype=np.int32)
-        self.full: list[int] = []
-        self.visible: list[int] = []
-        self.max_occlusion = max_occlusion
-
-    def fits(self, mask: np.ndarray) -> bool:
-        """Would drawing ``mask`` on top keep every earlier object visible enough?"""
-        if not self.full:
-            return True
-        covered = np.bincount(self.owner[mask] + 1, minlength=len(self.full) + 1)[1:]
-        left = np.array(self.visible) - covered
-        return bool(np.all(left >= (1 - self.max_occlusion) * np.array(self.full)))
-
-    def add(self, mask: np.ndarray) -> None:
-        covered = np.bincount(self.owner[mask] + 1, minlength=len(self.full) + 1)[1:]
-        self.visible = [v - int(c) for v, c in zip(self.visible, covered, strict=True)]
-        self.owner[mask] = len(self.full)
-        count = int(mask.sum())
-        self.full.append(count)
-        self.visible.append(count)
-
-
-def _place_objects(
-    rng: np.random.Generator, pixels: np.ndarray, job: _Job
-) -> tuple[list[tuple], int]:
-    """Draw ``job.objects[0]..job.objects[1]`` shapes into ``pixels`` [H, W, 3]; returns the
-    ``(label, box)`` pairs placed and how many found no place (skipped)."""
-    classes = _size_classes(job.height, job.width)
-    weights = np.array([_SIZE_WEIGHTS[k] for k in classes])
-    scene, placed, skipped = _Scene(job.height, job.width, job.max_occlusion), [], 0
-    for k in range(int(rng.integers(job.objects[0], job.objects[1] + 1))):
-        size_class = None if job.object_sizes is not None else (
-            classes[job.index % len(classes)] if k == 0 else str(
-                rng.choice(classes, p=weights / weights.sum())))
-        for _ in range(_TRIES):
-            found = _candidate(rng, size_class, job)
-            if found is not None and scene.fits(found[1]):
-                label, mask, box = found
-                pixels[mask] = _object_colour(rng, pixels[mask].mean(axis=0))
-                scene.add(mask)
-                placed.append((label, box))
-                break
-        else:
-            skipped += 1
-    return placed, skipped
-
-
-def _render(job: _Job) -> tuple[list[tuple], int]:
-    """Draw image ``job.index``, save it to ``job.path``; returns its ``(label, box)`` pairs
-    and the number of objects skipped."""
+def _render(job: Job) -> tuple[list[dict], int]:
+    """Draw image ``job.index``, save it to ``job.path``; returns its annotations (without
+    ids: ``category_id``, ``bbox``, ``area``, and ``segmentation`` with masks) and the number
+    of objects skipped."""
     rng = np.random.default_rng([job.seed, job.split_index, job.index])
     pixels = np.asarray(BACKGROUNDS[job.background](rng, job.height, job.width)).copy()
-    objects, skipped = _place_objects(rng, pixels, job)
+    regions = None
+    if job.stuff:  # its own random stream: scenes without stuff stay as they were
+        stuff_rng = np.random.default_rng([job.seed, job.split_index, job.index, 1])
+        regions = stuff_regions(stuff_rng, job.height, job.width, job.stuff)
+        painted = pixels.astype(float)
+        paint_stuff(stuff_rng, painted, regions)
+        pixels = np.clip(painted, 0, 255).astype(np.uint8)
+    objects, skipped, owner = place_objects(rng, pixels, job)
     noisy = pixels + rng.normal(0, rng.uniform(3, 10), pixels.shape)
     image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
     image.save(job.path, format="JPEG", quality=job.jpeg_quality)
-    return objects, skipped
+    return _annotations(job, objects, owner, regions), skipped
 
 
-def _coco_json(jobs: list[_Job], results: list[list[tuple]], info: dict) -> dict[str, Any]:
+def _annotations(job: Job, objects: list[tuple], owner: np.ndarray,
+                 regions: np.ndarray | None) -> list[dict]:
+    """One image's annotations: its objects, then (with stuff) a segment per stuff class."""
+    if not job.masks:
+        found = [{"category_id": CATEGORIES[label]["id"], "bbox": box, "area": box[2] * box[3]}
+                 for label, box in objects]
+    else:
+        found = [_segment(CATEGORIES[label]["id"], owner == k)
+                 for k, (label, _) in enumerate(objects)]
+    if regions is not None:
+        for label, visible in stuff_segments(regions, owner):
+            segment = _segment(_stuff_id(label), visible)
+            found.append(segment if job.masks else {k: v for k, v in segment.items()
+                                                     if k != "segmentation"})
+    return found
+
+
+def _segment(category_id: int, visible: np.ndarray) -> dict:
+    """The annotation of the pixels ``visible`` [H, W] bool: their box, count and RLE."""
+    rle = mask_utils.encode(np.asfortranarray(visible, dtype=np.uint8))
+    return {"category_id": category_id, "bbox": pixel_box(visible),
+            "area": float(visible.sum()),
+            "segmentation": {"size": [int(v) for v in rle["size"]],
+                             "counts": rle["counts"].decode("ascii")}}
+
+
+def _stuff_id(label: int) -> int:
+    """Category id of stuff class ``label``: after every thing class's (7, 8, ...)."""
+    return len(CATEGORIES) + 1 + label
+
+
+def _coco_json(jobs: list[Job], results: list[list[dict]], info: dict,
+               knobs: dict[str, Any]) -> dict[str, Any]:
     """The COCO dict of one split; image ids are 1..N, annotation ids 1..M in image order."""
     images, annotations = [], []
-    for image_id, (job, objects) in enumerate(zip(jobs, results, strict=True), start=1):
+    for image_id, (job, found) in enumerate(zip(jobs, results, strict=True), start=1):
         images.append({"id": image_id, "file_name": Path(job.path).name,
                        "width": job.width, "height": job.height})
-        for label, box in objects:
+        for ann in found:
+            segmentation = ann.get("segmentation")
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id,
-                "category_id": CATEGORIES[label]["id"], "bbox": box,
-                "area": box[2] * box[3], "iscrowd": 0,
+                "category_id": ann["category_id"], "bbox": ann["bbox"], "area": ann["area"],
+                "iscrowd": 0, **({"segmentation": segmentation} if segmentation else {}),
             })
-    classes = jobs[0].classes if jobs else len(CATEGORIES)
     return {"info": info, "licenses": [], "images": images, "annotations": annotations,
-            "categories": [dict(c) for c in CATEGORIES[:classes]]}
+            "categories": categories(knobs["classes"], knobs["stuff"])}
+
+
+def categories(classes: int = len(CATEGORIES), stuff: int = 0) -> list[dict[str, Any]]:
+    """The categories of a generated set: the first ``classes`` shapes, then ``stuff``
+    stuff classes (``isthing`` 0; the shapes get ``isthing`` 1 only when there is stuff)."""
+    things = [dict(c) for c in CATEGORIES[:classes]]
+    if not stuff:
+        return things
+    return ([{**c, "isthing": 1} for c in things]
+            + [{"id": _stuff_id(k), "name": STUFF_CLASSES[k][0], "supercategory": "stuff",
+                "isthing": 0} for k in range(stuff)])
 
 
 def _prepare_dirs(root: Path, overwrite: bool) -> None:
@@ -226,7 +158,7 @@ def _image_size(image_size: int | tuple[int, int]) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def _render_all(jobs: list[_Job], num_workers: int) -> list[tuple[list[tuple], int]]:
+def _render_all(jobs: list[Job], num_workers: int) -> list[tuple[list[dict], int]]:
     """Render ``jobs`` in order, in ``num_workers`` processes (fork where the OS has it)."""
     if num_workers <= 1:
         return [_render(job) for job in jobs]
@@ -240,9 +172,11 @@ def _render_all(jobs: list[_Job], num_workers: int) -> list[tuple[list[tuple], i
 def _knobs(
     height: int, width: int, max_objects: int | None, objects: tuple[int, int] | None,
     object_sizes: tuple[float, float] | None, background: str, classes: int | None,
+    masks: bool = False, stuff: int = 0,
 ) -> dict[str, Any]:
     """The checked scene knobs of :func:`generate`: ``objects``, ``object_sizes``,
-    ``background``, ``classes``, with the demo's values where not given."""
+    ``background``, ``classes``, ``masks``, ``stuff``, with the demo's values where not
+    given."""
     if objects is not None and max_objects is not None:
         raise ValueError(f"generate: give objects {objects} or max_objects {max_objects}, "
                          "not both")
@@ -259,9 +193,12 @@ def _knobs(
                          f"{', '.join(BACKGROUNDS)}")
     if classes is not None and not 1 <= classes <= len(CATEGORIES):
         raise ValueError(f"generate: classes must be 1..{len(CATEGORIES)}, got {classes}")
+    if not 0 <= stuff <= MAX_STUFF:
+        raise ValueError(f"generate: stuff must be 0..{MAX_STUFF} classes, got {stuff}")
     sizes = None if object_sizes is None else (float(object_sizes[0]), float(object_sizes[1]))
     return {"objects": (int(low), int(high)), "object_sizes": sizes, "background": background,
-            "classes": len(CATEGORIES) if classes is None else int(classes)}
+            "classes": len(CATEGORIES) if classes is None else int(classes),
+            "masks": bool(masks), "stuff": int(stuff)}
 
 
 def generate(
@@ -275,6 +212,8 @@ def generate(
     object_sizes: tuple[float, float] | None = None,
     background: str = "clutter",
     classes: int | None = None,
+    masks: bool = False,
+    stuff: int = 0,
     seed: int = 0,
     num_workers: int = 2,
     max_occlusion: float = 0.3,
@@ -298,6 +237,8 @@ def generate(
             side, drawn log-uniformly; None: the demo's mix of COCO small, medium and large.
         background: ``"clutter"`` (the demo's) or ``"texture"`` (module docstring).
         classes: the first ``classes`` (1..6) shapes only; None: all six.
+        masks: annotations carry ``segmentation`` (RLE of the visible pixels; module doc).
+        stuff: 0..6 stuff classes painted as background regions, each an annotation.
         seed: a non-negative int; same seed and arguments -> byte-identical files.
         max_occlusion: largest fraction of an object that later objects may cover.
         overwrite: replace existing ``images/{split}`` folders and json files under ``root``.
@@ -316,15 +257,17 @@ def generate(
     if min(num_train, num_val, seed) < 0:
         raise ValueError("generate: num_train, num_val and seed must be >= 0")
     start, root, (height, width) = time.perf_counter(), Path(root), _image_size(image_size)
-    knobs = _knobs(height, width, max_objects, objects, object_sizes, background, classes)
+    knobs = _knobs(height, width, max_objects, objects, object_sizes, background, classes,
+                   masks, stuff)
     _prepare_dirs(root, overwrite)
     info = {"description": DESCRIPTION, "seed": seed, "version": "1"}
-    scene = (knobs["objects"][0], knobs["object_sizes"], knobs["background"], knobs["classes"])
-    if scene != (1, None, "clutter", len(CATEGORIES)):  # not the demo's: say how it was made
-        info["generator"] = {k: list(v) if isinstance(v, tuple) else v
-                             for k, v in knobs.items()}
+    scene = (knobs["objects"][0], knobs["object_sizes"], knobs["background"], knobs["classes"],
+             knobs["masks"], knobs["stuff"])
+    if scene != (1, None, "clutter", len(CATEGORIES), False, 0):  # not the demo's: say how
+        info["generator"] = {k: list(v) if isinstance(v, tuple) else v  # it was made
+                             for k, v in knobs.items() if k not in ("masks", "stuff") or v}
     summary: dict[str, Any] = {"root": str(root), "image_size": [height, width], "seed": seed}
-    jobs = {split: [_Job(str(root / "images" / split / f"{i:06d}.jpg"), seed, SPLITS.index(split),
+    jobs = {split: [Job(str(root / "images" / split / f"{i:06d}.jpg"), seed, SPLITS.index(split),
                          i, height, width, max_occlusion=max_occlusion,
                          jpeg_quality=jpeg_quality, **knobs)
                     for i in range(count)]
@@ -333,7 +276,7 @@ def generate(
     summary["splits"] = {}
     for split in SPLITS:
         done = [next(results) for _ in jobs[split]]
-        coco = _coco_json(jobs[split], [objects for objects, _ in done], info)
+        coco = _coco_json(jobs[split], [found for found, _ in done], info, knobs)
         (root / "annotations" / f"{split}.json").write_text(json.dumps(coco))
         summary["splits"][split] = split_summary(coco, sum(skipped for _, skipped in done))
     summary["seconds"] = round(time.perf_counter() - start, 2)
@@ -366,6 +309,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--background", choices=list(BACKGROUNDS), default="clutter")
     parser.add_argument("--classes", type=int, default=None, help="the first N of the six "
                         "shapes (default: all)")
+    parser.add_argument("--masks", action="store_true", help="segmentation masks (RLE)")
+    parser.add_argument("--stuff", type=int, default=0, help="stuff classes (0..6) painted "
+                        "as background regions, for panoptic segmentation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--overwrite", action="store_true")
@@ -373,7 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = generate(args.root, num_train=args.num_train, num_val=args.num_val,
                        image_size=args.image_size, max_objects=args.max_objects,
                        objects=args.objects, object_sizes=args.object_sizes,
-                       background=args.background, classes=args.classes, seed=args.seed,
+                       background=args.background, classes=args.classes, masks=args.masks,
+                       stuff=args.stuff, seed=args.seed,
                        num_workers=args.workers, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
 

@@ -44,14 +44,29 @@ TILE_SUFFIXES = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}  # others becom
 
 
 def run(*, cfg: PrepareConfig, out_dir: Path = DATASET, last_stage: str = "layer4",
-        dilation: bool = False, feature_levels: int = 1, device: str = "cpu") -> dict:
+        dilation: bool = False, feature_levels: int = 1, device: str = "cpu",
+        task: str = "detection") -> dict:
     """Create ``out_dir`` from ``cfg.source``; returns ``{"images": {split: n},
     "annotations": {split: n}}``. ``last_stage``, ``dilation``, ``feature_levels`` (the
     model's, which set the finest stride) and ``device``
     (``cpu`` / ``cuda``): what ``prepare.tile: auto`` decides by; the decision is written to
-    ``annotations/tiling.json`` (``size``: the tile side or null, ``why``)."""
-    summary = _prepare(cfg, out_dir)
+    ``annotations/tiling.json`` (``size``: the tile side or null, ``why``). ``task`` (the
+    model's): the demo gets masks for segmentation, and ``prepare.demo.stuff`` stuff classes
+    for panoptic; tiles keep no masks, so segmentation is not tiled.
+
+    Raises:
+        ValueError: an explicit ``prepare.tile`` with ``model.task`` segmentation/panoptic.
+    """
+    masks = task != "detection"
+    if masks and cfg.tile not in (None, "auto"):  # before anything is removed
+        raise ValueError(f"prepare.tile: tiles keep boxes only, and model.task: {task} needs "
+                         "masks; set prepare.tile: null (or auto, which does not tile them)")
+    summary = _prepare(cfg, out_dir, masks=masks, stuff=cfg.demo.stuff if task == "panoptic"
+                       else 0)
     tile = cfg.tile
+    if tile == "auto" and masks:
+        print(f"prepare: tile auto: no tiles for model.task: {task} (tiles keep boxes only)")
+        tile = None
     if tile == "auto":
         tile = _auto_tile(out_dir, last_stage=last_stage, dilation=dilation,
                           feature_levels=feature_levels, device=device)
@@ -65,7 +80,7 @@ def run(*, cfg: PrepareConfig, out_dir: Path = DATASET, last_stage: str = "layer
     return summary
 
 
-def _prepare(cfg: PrepareConfig, out_dir: Path) -> dict:
+def _prepare(cfg: PrepareConfig, out_dir: Path, *, masks: bool = False, stuff: int = 0) -> dict:
     layout = None
     if cfg.source != "demo":  # before removing out_dir: an unusable source changes nothing
         layout = detect_layout(cfg.source, format=cfg.format, image_dir=cfg.image_dir)
@@ -78,7 +93,8 @@ def _prepare(cfg: PrepareConfig, out_dir: Path) -> dict:
         d = cfg.demo
         made = synthetic.generate(out_dir, num_train=d.num_train, num_val=d.num_val,
                                   image_size=d.image_size, max_objects=d.max_objects,
-                                  seed=d.seed, num_workers=2)["splits"]
+                                  masks=masks, stuff=stuff, seed=d.seed,
+                                  num_workers=2)["splits"]
         return {key: {split: made[split][key] for split in made}
                 for key in ("images", "annotations")}
     imported = import_layout(layout, out_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
@@ -218,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         device = device_type(params["train"].device)
         stage.invoke(prepare_flow, run, cfg=params["prepare"], out_dir=args.out,
                      last_stage=model.last_stage, dilation=model.dilation,
-                     feature_levels=model.feature_levels, device=device)
+                     feature_levels=model.feature_levels, device=device, task=model.task)
     except (OSError, ValueError, formats.FormatError) as exc:  # OSError: a link across disks
         print(f"prepare: {exc}", file=sys.stderr)
         return 2
