@@ -81,7 +81,7 @@ class PrepareConfig:
     link: Literal["symlink", "hardlink", "copy"] = "hardlink"
     demo: DemoConfig = DemoConfig()
     # null: images as they are; auto: tiles when the objects need a larger scale than the
-    # device's budget allows for whole images (detr.settings.tile_rule)
+    # device's budget allows for whole images (detr.auto_tiles.tile_rule)
     tile: TileConfig | Literal["auto"] | None = None
 
     def __post_init__(self) -> None:

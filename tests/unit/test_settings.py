@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from detr.auto_tiles import tile_rule
 from detr.config import DataConfig, ModelConfig, TrainConfig, load_section, to_dict
-from detr.settings import AUTO_KEYS, DatasetProfile, resolve, resolve_configs, tile_rule
+from detr.settings import AUTO_KEYS, DatasetProfile, resolve, resolve_configs
 from detr.strict import ConfigError
 
 
