@@ -51,9 +51,10 @@ TINY = {"image_size": 256, "tile": 128, "num_train": 4, "num_val": 2, "max_objec
 def build_data(work: Path, args) -> tuple[Path, Path]:
     """(tiled dataset, whole-image view of its val split) under ``work``."""
     tiled = work / "tiled"
+    extra = json.loads(args.generate)  # "objects": [min, max] replaces --max-objects
+    counts = {} if "objects" in extra else {"max_objects": args.max_objects}
     generate(tiled, num_train=args.num_train, num_val=args.num_val, image_size=args.image_size,
-             max_objects=args.max_objects, seed=args.seed, num_workers=args.workers,
-             **json.loads(args.generate))
+             seed=args.seed, num_workers=args.workers, **counts, **extra)
     summary = tile_dataset(tiled, TileConfig(size=args.tile, overlap=args.overlap,
                                              min_image_side=args.tile,
                                              min_visible=args.min_visible))

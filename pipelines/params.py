@@ -177,7 +177,8 @@ class RegisterConfig:
 
     # None: derived from the dataset by load(): detr-<prepare.source folder> (model_name_for)
     model_name: str | None = None
-    # One of the 12 COCO statistics in metrics/coco.json (detr.evaluation.STAT_NAMES): checked
+    # One of the 12 COCO statistics in metrics/coco.json (detr.evaluation.STAT_NAMES), or with
+    # masks a mask_* one (metrics/segm.json) or a PQ one (metrics/panoptic.json): checked
     # first thing by the register stage (register.read_metric, naming register.metric), which
     # imports detr.evaluation anyway; here it would load torch wherever params.yaml is read.
     metric: str = "AP"

@@ -26,6 +26,7 @@ from typing import Any
 from detr.config import DataConfig, TrainConfig
 from pipelines import tracking
 from pipelines.measurement import measure, per_class_ap, with_tile
+from pipelines.reporting.segmentation import evaluate_segmentation, segmentation_stats
 from pipelines.mlflow_model import CHECKPOINT_FILE
 from pipelines.params import EvaluateConfig
 
@@ -70,10 +71,13 @@ def measure_champion(name: str, version: int, *, dataset_dir: Path, dataset_md5:
     with tempfile.TemporaryDirectory(prefix="detr-champion-") as tmp:
         checkpoint = tracking.retry(lambda: _download(name, version, Path(tmp)),
                                     what=f"download {name} version {version}")
-        evaluation = measure(checkpoint, dataset_dir, cfg=cfg, data_cfg=data_cfg,
-                             train_cfg=train_cfg).evaluation
+        measured = measure(checkpoint, dataset_dir, cfg=cfg, data_cfg=data_cfg,
+                           train_cfg=train_cfg)
+    evaluation = measured.evaluation
+    stats = {**evaluation.stats, **segmentation_stats(
+        evaluate_segmentation(measured.predictions, measured.val.coco))}
     result = {"model_name": name, "version": int(version), "dataset_md5": dataset_md5,
-              "stats": evaluation.stats, "per_class": per_class_ap(evaluation),
+              "stats": stats, "per_class": per_class_ap(evaluation),
               "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds")}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -110,6 +110,13 @@ def segmentation_text(results: SegmentationResults) -> str:
     return "\n".join(parts)
 
 
+def segmentation_stats(results: SegmentationResults) -> dict[str, float]:
+    """Every ``mask_*`` and PQ statistic measured (-1.0 undefined), as ``metrics/segm.json``
+    and ``metrics/panoptic.json`` hold them; empty for a box model."""
+    return {**(results.masks.stats if results.masks is not None else {}),
+            **(results.panoptic.stats if results.panoptic is not None else {})}
+
+
 def segmentation_metrics(results: SegmentationResults,
                          labels: Mapping[int, str]) -> dict[str, float]:
     """MLflow metrics: the defined (not -1) ``mask_*`` and PQ statistics,

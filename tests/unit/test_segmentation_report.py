@@ -127,3 +127,31 @@ def test_a_bad_mask_size_names_the_image(val_json):
     bad[3]["masks"] = np.zeros((2, H, W + 1), bool)
     with pytest.raises(ValueError, match="masks of image 3"):
         evaluate_segmentation(bad, val_json)
+
+
+def test_the_champions_measurement_carries_its_mask_and_pq_statistics(val_json, tmp_path,
+                                                                       monkeypatch):
+    """register.metric may be a mask or PQ statistic: the champion, measured again on
+    today's val split, must have it too (pipelines.registry.champion)."""
+    from pycocotools.coco import COCO
+
+    from detr.evaluation import evaluate_detections
+    from pipelines.params import EvaluateConfig
+    from pipelines.registry import champion
+
+    gt = COCO(str(val_json))
+    found = predictions(rle=True)
+
+    class Measured:
+        predictions = found
+        evaluation = evaluate_detections(gt, found)
+        val = type("Val", (), {"coco": gt})()
+
+    monkeypatch.setattr(champion, "_download", lambda name, version, dst: dst / "ckpt.pth")
+    monkeypatch.setattr(champion, "measure", lambda *a, **k: Measured)
+    monkeypatch.setattr(champion, "with_tile", lambda cfg, dataset_dir: cfg)
+    result = champion.measure_champion("m", 1, dataset_dir=tmp_path, dataset_md5=None,
+                                       cfg=EvaluateConfig(), data_cfg=None, train_cfg=None)
+    assert result["stats"]["mask_AP"] == pytest.approx(1.0)
+    assert result["stats"]["PQ"] == pytest.approx(1.0)
+    assert "AP" in result["stats"]
