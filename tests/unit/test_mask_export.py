@@ -48,3 +48,31 @@ def test_a_detector_keeps_two_outputs_and_a_missing_eager_output_is_named(tmp_pa
     export(seg, out, height=64, width=64, batch_size=1, dynamic=False, with_mask=False)
     with pytest.raises(ExportError, match="pred_masks"):
         check_onnx(out, seg.detr, [example], with_mask=False)
+
+
+@pytest.mark.slow
+def test_the_real_mask_head_exports_and_matches_eager_with_padding(tmp_path):
+    """The paper's mask head (masked convolutions and GroupNorm over real cells only), not
+    the fake: the export's parity checks (padded and unpadded batches, sizes it never saw)
+    and one more padded batch through onnxruntime."""
+    import dataclasses
+
+    import onnxruntime
+
+    from detr.models.detr import build_model
+    from tests.conftest import TINY
+
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(TINY, task="segmentation")).eval()
+    out = tmp_path / "segm.onnx"
+    result = export(model, out, height=64, width=64, batch_size=2)
+    assert result.outputs[-1] == "pred_masks" and result.max_diff <= 1e-3
+    images, mask = torch.randn(2, 3, 72, 56), torch.zeros(2, 72, 56, dtype=torch.bool)
+    mask[1, 40:], mask[1, :, 30:] = True, True
+    images[1][:, mask[1]] = 0
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    masks = session.run(["pred_masks"], {"images": images.numpy(), "mask": mask.numpy()})[0]
+    with torch.no_grad():
+        eager = model(images, mask)["pred_masks"]
+    print(f"ONNX vs eager, pred_masks: max |diff| {(torch.from_numpy(masks) - eager).abs().max():.2e}")
+    assert torch.allclose(torch.from_numpy(masks), eager, atol=1e-4)
