@@ -76,7 +76,9 @@ class DatasetProfile:
     """What the rules read from a COCO annotation file (the training split).
 
     Sizes in source pixels; ``object_size_*`` are percentiles of sqrt(box width x height)
-    over non-crowd boxes (None when the split has no boxes).
+    over non-crowd boxes of things (None when the split has none): stuff segments (categories
+    with ``isthing: 0``, panoptic data) need queries but are regions, not objects that must
+    span a few feature cells, so they count in ``objects_*`` only.
     """
 
     images: int
@@ -99,7 +101,9 @@ class DatasetProfile:
         anns = [a for a in coco.get("annotations") or [] if not a.get("iscrowd", 0)]
         counts = Counter(a["image_id"] for a in anns)
         per_image = np.array([counts.get(i["id"], 0) for i in images])
-        sizes = np.sqrt([max(a["bbox"][2], 0) * max(a["bbox"][3], 0) for a in anns])
+        stuff = {c.get("id") for c in coco.get("categories") or [] if c.get("isthing", 1) == 0}
+        sizes = np.sqrt([max(a["bbox"][2], 0) * max(a["bbox"][3], 0) for a in anns
+                         if a.get("category_id") not in stuff])
         return cls(images=len(images), short_side=float(np.median(sides[:, 0])),
                    long_side=float(np.median(sides[:, 1])),
                    aspect_p95=float(np.percentile(sides[:, 1] / sides[:, 0], 95)),

@@ -186,3 +186,15 @@ def test_prepare_tiles_automatically_and_evaluate_follows(tmp_path):
                 last_stage="layer4", device="cuda")
     assert json.loads((demo / "annotations" / "tiling.json").read_text())["size"] is None
     assert with_tile(EvaluateConfig(tile="auto"), demo).tile is None
+
+
+def test_stuff_segments_count_as_objects_but_not_in_the_object_sizes():
+    """Panoptic data: a stuff region is not an object that must span a few feature cells."""
+    coco = {"images": [{"id": 1, "width": 256, "height": 256}],
+            "categories": [{"id": 1, "name": "thing"}, {"id": 9, "name": "sky", "isthing": 0}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 20, 20]},
+                            {"id": 2, "image_id": 1, "category_id": 9,
+                             "bbox": [0, 0, 256, 200]}]}
+    profile = DatasetProfile.from_coco(coco)
+    assert profile.objects_max == 2
+    assert profile.object_size_median == profile.object_size_p10 == 20
