@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from detr.attention import top_query_attention
 from detr.data.coco import CocoDetection
 from detr.evaluation import CocoEvaluation
+from detr.masks_out import rle_decode
 from detr.models.postprocess import PostProcess
 from detr.queries import QueryBoxes
 from detr.visualize import attention_figure, draw_detections, example_grid, side_by_side
@@ -34,20 +36,34 @@ def write_examples(val: CocoDetection, predictions: dict[int, dict], out_dir: Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("*.png"):
         old.unlink()
-    raw = CocoDetection(val.image_dir, val.ann_file)  # original pixels and xyxy pixel boxes
+    masks = any("masks" in found for found in predictions.values())  # a segmentation model
+    # original pixels and xyxy pixel boxes (and the masks, for a segmentation model)
+    raw = CocoDetection(val.image_dir, val.ann_file, masks=masks)
     names = {c["id"]: c["name"] for c in raw.categories}
     paths = []
     for index in range(min(cfg.num_examples, len(raw))):
         image, target = raw[index]
         truth = draw_detections(image, target["boxes"],
                                 [raw.label_to_category[i] for i in target["labels"].tolist()],
-                                None, names, min_side=EXAMPLE_MIN_SIDE)
+                                None, names, min_side=EXAMPLE_MIN_SIDE,
+                                masks=target["masks"].bool() if masks else None)
         found = predictions[target["image_id"]]
         shown = draw_detections(image, found["boxes"], found["labels"], found["scores"], names,
-                                score_threshold=cfg.score_threshold, min_side=EXAMPLE_MIN_SIDE)
+                                score_threshold=cfg.score_threshold, min_side=EXAMPLE_MIN_SIDE,
+                                masks=_decoded(found.get("masks")))
         paths.append(out_dir / f"{target['image_id']}.png")
         side_by_side(truth, shown).save(paths[-1])
     return paths
+
+
+def _decoded(masks) -> torch.Tensor | None:
+    """Masks as the evaluation keeps them (a list of COCO RLE, every query's; or an array)
+    -> bool [N, H, W]; None stays None."""
+    if masks is None:
+        return None
+    if isinstance(masks, list):
+        return torch.stack([rle_decode(rle) for rle in masks]) if masks else None
+    return torch.as_tensor(masks).bool()
 
 
 def write_attention(model, val: CocoDetection, category_ids: list | None, out_dir: Path,
