@@ -26,9 +26,9 @@ from typing import Any
 from detr.config import DataConfig, TrainConfig
 from pipelines import tracking
 from pipelines.measurement import measure, per_class_ap, with_tile
-from pipelines.reporting.segmentation import evaluate_segmentation, segmentation_stats
 from pipelines.mlflow_model import CHECKPOINT_FILE
 from pipelines.params import EvaluateConfig
+from pipelines.reporting.segmentation import evaluate_segmentation, segmentation_stats
 
 CACHE_DIR = Path("reports/champion_eval")
 _UNSAFE = re.compile(r"[^\w.\-]")
