@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from detr.evaluation import to_coco_results
-from detr.masks_out import rle_encode
+from detr.segm_evaluation import encode_masks
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class Detections:
 
     def rles(self) -> list[dict] | None:
         """The masks as COCO RLEs (row i = detection i); None without masks."""
-        return None if self.masks is None else rle_encode(self.masks)
+        return None if self.masks is None else encode_masks(self.masks)
 
     def _with_segmentation(self, rows: list[dict]) -> list[dict]:
         rles = self.rles()

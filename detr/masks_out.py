@@ -128,12 +128,6 @@ def segment_batch(outputs: dict, targets: Sequence[dict], spec: MaskOutputs,
     return found
 
 
-def rle_encode(masks: Tensor) -> list[dict]:
-    """bool [N, H, W] -> N COCO RLEs ``{"size": [H, W], "counts": str}`` (pycocotools'
-    compressed form, as COCO results and annotations carry it)."""
-    return encode_masks(masks)
-
-
 def rle_decode(rle: dict) -> Tensor:
     """A COCO RLE (counts as str or bytes) -> bool [H, W]."""
     counts = rle["counts"]

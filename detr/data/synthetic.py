@@ -41,9 +41,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from detr.data.layout import SPLITS
+from detr.data.masks import mask_to_rle
 from detr.data.synthetic_backgrounds import BACKGROUNDS
 from detr.data.synthetic_scene import CATEGORIES, Job, place_objects
 from detr.data.synthetic_shapes import pixel_box
@@ -98,11 +98,8 @@ def _annotations(job: Job, objects: list[tuple], owner: np.ndarray,
 
 def _segment(category_id: int, visible: np.ndarray) -> dict:
     """The annotation of the pixels ``visible`` [H, W] bool: their box, count and RLE."""
-    rle = mask_utils.encode(np.asfortranarray(visible, dtype=np.uint8))
     return {"category_id": category_id, "bbox": pixel_box(visible),
-            "area": float(visible.sum()),
-            "segmentation": {"size": [int(v) for v in rle["size"]],
-                             "counts": rle["counts"].decode("ascii")}}
+            "area": float(visible.sum()), "segmentation": mask_to_rle(visible)}
 
 
 def _stuff_id(label: int) -> int:

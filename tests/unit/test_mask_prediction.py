@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from detr.inference import Detections, Predictor
-from detr.masks_out import masks_for, rle_decode, rle_encode
+from detr.masks_out import masks_for, rle_decode
+from detr.segm_evaluation import encode_masks
 from tests.fake_segmentation import fake_segmentation
 
 
@@ -113,7 +114,7 @@ def test_rle_round_trip_and_serialisations():
     masks = torch.zeros(2, 5, 7, dtype=torch.bool)
     masks[0, 1:3, 2:6] = True
     masks[1, 4, :] = True
-    rles = rle_encode(masks)
+    rles = encode_masks(masks)
     assert all(isinstance(r["counts"], str) and r["size"] == [5, 7] for r in rles)
     assert all(torch.equal(rle_decode(r), m) for r, m in zip(rles, masks, strict=True))
     det = Detections(torch.tensor([[2.0, 1, 6, 3], [0, 4, 7, 5]]), torch.tensor([0.9, 0.6]),
