@@ -54,7 +54,21 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast context for a resolved precision (``fp32`` = no autocast)."""
+    """Autocast context for a resolved precision (``fp32`` = no autocast). Under it the
+    detector runs its backbone in bf16 and its transformer and heads in fp32
+    (:func:`full_precision`)."""
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def full_precision(like: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off for the block where it is on for ``like``'s device; the block must cast
+    its inputs with ``.float()``. DETR keeps its transformer and heads in fp32: with them in
+    bf16 (8-bit mantissas for the box coordinates, attention logits and the residual stream)
+    the demo trained to val AP 0.334 against 0.362 in fp32, and the fp32 transformer costs
+    ~12% of a step where the bf16 backbone saves ~40% (2-core CPU with AMX-BF16)."""
+    kind = like.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
     return contextlib.nullcontext()

@@ -9,6 +9,7 @@ from typing import NamedTuple
 from torch import Tensor, nn
 
 from detr.config import AidsConfig, ModelConfig
+from detr.device import full_precision
 from detr.models.aids import AIDS, Denoising, DenseHead, Queries, QueryGroups, TrainingAid
 from detr.models.backbone import Backbone, Joiner, feature_stages
 from detr.models.mlp import MLP
@@ -117,9 +118,10 @@ class DETR(nn.Module):
         for aid in aids:
             queries = aid.extend_queries(queries, targets)
         enc = self.encode_decode(images, mask, padded, queries)
-        out = self.heads(enc.hs[:, :, :queries.num_object] if aids else enc.hs)
-        for aid in aids:
-            out.update(aid.outputs(queries, enc.hs, enc.memory, enc.mask, self.heads))
+        with full_precision(enc.hs):  # fp32 from the transformer
+            out = self.heads(enc.hs[:, :, :queries.num_object] if aids else enc.hs)
+            for aid in aids:
+                out.update(aid.outputs(queries, enc.hs, enc.memory, enc.mask, self.heads))
         memory, mask = enc.memory, enc.mask
         if self.multiscale is not None:  # the mask head reads the last level's
             memory, mask = memory[-1], mask[-1]
@@ -132,17 +134,20 @@ class DETR(nn.Module):
             levels = self.backbone.forward_levels(images, mask, padded)
             tokens = self.multiscale(dict(zip(self.backbone[0].levels, levels, strict=True)),
                                      self.input_proj)
-            hs, memory = self.transformer.forward_tokens(
-                tokens.src, tokens.mask if padded else None, queries.pos, tokens.pos,
-                queries.attend, queries.content)
+            with full_precision(tokens.src):
+                hs, memory = self.transformer.forward_tokens(
+                    tokens.src.float(), tokens.mask if padded else None, queries.pos,
+                    tokens.pos, queries.attend, queries.content)
             return Encoded(hs, split_levels(memory, tokens.shapes), tokens.masks,
                            split_levels(tokens.src, tokens.shapes)[-1],
                            [(f, m) for f, m, _ in levels])
         features, mask, pos, levels = self.backbone(images, mask, padded)
         src = self.input_proj(features)
         # Without padding the attention needs no mask, which lets SDPA use its fastest kernels.
-        hs, memory = self.transformer(src, mask if padded else None,
-                                      queries.pos, pos, queries.attend, queries.content)
+        # Under bf16 autocast the backbone and the projection are bf16, the rest fp32.
+        with full_precision(src):
+            hs, memory = self.transformer(src.float(), mask if padded else None,
+                                          queries.pos, pos, queries.attend, queries.content)
         return Encoded(hs, memory, mask, src, levels)
 
     @property

@@ -106,6 +106,36 @@ def test_bf16_autocast_on_cpu_attends_in_fp32_and_returns_bf16(monkeypatch):
     assert torch.isfinite(attention.in_proj_weight.grad).all()
 
 
+@pytest.mark.parametrize("levels", [1, 2])
+def test_bf16_autocast_runs_the_backbone_in_bf16_and_the_transformer_and_heads_in_fp32(
+        tiny_cfg, levels):
+    cfg = with_aids(dataclasses.replace(tiny_cfg, last_stage="layer3", feature_levels=levels),
+                    dense={})
+    model = build_model(cfg).train()
+    seen = {}
+    model.input_proj.register_forward_hook(lambda m, i, out: seen.update(proj=out.dtype))
+    model.transformer.register_forward_pre_hook(
+        lambda m, args: seen.update(transformer=args[0].dtype))
+    if levels > 1:  # the multi-scale path calls forward_tokens, not the module
+        forward_tokens = model.transformer.forward_tokens
+
+        def spy(src, *args):
+            seen["transformer"] = src.dtype
+            return forward_tokens(src, *args)
+
+        model.transformer.forward_tokens = spy
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model([torch.randn(3, 64, 80), torch.randn(3, 48, 48)])
+    assert seen["proj"] == torch.bfloat16  # backbone and projection: the convolutions
+    assert seen["transformer"] == torch.float32
+    for key in ("pred_logits", "pred_boxes"):
+        assert out[key].dtype == torch.float32
+        assert all(aux[key].dtype == torch.float32 for aux in out["aux_outputs"])
+    assert out["dense"]["pred_logits"].dtype == torch.float32
+    with torch.no_grad():  # without autocast: all fp32, the same modules
+        assert model([torch.randn(3, 64, 80)])["pred_boxes"].dtype == torch.float32
+
+
 class _RefTransformer(nn.Module):
     """DETR's post-norm transformer written with nn.MultiheadAttention, sequence-first, as in
     the paper's description; loads our state dict (the official key names) strictly."""
