@@ -245,8 +245,8 @@ class TrainConfig:
     epochs: int | Auto = 500
     batch_size: int | Auto = 2  # per process; the global batch is batch_size x world size x grad_accum
     grad_accum: int = 1
-    lr: float = 1e-4
-    lr_backbone: float = 1e-5  # 0 freezes the whole backbone
+    lr: float | Auto = 1e-4
+    lr_backbone: float | Auto = 1e-5  # 0 freezes the whole backbone
     weight_decay: float = 1e-4
     clip_max_norm: float = 0.1  # 0 disables clipping
     lr_schedule: Literal["step", "cosine"] = "step"
@@ -273,7 +273,7 @@ class TrainConfig:
                                   grad_accum=self.grad_accum, log_every=self.log_every))
         if self.steps not in (None, "auto"):
             at_least("train", steps=self.steps)
-        if self.lr <= 0:
+        if self.lr != "auto" and self.lr <= 0:
             raise ConfigError(f"train.lr: {self.lr} must be > 0, e.g. 1.0e-4")
         non_negative("train", **given(
             lr_backbone=self.lr_backbone, weight_decay=self.weight_decay,

@@ -19,6 +19,10 @@ sees the small objects, while coarser levels add context for the large ones):
 - ``train.batch_size``: images of that size that fit the device's pixel budget per step
   (:data:`PIXELS_PER_STEP`), between 2 (the paper's per-GPU batch) and 32, at most the
   number of training images.
+- ``train.lr`` / ``train.lr_backbone``: :data:`REF_LR` at a global batch (batch x processes x
+  accumulation) of :data:`REF_BATCH` or more, scaled by the square root of the batch below it
+  (the usual rule for Adam); the backbone's the same from scratch, a tenth of it from pretrained
+  weights (``model.backbone_weights`` or ``train.init_weights``; the paper's 1e-5 to 1e-4).
 - ``model.num_queries``: five per object of a busy image (95th percentile of objects per
   image), at least 1.5x the most objects in one image, rounded up to 10.
 - ``train.steps`` / ``train.epochs``: at least :data:`MIN_STEPS` optimiser steps and at least
@@ -59,6 +63,9 @@ PIXELS_PER_STEP = {"cpu": 8 * 128 * 128, "cuda": 8 * 800 * 1066}
 MAX_SHORT_SIDE = {"cpu": 800, "cuda": 800}  # the paper's val scale
 MIN_BATCH, MAX_BATCH = 2, 32
 MIN_STEPS, MIN_EPOCHS = 3000, 12
+# The demo's learning rate at its batch of 8; smaller batches scale by sqrt(batch / 8) (set A,
+# batch 2: AP 0.027 at 5e-4 against 0.012 at 1e-3). Larger batches keep it (see README).
+REF_LR, REF_BATCH = 1e-3, 8
 # The default training's budget by device type: on the CPU ~15 min at the demo's ~0.15 s/step
 MAX_STEPS = {"cpu": 6000, "cuda": 10**9}
 EVAL_PIXELS = 500 * 128 * 128  # pixels of one evaluation during training (the demo's)
@@ -68,7 +75,8 @@ MAX_ASPECT = 1333 / 800
 AUTO_KEYS = (("model", "num_queries"), ("data", "scales"), ("data", "max_size"),
              ("train", "batch_size"), ("train", "steps"), ("train", "epochs"),
              ("train", "warmup_steps"), ("train", "eval_every_steps"), ("train", "eval_images"),
-             ("train", "log_every"), ("train", "lr_drop"))
+             ("train", "log_every"), ("train", "lr_drop"), ("train", "lr"),
+             ("train", "lr_backbone"))
 
 
 @dataclass(frozen=True)
@@ -208,6 +216,7 @@ class _Rules:
     def run(self) -> None:
         self.scales()
         self.batch_size()
+        self.learning_rate()
         self.num_queries()
         self.length()
         self.cadence()
@@ -283,6 +292,22 @@ class _Rules:
             return value, (f"{PIXELS_PER_STEP[self.device]:,} px per step on {self.device} / "
                            f"{short}x{long:.0f} px images, in [{MIN_BATCH}, {MAX_BATCH}]")
         self.set("train", "batch_size", rule)
+
+    def learning_rate(self) -> None:
+        train = self.s["train"]
+        batch = train["batch_size"] * self.world_size * train.get("grad_accum", 1)
+
+        def rule():
+            factor = math.sqrt(min(batch, REF_BATCH) / REF_BATCH)
+            value = float(f"{REF_LR * factor:.2g}")
+            return value, (f"{REF_LR:g} at a global batch of {REF_BATCH}" if factor == 1 else
+                           f"{REF_LR:g} x sqrt({batch} / {REF_BATCH}) (global batch {batch})")
+        lr = self.set("train", "lr", rule)
+        pretrained = (self.s["model"].get("backbone_weights") is not None
+                      or train.get("init_weights") is not None)
+        self.set("train", "lr_backbone", lambda: (
+            float(f"{lr / 10:.2g}"), "train.lr / 10 (pretrained weights)") if pretrained else (
+            lr, "train.lr (the backbone trains from scratch)"))
 
     def num_queries(self) -> None:
         def rule():

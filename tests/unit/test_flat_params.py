@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_every_knob_of_the_demo_params_is_one_mlflow_param():
     logged = flat_params(load_params(ROOT / "params.yaml", LIBRARY_SECTIONS))
-    assert logged["train.lr"] == "0.001"
+    assert logged["train.weight_decay"] == "0.0001"
     assert logged["model.aids.dense.loss_coef"] == "15.0"  # nested aid settings, flattened
     assert logged["model.aids.dense.boxes"] == "True"
     assert logged["model.aids.query_groups"] == "None"  # an aid that is off: one param

@@ -54,7 +54,7 @@ def test_the_demo_resolves_to_the_numbers_it_was_tuned_with():
         "data.scales": [112, 128], "data.max_size": 128, "train.batch_size": 8,
         "model.num_queries": 30, "train.steps": 3000, "train.epochs": 12,
         "train.warmup_steps": 200, "train.eval_every_steps": 500, "train.eval_images": 0,
-        "train.log_every": 50, "train.lr_drop": 8}
+        "train.log_every": 50, "train.lr_drop": 8, "train.lr": 1e-3, "train.lr_backbone": 1e-3}
     assert not res.warnings
     assert all(s.source == "rule" and s.why for s in res.settings)
 
@@ -70,6 +70,28 @@ def test_a_small_aerial_set_gets_a_larger_scale_more_queries_and_enough_steps():
     assert values["train.steps"] >= 3000
     assert values["train.epochs"] == -(-3000 // 22)  # 43 images / 2 per step = 22 steps
     assert values["train.eval_images"] == 0
+
+
+@pytest.mark.parametrize(("batch", "world", "accum", "lr"), [
+    (8, 1, 1, 1e-3), (32, 1, 1, 1e-3), (2, 1, 1, 5e-4), (3, 1, 1, 6.1e-4), (2, 4, 1, 1e-3),
+    (1, 1, 2, 5e-4)])
+def test_the_learning_rate_scales_with_the_square_root_of_a_global_batch_under_8(
+        batch, world, accum, lr):
+    sections = _auto(**{"train.batch_size": batch, "train.grad_accum": accum})
+    res = resolve(sections, _demo_profile(), world_size=world)
+    assert res.resolved["train.lr"] == lr
+    assert res.resolved["train.lr_backbone"] == lr  # from scratch: the same
+
+
+def test_a_pretrained_backbone_learns_at_a_tenth_and_explicit_rates_win():
+    res = resolve(_auto(**{"train.batch_size": 2, "model.backbone_weights": "imagenet"}),
+                  _demo_profile())
+    assert (res.resolved["train.lr"], res.resolved["train.lr_backbone"]) == (5e-4, 5e-5)
+    res = resolve(_auto(**{"train.init_weights": "detr-r50.pth"}), _demo_profile())
+    assert res.resolved["train.lr_backbone"] == 1e-4
+    res = resolve(_auto(**{"train.lr": 2e-4, "train.batch_size": 2}), _demo_profile())
+    assert res.sections["train"]["lr"] == 2e-4 and "train.lr" not in res.resolved
+    assert res.resolved["train.lr_backbone"] == 2e-4
 
 
 def test_on_a_gpu_the_same_set_is_not_capped():
@@ -132,8 +154,9 @@ def test_auto_is_a_valid_value_only_for_the_auto_keys():
                        "train")
     assert cfg.epochs == "auto"
     assert load_section(DataConfig, {"scales": "auto"}, "data").scales == "auto"
-    with pytest.raises(ConfigError, match="train.lr"):
-        load_section(TrainConfig, {"lr": "auto"}, "train")
+    assert load_section(TrainConfig, {"lr": "auto"}, "train").lr == "auto"
+    with pytest.raises(ConfigError, match="train.weight_decay"):
+        load_section(TrainConfig, {"weight_decay": "auto"}, "train")
     with pytest.raises(ConfigError, match="train.epochs"):
         load_section(TrainConfig, {"epochs": "many"}, "train")
 
