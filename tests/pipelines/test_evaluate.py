@@ -52,7 +52,9 @@ def tracked(checkpoint, tiny_dataset, tmp_path_factory):
 
 
 @contextlib.contextmanager
-def _tracked_run(checkpoint: Path, dataset: Path, out: Path):
+def _tracked_run(checkpoint: Path, dataset: Path, out: Path, measure=None):
+    """A tracked evaluate run; ``measure`` replaces ``evaluate.measure`` for that run only
+    (the environment and cwd stay set while the module's tests read the run)."""
     import mlflow
 
     (out / "plots").mkdir()
@@ -66,7 +68,10 @@ def _tracked_run(checkpoint: Path, dataset: Path, out: Path):
         mlflow.create_experiment(tracking.EXPERIMENT,
                                  artifact_location=(out / "mlartifacts").as_uri())
         run_id = tracking.start_run(run_file=out / "mlflow_run.json")
-        result = _run(checkpoint, dataset, out, out / "mlflow_run.json")
+        with pytest.MonkeyPatch.context() as run_only:
+            if measure is not None:
+                run_only.setattr(evaluate, "measure", measure)
+            result = _run(checkpoint, dataset, out, out / "mlflow_run.json")
         client = mlflow.MlflowClient(tracking.tracking_uri())
         yield out, client.get_run(run_id), client, result
 
@@ -290,11 +295,10 @@ def tracked_segmentation(checkpoint, tiny_dataset, tmp_path_factory):
     """As ``tracked``, for a model whose predictions carry perfect masks and panoptic maps."""
     out = tmp_path_factory.mktemp("evaluate_segmentation")
     dataset = _with_masks(tiny_dataset, out)
-    with pytest.MonkeyPatch.context() as mp:
-        real = evaluate.measure
-        mp.setattr(evaluate, "measure", lambda *a, **k: _perfect_segmentation(real(*a, **k)))
-        with _tracked_run(checkpoint, dataset, out) as found:
-            yield found
+    real = evaluate.measure  # patched for that run only: the module's other tests run after it
+    with _tracked_run(checkpoint, dataset, out,
+                      lambda *a, **k: _perfect_segmentation(real(*a, **k))) as found:
+        yield found
 
 
 def test_segmentation_metrics_files_mlflow_and_report(tracked_segmentation):
