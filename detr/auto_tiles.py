@@ -9,7 +9,8 @@ tile, and a box cut by a border stays in a tile when :data:`TILE_MIN_VISIBLE` of
 
 from __future__ import annotations
 
-from detr.settings import MEDIAN_CELLS, MIN_SIDE, DatasetProfile, object_scale, short_side_cap
+from detr.data.profile import DatasetProfile
+from detr.settings import MEDIAN_CELLS, MIN_SIDE, object_scale, short_side_cap
 
 TILE_OVERLAP, TILE_MIN_VISIBLE = 0.2, 0.5
 TILE_MAX_FRACTION = 0.75  # tiles larger than this part of the image: cap the scale instead

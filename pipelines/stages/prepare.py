@@ -33,9 +33,9 @@ from detr.auto_tiles import TILE_MIN_VISIBLE, TILE_OVERLAP, tile_rule
 from detr.data import formats, synthetic
 from detr.data.detect_layout import detect_layout, import_layout
 from detr.data.layout import SPLITS, TILE_OF, TILES_FOLDER, whole_annotation_name
+from detr.data.profile import DatasetProfile
 from detr.data.tiling import Tile, crop_boxes, tile_grid
 from detr.device import device_type
-from detr.settings import DatasetProfile
 from pipelines import stage
 from pipelines.params import PrepareConfig, TileConfig
 from pipelines.stage import DATASET

@@ -9,7 +9,8 @@ import pytest
 
 from detr.auto_tiles import tile_rule
 from detr.config import DataConfig, ModelConfig, TrainConfig, load_section, to_dict
-from detr.settings import AUTO_KEYS, DatasetProfile, resolve, resolve_configs
+from detr.data.profile import DatasetProfile
+from detr.settings import AUTO_KEYS, resolve, resolve_configs
 from detr.strict import ConfigError
 
 
