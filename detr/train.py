@@ -100,6 +100,7 @@ def fit(*, model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig,
     Raises:
         CheckpointError: ``out_dir/checkpoint.pth`` is past ``train_cfg.epochs``.
     """
+    train_cfg = with_init_weights(train_cfg, init_weights)
     info = distributed.init(train_cfg.device)
     precision = resolve_precision(train_cfg.precision, info.device)
     if needs_resolving({"model": to_dict(model_cfg), "data": to_dict(data_cfg),
@@ -116,9 +117,8 @@ def fit(*, model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig,
               "train": to_dict(train_cfg)}
     _seed(train_cfg.seed + info.rank)
     model = hub.build(model_cfg).to(info.device)
-    init_weights = init_weights if init_weights is not None else train_cfg.init_weights
-    if init_weights is not None:
-        _load_init_weights(model, init_weights)
+    if train_cfg.init_weights is not None:
+        _load_init_weights(model, train_cfg.init_weights)
     if train_cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     criterion = build_criterion(model_cfg.num_classes, loss_cfg, model.aids).to(info.device)
@@ -196,6 +196,15 @@ def fit(*, model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig,
     return FitResult(out_dir / CHECKPOINT, done, evaluation, history, start_epoch,
                      out_dir / BEST if finished else None, list(monitor.curve),
                      monitor.should_stop)
+
+
+def with_init_weights(train_cfg: TrainConfig, init_weights: str | Path | None) -> TrainConfig:
+    """``train_cfg`` with ``init_weights`` (a checkpoint given beside the params, e.g.
+    ``--init-weights``) as its ``train.init_weights``, so that the settings rules (a pretrained
+    start: ``train.lr_backbone``) and the logged params see it; None leaves it as it is."""
+    if init_weights is None:
+        return train_cfg
+    return dataclasses.replace(train_cfg, init_weights=str(init_weights))
 
 
 def _load_init_weights(model: DETR, init_weights: str | Path) -> None:

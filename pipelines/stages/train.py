@@ -30,7 +30,7 @@ from detr.downloads import WeightsUnavailableError
 from detr.engine import NonFiniteLossError
 from detr.evaluation import STAT_NAMES
 from detr.settings import resolve_configs
-from detr.train import fit
+from detr.train import fit, with_init_weights
 from pipelines import stage, tracking
 from pipelines.stage import DATASET
 
@@ -94,6 +94,7 @@ def run(*, params: dict, dataset_dir: Path = DATASET, out_dir: Path = CHECKPOINT
     """
     import mlflow
 
+    params = {**params, "train": with_init_weights(params["train"], init_weights)}
     sections = _resolve(params, dataset_dir, settings_path)
     run_id = tracking.start_run(run_file=run_file)
     client = mlflow.MlflowClient()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,6 +94,19 @@ def test_a_pretrained_backbone_learns_at_a_tenth_and_explicit_rates_win():
     res = resolve(_auto(**{"train.lr": 2e-4, "train.batch_size": 2}), _demo_profile())
     assert res.sections["train"]["lr"] == 2e-4 and "train.lr" not in res.resolved
     assert res.resolved["train.lr_backbone"] == 2e-4
+
+
+def test_a_checkpoint_given_beside_the_params_counts_as_a_pretrained_start(tiny_dataset):
+    from detr.train import with_init_weights
+
+    train = TrainConfig(steps="auto", epochs="auto", batch_size=8, lr="auto",
+                        lr_backbone="auto")
+    assert with_init_weights(train, None) is train
+    given = with_init_weights(train, Path("detr-r50.pth"))
+    assert given.init_weights == "detr-r50.pth"
+    _, _, resolved, _ = resolve_configs(ModelConfig(backbone="resnet18", last_stage="layer2"),
+                                        DataConfig(), given, tiny_dataset)
+    assert (resolved.lr, resolved.lr_backbone) == (1e-3, 1e-4)
 
 
 def test_on_a_gpu_the_same_set_is_not_capped():
